@@ -1,0 +1,113 @@
+"""The base config every other config starts from: CLIP-Refine, ViT-B/32, COCO Captions, the paper's
+hyper-parameters (1 epoch, global batch 512, AdamW lr 1e-6, weight decay 0.1, constant lr, fp32).
+
+Override from the command line: `--config configs/default.py --config.train.batch_size=256`.
+Sections: model, method, data, train, optimizer, mesh, checkpoint, log, eval.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "outputs/clip_refine_vitb32_coco"
+
+    # --- model -------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = "openai/clip-vit-base-patch32"  # hub id or local HF directory
+    # Random initialisation instead of a checkpoint: a dict of `transformers.CLIPConfig` kwargs
+    # (text_config, vision_config, projection_dim, ...). Used by the offline demo's pre-training.
+    c.model.random_init = ml_collections.config_dict.placeholder(dict)
+    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+
+    # --- method (see jax_refine/losses.py) ---------------------------------------------------
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "clip_refine"  # clip_refine|hycd|rafa|contrastive|self_kd|feature_distill|logit_distill|m2_mix
+    c.method.alpha = 0.5  # HyCD: weight of the identity in the hybrid target
+    c.method.temperature = 1.0  # HyCD / distillation temperature
+    c.method.rafa_weight = 1.0  # lambda in L = L_hycd + lambda * L_rafa
+    c.method.prior = "normal"  # RaFA prior: normal|uniform|precomputed|fixed
+    c.method.prior_params = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})
+    c.method.contrastive_weight = 1.0  # for `rafa` (RaFA + contrastive)
+    c.method.normalize = False  # the reference works on unnormalized features
+    c.method.m2_mix_weight = 1.0
+    c.method.m2_mix_beta = 0.5  # Beta(b, b) for the m^2-mix mixing ratio
+
+    # --- data (see jax_refine/data/) -----------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # tfds (catalog by name) | coco_json (local COCO-format captions) | tfds_dir
+    c.data.name = "coco_captions"
+    c.data.split = "train"
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.manual_dir = ml_collections.config_dict.placeholder(str)
+    c.data.annotations = ml_collections.config_dict.placeholder(str)  # coco_json: captions JSON
+    c.data.images = ml_collections.config_dict.placeholder(str)  # coco_json: image directory
+    c.data.try_gcs = False
+    c.data.caption_mode = "random"  # random: one random caption per image per epoch | all: every caption
+    c.data.shuffle_buffer = 10_000
+    c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
+    c.data.prefetch = 2
+
+    # --- training ------------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 512  # global batch, over all hosts and devices
+    c.train.epochs = 1
+    c.train.num_steps = ml_collections.config_dict.placeholder(int)  # overrides epochs when set
+    c.train.grad_accum = 1
+    c.train.clip_norm = ml_collections.config_dict.placeholder(float)
+    c.train.freeze = ()  # regexes over parameter paths, e.g. ("^vision_model/",)
+    c.train.export_hf = True  # write the refined model in HF format to workdir/hf at the end
+
+    # --- optimizer -----------------------------------------------------------------------------
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-6
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.schedule = "constant"  # constant | warmup_cosine
+    c.optimizer.warmup_steps = 0
+
+    # --- mesh and sharding ---------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    # Axis sizes; -1 takes all remaining devices. data x fsdp x tensor must equal the device count.
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Logical axis name -> mesh axis (or None: replicated). One table for the whole model.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", None),
+        ("proj", None),
+        ("norm", None),
+        ("patch", None),
+        ("pos", None),
+    )
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    # --- logging -------------------------------------------------------------------------------
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.tensorboard = True
+
+    # --- evaluation (see jax_refine/evaluate.py) -----------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.templates = "single"  # single: "a photo of a {}." | openai: the 80-template ensemble
+    c.eval.zero_shot = (  # catalog names or "folder:<dir>" (class folders; classnames.txt optional)
+        "imagenet2012", "cifar10", "cifar100", "food101", "oxford_flowers102", "oxford_iiit_pet",
+        "caltech101", "dtd", "eurosat", "sun397", "stanford_cars", "fgvc_aircraft",
+    )
+    c.eval.retrieval = ("coco_karpathy_test",)  # or "coco_json:<annotations.json>:<image_dir>"
+    c.eval.max_examples = ml_collections.config_dict.placeholder(int)  # cut each set (quick looks)
+    c.eval.cache_dir = ml_collections.config_dict.placeholder(str)  # npz embedding cache
+    c.eval.plots = True
+    return c

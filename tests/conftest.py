@@ -1,0 +1,42 @@
+"""Test-session set-up shared by every test file.
+
+The whole session runs with 8 fake CPU devices so sharded code paths can be compared with one
+device (use `jax.devices()[:1]` for the single-device mesh). The environment is set before JAX or
+TensorFlow are imported anywhere.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+CIFAR10_DIR = SHARED_DATA / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """The real CIFAR-10 JPEGs beside the project (read-only; copy before corrupting)."""
+    if not CIFAR10_DIR.is_dir():
+        pytest.skip(f"real data not found at {CIFAR10_DIR}")
+    return CIFAR10_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP written by transformers' PyTorch `CLIPModel.save_pretrained` (safetensors)."""
+    from hf_fixtures import write_hf_clip
+
+    return write_hf_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny", seed=0)

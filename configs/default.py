@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import presets
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """The base config; `preset` is a mesh preset from configs/presets.py (cpu, gpu1, gpu8, tpu_pod)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "outputs/clip_refine_vitb32_coco"
@@ -110,4 +113,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.max_examples = ml_collections.config_dict.placeholder(int)  # cut each set (quick looks)
     c.eval.cache_dir = ml_collections.config_dict.placeholder(str)  # npz embedding cache
     c.eval.plots = True
-    return c
+    return presets.apply_preset(c, preset)

@@ -1,0 +1,10 @@
+"""Baseline: contrastive fine-tuning (symmetric InfoNCE, learnable logit scale initialised from the checkpoint), ViT-B/32, COCO."""
+from configs import default
+
+
+def get_config(preset: str | None = None):
+    c = default.get_config(preset)
+    c.workdir = "outputs/contrastive_vitb32_coco"
+    c.method.name = "contrastive"
+    c.model.name_or_path = "openai/clip-vit-base-patch32"
+    return c

@@ -1,0 +1,10 @@
+"""Baseline: logit distillation (MSE to the frozen teacher's logits), ViT-B/32, COCO."""
+from configs import default
+
+
+def get_config(preset: str | None = None):
+    c = default.get_config(preset)
+    c.workdir = "outputs/logit_distill_vitb32_coco"
+    c.method.name = "logit_distill"
+    c.model.name_or_path = "openai/clip-vit-base-patch32"
+    return c

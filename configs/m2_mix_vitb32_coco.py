@@ -1,0 +1,10 @@
+"""Baseline: m^2-mix (geodesic multi-modal mixup, Oh et al. NeurIPS 2023) with the contrastive loss, ViT-B/32, COCO."""
+from configs import default
+
+
+def get_config(preset: str | None = None):
+    c = default.get_config(preset)
+    c.workdir = "outputs/m2_mix_vitb32_coco"
+    c.method.name = "m2_mix"
+    c.model.name_or_path = "openai/clip-vit-base-patch32"
+    return c

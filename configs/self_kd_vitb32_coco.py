@@ -1,0 +1,11 @@
+"""Baseline: self-distillation (HyCD with alpha = 0: the teacher's soft targets only), ViT-B/32, COCO."""
+from configs import default
+
+
+def get_config(preset: str | None = None):
+    c = default.get_config(preset)
+    c.workdir = "outputs/self_kd_vitb32_coco"
+    c.method.name = "self_kd"
+    c.model.name_or_path = "openai/clip-vit-base-patch32"
+    c.method.alpha = 0.0
+    return c

@@ -1,0 +1,103 @@
+"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, demo.
+
+Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
+`--config.SECTION.KEY=VALUE` (see configs/default.py for the keys). Errors in the input (a missing
+file, an unknown key, a bad value) end with one line naming what is wrong and a pointer to --help.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+EPILOG = """config overrides:
+  --config.KEY=VALUE       override any config field, e.g. --config.train.batch_size=256
+                           --config.mesh.shape.fsdp=8 --config.method.alpha=0.3 (see configs/default.py)
+mesh presets:
+  --config configs/clip_refine_vitb32_coco.py:gpu8   (cpu, gpu1, gpu8, tpu_pod; see configs/presets.py)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jax_refine",
+        description="CLIP-Refine (CVPR 2025) in JAX: refine a CLIP to close its modality gap, evaluate it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    t = add("train", "Train (refine) a CLIP with the method of a config; saves Orbax checkpoints and exports "
+                     "the result in Hugging Face format to WORKDIR/hf. Re-running resumes from the last checkpoint.")
+    t.add_argument("--config", required=True, help="config file (configs/*.py), optionally FILE:PRESET")
+    t.add_argument("--workdir", help="where checkpoints, metrics and the export go (default: config.workdir)")
+    t.add_argument("--coordinator", help="multi-host: host:port of process 0 (TPU pods find it themselves)")
+    t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    t.add_argument("--process-id", type=int, help="multi-host: this process's index")
+
+    e = add("evaluate", "Zero-shot classification, retrieval and modality-gap metrics of one model.")
+    e.add_argument("--config", default="default", help="config whose `eval` section says what to run")
+    e.add_argument("--model", help="HF directory, hub id, or a training workdir / Orbax step directory "
+                                  "(default: config.model.name_or_path)")
+    e.add_argument("--out", help="report directory (default: WORKDIR/eval)")
+
+    c = add("compare", "Evaluate two or more models on the same suite; one table (markdown + JSON) with the "
+                       "differences to the first model, plus PCA and similarity-histogram pictures.")
+    c.add_argument("models", nargs="+", help="models: HF directories, hub ids or training workdirs; "
+                                             "NAME=PATH gives a model a name in the table")
+    c.add_argument("--config", default="default", help="config whose `eval` section says what to run")
+    c.add_argument("--out", default="outputs/compare", help="report directory (default: outputs/compare)")
+
+    x = add("export", "Write a training checkpoint as a Hugging Face CLIP directory (config.json + model.safetensors) "
+                      "that transformers.CLIPModel.from_pretrained opens.")
+    x.add_argument("--checkpoint", required=True, help="training workdir or one of its step directories")
+    x.add_argument("--out", required=True, help="output directory")
+
+    d = add("prepare-data", "Build a TFDS dataset from a COCO-format caption set on disk (an annotations JSON "
+                            "with `images` and `annotations`, plus an image directory), once, for training.")
+    d.add_argument("--annotations", required=True, help="COCO-format captions JSON")
+    d.add_argument("--images", required=True, help="directory holding the images named in the JSON")
+    d.add_argument("--out", required=True, help="TFDS data_dir to write")
+    d.add_argument("--name", default="coco_json_captions", help="dataset name (default: coco_json_captions)")
+
+    m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
+                    "photos, refine it with CLIP-Refine and with contrastive fine-tuning, compare all three.")
+    m.add_argument("--config", default="demo", help="demo config (default: configs/demo.py)")
+    m.add_argument("--out", default="outputs/demo", help="where the report and pictures go (default: outputs/demo)")
+    return p
+
+
+def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser, command: str) -> list[str]:
+    overrides, unknown = [], []
+    for arg in rest:
+        (overrides if arg.startswith("--config.") else unknown).append(arg)
+    if unknown:
+        parser.error(f"unrecognized arguments for {command}: {' '.join(unknown)}")
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = _split_overrides(rest, parser, args.command)
+    from jax_refine import commands
+    from jax_refine.config import ConfigError
+
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(args, overrides) or 0
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}\n(see `python -m jax_refine {args.command} --help`)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

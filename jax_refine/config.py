@@ -1,0 +1,105 @@
+"""Config files and command-line overrides.
+
+A config file is a Python file under `configs/` with `get_config() -> ml_collections.ConfigDict`
+(ml_collections style, as in big_vision). Overrides use the dotted path of a field:
+`--config.train.batch_size=256 --config.mesh.shape.fsdp=4 --config.train.freeze='("^vision_model/",)'`.
+An override of a key that does not exist is an error with a did-you-mean suggestion, never ignored.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import ml_collections
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key."""
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    """Import `path` and call its `get_config()`; `path:ARG` calls `get_config("ARG")` (e.g. a mesh preset).
+
+    A bare name like `demo` means `configs/demo.py`.
+    """
+    path, _, arg = str(path).partition(":")
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        p = REPO_CONFIGS / f"{path}.py"
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in REPO_CONFIGS.glob("*.py") if not q.stem.startswith("_")))
+        raise ConfigError(f"config file not found: {path} (configs shipped: {known})")
+    if str(REPO_CONFIGS.parent) not in sys.path:  # config files import `configs.default`
+        sys.path.insert(0, str(REPO_CONFIGS.parent))
+    spec = importlib.util.spec_from_file_location(f"jax_refine_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a syntax or import error inside the user's config file
+        raise ConfigError(f"cannot load config file {p}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {p} has no get_config() function")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{p}: get_config({arg!r}) failed: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{p}: get_config() must return an ml_collections.ConfigDict")
+    return config
+
+
+def _parse_value(text: str):
+    """Python literal if it parses as one (`256`, `1e-6`, `True`, `None`, `('a', 'b')`), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Apply `config.a.b=value` (or `a.b=value`) strings to a copy of `config`.
+
+    Raises ConfigError naming the key for unknown keys and values of the wrong type.
+    """
+    config = ml_collections.ConfigDict(config.to_dict(preserve_field_references=True))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.removeprefix("--").removeprefix("config.")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form --config.KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} in override {item!r}"
+                                  + _did_you_mean(part, node))
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key {key!r} in override {item!r}" + _did_you_mean(leaf, node))
+        value = _parse_value(text)
+        if isinstance(node[leaf], str) and not isinstance(value, str):
+            value = text  # a string field keeps the text as typed (e.g. --config.workdir=123)
+        if isinstance(node[leaf], tuple) and isinstance(value, (str, list)):
+            value = (value,) if isinstance(value, str) else tuple(value)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"bad value for config key {key!r}: {text!r} ({e})") from e
+    return config
+
+
+def _did_you_mean(name: str, node: ml_collections.ConfigDict) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(node.keys()), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(node.keys()))}"
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """`load_config_file(path)` then `apply_overrides`."""
+    return apply_overrides(load_config_file(path), overrides)

@@ -1,0 +1,401 @@
+"""CLIP-Refine losses (RaFA, HyCD) and the paper's baselines as pure, jittable JAX functions.
+
+Every loss takes features of shape (B, D) (B batch, D projection dim), casts them to float32 (bf16
+in, fp32 out), optionally L2-normalizes them (`normalize=False` by default: the reference works on
+the projected, *unnormalized* features), and returns a float32 scalar. Logits are plain dot products
+computed at `Precision.HIGHEST`. Teacher features are wrapped in `stop_gradient`. Hyper-parameters
+and shapes are checked in Python, so bad input raises `ValueError` at trace time.
+
+Three ways to call a loss; all give the same value and gradient:
+
+1. Plain: `hycd_loss(fi, ft, gi, gt)` on whole-batch arrays (one device, or `jax.jit` letting XLA
+   partition). Materializes the (B, B) logits.
+2. Inside your own `jax.shard_map` over the batch: pass `axis_name=("data", "fsdp")` and the *local*
+   shards (b, D). Features are all-gathered, each device computes only its b rows of the (B, B)
+   logits (b x B memory), and the row sums are `psum`-ed. Use this inside a shard_map train step.
+3. From a jitted step on global, batch-sharded arrays: `sharded(hycd_loss, mesh)(fi, ft, gi, gt,
+   alpha=0.5)`; a convenience wrapper that builds the shard_map of (2) with 2-D arguments split
+   over `batch_axes` (default `("data", "fsdp")`) and everything else (keys, logit scale) replicated.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import xlogy
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+AxisName = str | tuple[str, ...] | None
+
+PRIORS = ("normal", "uniform", "precomputed", "fixed")
+_PRIOR_PARAMS = {
+    "normal": {"mean": 0.0, "std": 1.0},
+    "uniform": {"low": 0.0, "high": 1.0},
+    "precomputed": {"mean": None, "std": None},
+    "fixed": {"mean": 0.0},
+}
+_EPS = 1e-12  # as torch.nn.functional.normalize
+_SLERP_CLIP = 1e-6  # cos(theta) is clipped to [-1 + c, 1 - c] so arccos and 1/sin(theta) stay finite
+
+
+# --------------------------------------------------------------------------------------------
+# validation and shared helpers
+# --------------------------------------------------------------------------------------------
+def _shape(fn: str, name: str, x: Any) -> tuple[int, ...]:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise ValueError(f"{fn}: {name} must be an array, got {type(x).__name__}")
+    return tuple(shape)
+
+
+def _check_features(fn: str, min_batch: int, **arrays: Any) -> tuple[int, int]:
+    """All arrays must share one (B, D) shape; returns (B_local, D)."""
+    shapes = {k: _shape(fn, k, v) for k, v in arrays.items()}
+    first, shape = next(iter(shapes.items()))
+    if len(shape) != 2:
+        raise ValueError(f"{fn}: {first} must have shape (B, D), got {shape}")
+    for k, s in shapes.items():
+        if s != shape:
+            raise ValueError(f"{fn}: {k} has shape {s} but {first} has shape {shape}; all must be (B, D)")
+    if shape[0] < min_batch:
+        raise ValueError(f"{fn}: batch size B={shape[0]} but this loss needs B >= {min_batch}")
+    return shape
+
+
+def _check_number(fn: str, name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> None:
+    """Range-check a Python (or concrete) hyper-parameter; traced values are left alone."""
+    try:
+        v = float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    bad = (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high)
+    if bad or v != v:
+        lo = "(" if low_open else "["
+        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{fn}: {name}={value!r} is outside {rng}")
+
+
+class _Batch(NamedTuple):
+    """How the rows this device holds relate to the global batch."""
+
+    size: int  # global B
+    offset: Array | int  # global index of the first local row
+    gather: Callable[[Array], Array]  # local (b, D) -> global (B, D)
+    total: Callable[[Array], Array]  # local partial sum -> global sum
+
+
+def _batch(fn: str, local_b: int, axis_name: AxisName, min_batch: int) -> _Batch:
+    if axis_name is None:
+        ctx = _Batch(local_b, 0, lambda x: x, lambda s: s)
+    else:
+        try:
+            n = jax.lax.axis_size(axis_name)
+        except NameError as e:
+            raise ValueError(f"{fn}: axis_name={axis_name!r} is not a bound mesh axis; call it inside "
+                             f"jax.shard_map or use losses.sharded(...)") from e
+        ctx = _Batch(local_b * n, jax.lax.axis_index(axis_name) * local_b,
+                     lambda x: jax.lax.all_gather(x, axis_name, tiled=True),
+                     lambda s: jax.lax.psum(s, axis_name))
+    if ctx.size < min_batch:
+        raise ValueError(f"{fn}: global batch size B={ctx.size} but this loss needs B >= {min_batch}")
+    return ctx
+
+
+def l2_normalize(x: Array, axis: int = -1) -> Array:
+    """x / max(||x||, 1e-12) along `axis`, in float32."""
+    x = jnp.asarray(x).astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS**2))
+
+
+def _prep(x: Array, normalize: bool) -> Array:
+    return l2_normalize(x) if normalize else jnp.asarray(x).astype(jnp.float32)
+
+
+def _dot(a: Array, b: Array) -> Array:
+    """(n, D) x (m, D) -> (n, m) fp32 dot products at full precision."""
+    return jnp.einsum("nd,md->nm", a, b, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+
+
+def _diag_mask(ctx: _Batch, b: int) -> Array:
+    """(b, B) bool: True where column j is the global index of local row i."""
+    return jnp.arange(ctx.size)[None, :] == (ctx.offset + jnp.arange(b))[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# RaFA
+# --------------------------------------------------------------------------------------------
+def sample_reference(key: Array, shape: Sequence[int], prior: str = "normal", *,
+                     dtype: Any = jnp.float32, **params: Any) -> Array:
+    """Reference vectors z of `shape` (usually (B, D)) for RaFA, drawn fresh every step.
+
+    Priors and their params (defaults in brackets):
+      - "normal": z ~ N(mean [0.0], std [1.0]^2), element-wise.
+      - "uniform": z ~ U(low [0.0], high [1.0]); the reference passes its (mu, sigma) = (0, 1) as
+        (low, high), so the default is U(0, 1).
+      - "precomputed": z ~ N(mean, diag(std^2)) with `mean`, `std` arrays of shape (D,) (required),
+        e.g. the per-dimension statistics of a model's features.
+      - "fixed": z = mean [0.0] (scalar or (D,)) broadcast to `shape`; no sampling, `key` unused.
+    """
+    fn = "sample_reference"
+    if prior not in PRIORS:
+        raise ValueError(f"{fn}: unknown prior {prior!r}; expected one of {PRIORS}")
+    unknown = sorted(set(params) - set(_PRIOR_PARAMS[prior]))
+    if unknown:
+        raise ValueError(f"{fn}: prior {prior!r} takes {sorted(_PRIOR_PARAMS[prior])}, got unknown {unknown}")
+    p = {**_PRIOR_PARAMS[prior], **params}
+    shape = tuple(int(s) for s in shape)
+    if prior == "precomputed":
+        for k in ("mean", "std"):
+            if p[k] is None:
+                raise ValueError(f"{fn}: prior 'precomputed' needs a {k}= array of shape (D,)")
+            s = _shape(fn, k, jnp.asarray(p[k]))
+            if not shape or s != (shape[-1],):
+                raise ValueError(f"{fn}: precomputed {k} has shape {s}, expected ({shape[-1] if shape else 'D'},)"
+                                 f" to match shape {shape}")
+    if prior in ("normal", "precomputed"):
+        _check_number(fn, "std", p["std"], low=0.0)
+        z = jnp.asarray(p["mean"], jnp.float32) + jnp.asarray(p["std"], jnp.float32) * jax.random.normal(
+            key, shape, jnp.float32)
+    elif prior == "uniform":
+        lo, hi = p["low"], p["high"]
+        try:
+            if float(lo) >= float(hi):
+                raise ValueError(f"{fn}: uniform needs low < high, got low={lo!r}, high={hi!r}")
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            pass
+        z = jax.random.uniform(key, shape, jnp.float32, jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32))
+    else:
+        mean = jnp.asarray(p["mean"], jnp.float32)
+        if mean.ndim > 1 or (mean.ndim == 1 and (not shape or mean.shape[0] != shape[-1])):
+            want = f"({shape[-1]},)" if shape else "(D,)"
+            raise ValueError(f"{fn}: fixed mean has shape {mean.shape}, expected () or {want}")
+        z = jnp.broadcast_to(mean, shape)
+    return z.astype(dtype)
+
+
+def rafa_loss(image_features: Array, text_features: Array, reference: Array, *, normalize: bool = False,
+              axis_name: AxisName = None) -> Array:
+    """Random Feature Alignment: mean((fi - z)^2) + mean((ft - z)^2).
+
+    Means over all B*D elements; the same reference z (B, D) (or a (D,) / scalar mean, broadcast)
+    for both modalities. `normalize` applies to the features, never to z. B = 1 is allowed.
+    """
+    fn = "rafa_loss"
+    b, d = _check_features(fn, 1, image_features=image_features, text_features=text_features)
+    zs = _shape(fn, "reference", reference)
+    if zs not in ((b, d), (d,), ()):
+        raise ValueError(f"{fn}: reference has shape {zs}, expected {(b, d)} (or ({d},) / ())")
+    ctx = _batch(fn, b, axis_name, 1)
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    z = jnp.asarray(reference).astype(jnp.float32)
+    sq = jnp.sum(jnp.square(fi - z)) + jnp.sum(jnp.square(ft - z))
+    return ctx.total(sq) / (ctx.size * d)
+
+
+# --------------------------------------------------------------------------------------------
+# HyCD and the distillation baselines
+# --------------------------------------------------------------------------------------------
+def hycd_loss(image_features: Array, text_features: Array, teacher_image_features: Array,
+              teacher_text_features: Array, *, alpha: float = 0.5, temperature: float = 1.0,
+              normalize: bool = False, axis_name: AxisName = None) -> Array:
+    """Hybrid contrastive distillation.
+
+    S = fi ft^T, Tl = gi gt^T (no logit scale); q = alpha I + (1 - alpha) softmax(Tl / T) row-wise;
+    L_i2t = T^2 / B * sum_i KL(q_i || softmax(S_i / T)); L_t2i the same with S^T, Tl^T;
+    returns (L_i2t + L_t2i) / 2. Needs B >= 2, alpha in [0, 1], T > 0.
+    """
+    fn = "hycd_loss"
+    _check_number(fn, "alpha", alpha, low=0.0, high=1.0)
+    _check_number(fn, "temperature", temperature, low=0.0, low_open=True)
+    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features,
+                           teacher_image_features=teacher_image_features,
+                           teacher_text_features=teacher_text_features)
+    ctx = _batch(fn, b, axis_name, 2)
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    gi = jax.lax.stop_gradient(_prep(teacher_image_features, normalize))
+    gt = jax.lax.stop_gradient(_prep(teacher_text_features, normalize))
+    eye = _diag_mask(ctx, b).astype(jnp.float32)
+
+    def one_direction(s_q: Array, s_k: Array, t_q: Array, t_k: Array) -> Array:
+        log_p = jax.nn.log_softmax(_dot(s_q, ctx.gather(s_k)) / temperature, axis=-1)
+        q = alpha * eye + (1.0 - alpha) * jax.nn.softmax(_dot(t_q, ctx.gather(t_k)) / temperature, axis=-1)
+        kl = jnp.sum(xlogy(q, q) - q * log_p)
+        return ctx.total(kl) / ctx.size * temperature**2
+
+    return 0.5 * (one_direction(fi, ft, gi, gt) + one_direction(ft, fi, gt, gi))
+
+
+def self_kd_loss(image_features: Array, text_features: Array, teacher_image_features: Array,
+                 teacher_text_features: Array, *, temperature: float = 1.0, normalize: bool = False,
+                 axis_name: AxisName = None) -> Array:
+    """Self-KD baseline: `hycd_loss` with alpha = 0 (pure distillation of the teacher's softmax)."""
+    return hycd_loss(image_features, text_features, teacher_image_features, teacher_text_features,
+                     alpha=0.0, temperature=temperature, normalize=normalize, axis_name=axis_name)
+
+
+def feature_distill_loss(image_features: Array, text_features: Array, teacher_image_features: Array,
+                         teacher_text_features: Array, *, normalize: bool = False,
+                         axis_name: AxisName = None) -> Array:
+    """Feature distillation baseline: mean((fi - gi)^2) + mean((ft - gt)^2) over B*D elements each."""
+    fn = "feature_distill_loss"
+    b, d = _check_features(fn, 1, image_features=image_features, text_features=text_features,
+                           teacher_image_features=teacher_image_features,
+                           teacher_text_features=teacher_text_features)
+    ctx = _batch(fn, b, axis_name, 1)
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    gi = jax.lax.stop_gradient(_prep(teacher_image_features, normalize))
+    gt = jax.lax.stop_gradient(_prep(teacher_text_features, normalize))
+    sq = jnp.sum(jnp.square(fi - gi)) + jnp.sum(jnp.square(ft - gt))
+    return ctx.total(sq) / (ctx.size * d)
+
+
+def logit_distill_loss(image_features: Array, text_features: Array, teacher_image_features: Array,
+                       teacher_text_features: Array, *, normalize: bool = False,
+                       axis_name: AxisName = None) -> Array:
+    """Logit distillation baseline: mean((fi ft^T - gi gt^T)^2) over the B*B logits.
+
+    The reference averages this MSE for the image->text and text->image logits, which are transposes
+    of each other, so both terms are equal and one is computed. Needs B >= 2.
+    """
+    fn = "logit_distill_loss"
+    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features,
+                           teacher_image_features=teacher_image_features,
+                           teacher_text_features=teacher_text_features)
+    ctx = _batch(fn, b, axis_name, 2)
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    gi = jax.lax.stop_gradient(_prep(teacher_image_features, normalize))
+    gt = jax.lax.stop_gradient(_prep(teacher_text_features, normalize))
+    diff = _dot(fi, ctx.gather(ft)) - _dot(gi, ctx.gather(gt))
+    return ctx.total(jnp.sum(jnp.square(diff))) / (ctx.size * ctx.size)
+
+
+# --------------------------------------------------------------------------------------------
+# contrastive baselines
+# --------------------------------------------------------------------------------------------
+def _logit_scale(fn: str, logit_scale: Any) -> Array:
+    s = jnp.asarray(logit_scale)
+    if s.size != 1:
+        raise ValueError(f"{fn}: logit_scale must be a scalar, got shape {s.shape}")
+    return s.astype(jnp.float32).reshape(())
+
+
+def contrastive_loss(image_features: Array, text_features: Array, logit_scale: Array | float, *,
+                     normalize: bool = False, axis_name: AxisName = None) -> Array:
+    """Symmetric InfoNCE (CLIP): (CE(s fi ft^T, I) + CE(s ft fi^T, I)) / 2, CE averaged over rows.
+
+    `logit_scale` s is the *exponentiated* scale (e.g. `exp(model.logit_scale)`, 100 for CLIP).
+    The reference feeds unnormalized features (normalize=False); CLIP itself normalizes. B >= 2.
+    """
+    fn = "contrastive_loss"
+    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
+    ctx = _batch(fn, b, axis_name, 2)
+    s = _logit_scale(fn, logit_scale)
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    pos = s * jnp.sum(fi * ft, axis=-1)
+    ce = (jax.nn.logsumexp(s * _dot(fi, ctx.gather(ft)), axis=-1) - pos
+          + jax.nn.logsumexp(s * _dot(ft, ctx.gather(fi)), axis=-1) - pos)
+    return ctx.total(jnp.sum(ce)) / (2 * ctx.size)
+
+
+def slerp(a: Array, b: Array, lam: Array | float) -> Array:
+    """Geodesic mix of unit vectors (rows): (sin(lam th) a + sin((1 - lam) th) b) / sin th, th = arccos<a, b>.
+
+    Note the convention of Oh et al.: lam weighs `a` (lam = 1 gives a, lam = 0 gives b).
+    """
+    cos = jnp.clip(jnp.sum(a * b, axis=-1, keepdims=True), -1.0 + _SLERP_CLIP, 1.0 - _SLERP_CLIP)
+    theta = jnp.arccos(cos)
+    return (jnp.sin(lam * theta) * a + jnp.sin((1.0 - lam) * theta) * b) / jnp.sin(theta)
+
+
+def m2_mix_loss(image_features: Array, text_features: Array, logit_scale: Array | float, key: Array, *,
+                beta: float = 0.5, normalize: bool = True, axis_name: AxisName = None) -> Array:
+    """m^2-mix (Oh et al., "Geodesic Multi-Modal Mixup for Robust Fine-Tuning", NeurIPS 2023).
+
+    On unit-norm I, T (B, D): lam ~ Beta(beta, beta), one draw per call from `key`;
+    m_j = slerp(I_j, T_j; lam) hard negatives. With s the logit scale (1 / tau):
+      L = -1/B sum_i [ log e^{s<I_i,T_i>} / (e^{s<I_i,T_i>} + sum_{j!=i} e^{s<I_i,m_j>})
+                     + log e^{s<I_i,T_i>} / (e^{s<I_i,T_i>} + sum_{j!=i} e^{s<T_i,m_j>}) ].
+    The two directions are summed, as in the paper. Used as `contrastive_loss + w * m2_mix_loss`.
+    The only loss whose default is `normalize=True`: the geodesic mix needs unit vectors; pass False
+    only for features that are already unit norm. Needs B >= 2, beta > 0.
+    """
+    fn = "m2_mix_loss"
+    _check_number(fn, "beta", beta, low=0.0, low_open=True)
+    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
+    ctx = _batch(fn, b, axis_name, 2)
+    s = _logit_scale(fn, logit_scale)
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    lam = jax.random.beta(key, beta, beta, dtype=jnp.float32)
+    mixed = ctx.gather(slerp(fi, ft, lam))
+    pos = s * jnp.sum(fi * ft, axis=-1)
+    diag = _diag_mask(ctx, b)
+
+    def ce_rows(anchor: Array) -> Array:
+        logits = jnp.where(diag, pos[:, None], s * _dot(anchor, mixed))
+        return jax.nn.logsumexp(logits, axis=-1) - pos
+
+    return ctx.total(jnp.sum(ce_rows(fi) + ce_rows(ft))) / ctx.size
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP-Refine
+# --------------------------------------------------------------------------------------------
+def clip_refine_loss(image_features: Array, text_features: Array, teacher_image_features: Array,
+                     teacher_text_features: Array, reference: Array, *, alpha: float = 0.5,
+                     temperature: float = 1.0, rafa_weight: float = 1.0, normalize: bool = False,
+                     axis_name: AxisName = None) -> tuple[Array, dict[str, Array]]:
+    """CLIP-Refine: L = L_hycd + rafa_weight * L_rafa (no contrastive term).
+
+    Returns (loss, {"hycd": L_hycd, "rafa": L_rafa}); `reference` (B, D) from `sample_reference`.
+    """
+    _check_number("clip_refine_loss", "rafa_weight", rafa_weight, low=0.0)
+    hycd = hycd_loss(image_features, text_features, teacher_image_features, teacher_text_features,
+                     alpha=alpha, temperature=temperature, normalize=normalize, axis_name=axis_name)
+    rafa = rafa_loss(image_features, text_features, reference, normalize=normalize, axis_name=axis_name)
+    return hycd + rafa_weight * rafa, {"hycd": hycd, "rafa": rafa}
+
+
+# --------------------------------------------------------------------------------------------
+# sharded convenience wrapper
+# --------------------------------------------------------------------------------------------
+def sharded(loss_fn: Callable[..., Any], mesh: Mesh, batch_axes: str | Sequence[str] = ("data", "fsdp"),
+            ) -> Callable[..., Any]:
+    """Wrap a loss so it runs as a `jax.shard_map` over `mesh` with the batch split over `batch_axes`.
+
+    The returned function takes the same arguments as `loss_fn` on *global* arrays: every 2-D array
+    argument is split along its first (batch) axis, everything else (keys, logit scale, a (D,)
+    reference) is replicated; keyword arguments are static. The outputs are replicated. Call it
+    inside `jax.jit`; each device builds only its (B / n, B) block of the logits.
+    """
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    missing = [a for a in axes if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"sharded: batch axes {missing} are not in the mesh axes {mesh.axis_names}")
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    explicit = any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+    @functools.wraps(loss_fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        specs = []
+        for i, a in enumerate(args):
+            if jnp.ndim(a) == 2:
+                if a.shape[0] % n:
+                    raise ValueError(f"sharded({loss_fn.__name__}): argument {i} has batch size {a.shape[0]}, "
+                                     f"not divisible by the {n} devices of mesh axes {axes}")
+                specs.append(P(axes))
+            else:
+                specs.append(P())
+        if explicit:  # Explicit-axis meshes (used under `jax.set_mesh`) need inputs already laid out
+            args = tuple(jax.reshard(a, NamedSharding(mesh, s)) if s != P() else a for a, s in zip(args, specs))
+        body = functools.partial(loss_fn, **kwargs, axis_name=axes)
+        return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
+
+    return wrapped

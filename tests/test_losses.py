@@ -1,0 +1,340 @@
+"""jax_refine.losses against the independent PyTorch reference (tests/torch_reference_losses.py),
+sharded vs one device on 8 fake CPU devices, known answers, and trace-time validation."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.sharding import AxisType
+
+import torch_reference_losses as ref
+from jax_refine import losses as L
+
+SHAPES = [(2, 3), (8, 16), (33, 64)]
+
+
+def _feats(seed: int, b: int, d: int, n: int = 4, scale: float = 0.4) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(scale * rng.standard_normal((b, d))).astype(np.float32) for _ in range(n)]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _torch_value_and_grad(fn, fi, ft, *rest):
+    ti = torch.tensor(fi, dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor(ft, dtype=torch.float64, requires_grad=True)
+    out = fn(ti, tt, *[torch.tensor(np.asarray(r), dtype=torch.float64) for r in rest])
+    out.backward()
+    return out.item(), ti.grad.numpy(), tt.grad.numpy()
+
+
+# name -> (jax fn(fi, ft, gi, gt, z, key) , torch fn(fi, ft, gi, gt, z, lam))
+M2_KEY, M2_BETA = jax.random.key(7), 0.5
+M2_LAM = float(jax.random.beta(M2_KEY, M2_BETA, M2_BETA))
+
+
+def _cases(normalize: bool):
+    n = normalize
+    return {
+        "rafa": (lambda fi, ft, gi, gt, z: L.rafa_loss(fi, ft, z, normalize=n),
+                 lambda fi, ft, gi, gt, z: ref.rafa(fi, ft, z, n)),
+        "hycd": (lambda fi, ft, gi, gt, z: L.hycd_loss(fi, ft, gi, gt, normalize=n),
+                 lambda fi, ft, gi, gt, z: ref.hycd(fi, ft, gi, gt, 0.5, 1.0, n)),
+        "hycd_a0.2_T2": (lambda fi, ft, gi, gt, z: L.hycd_loss(fi, ft, gi, gt, alpha=0.2, temperature=2.0, normalize=n),
+                         lambda fi, ft, gi, gt, z: ref.hycd(fi, ft, gi, gt, 0.2, 2.0, n)),
+        "hycd_a1_T0.5": (lambda fi, ft, gi, gt, z: L.hycd_loss(fi, ft, gi, gt, alpha=1.0, temperature=0.5, normalize=n),
+                         lambda fi, ft, gi, gt, z: ref.hycd(fi, ft, gi, gt, 1.0, 0.5, n)),
+        "self_kd": (lambda fi, ft, gi, gt, z: L.self_kd_loss(fi, ft, gi, gt, temperature=1.5, normalize=n),
+                    lambda fi, ft, gi, gt, z: ref.hycd(fi, ft, gi, gt, 0.0, 1.5, n)),
+        "clip_refine": (lambda fi, ft, gi, gt, z: L.clip_refine_loss(fi, ft, gi, gt, z, alpha=0.5, rafa_weight=0.7,
+                                                                     normalize=n)[0],
+                        lambda fi, ft, gi, gt, z: ref.hycd(fi, ft, gi, gt, 0.5, 1.0, n) + 0.7 * ref.rafa(fi, ft, z, n)),
+        "contrastive": (lambda fi, ft, gi, gt, z: L.contrastive_loss(fi, ft, jnp.float32(2.5), normalize=n),
+                        lambda fi, ft, gi, gt, z: ref.contrastive(fi, ft, 2.5, n)),
+        "feature_distill": (lambda fi, ft, gi, gt, z: L.feature_distill_loss(fi, ft, gi, gt, normalize=n),
+                            lambda fi, ft, gi, gt, z: ref.feature_distill(fi, ft, gi, gt, n)),
+        "logit_distill": (lambda fi, ft, gi, gt, z: L.logit_distill_loss(fi, ft, gi, gt, normalize=n),
+                          lambda fi, ft, gi, gt, z: ref.logit_distill(fi, ft, gi, gt, n)),
+        "m2_mix": (lambda fi, ft, gi, gt, z: L.m2_mix_loss(fi, ft, 10.0, M2_KEY, beta=M2_BETA),
+                   lambda fi, ft, gi, gt, z: ref.m2_mix(fi, ft, 10.0, M2_LAM, True)),
+    }
+
+
+CASE_NAMES = list(_cases(False))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_value_and_grad_match_torch(name, b, d, normalize):
+    jfn, tfn = _cases(normalize)[name]
+    fi, ft, gi, gt, z = _feats(b * 100 + d, b, d, n=5)
+    value, (g_i, g_t) = jax.jit(jax.value_and_grad(lambda x, y: jfn(x, y, gi, gt, z), (0, 1)))(fi, ft)
+    t_value, t_gi, t_gt = _torch_value_and_grad(tfn, fi, ft, gi, gt, z)
+    assert value.dtype == jnp.float32
+    assert abs(float(value) - t_value) <= 1e-5 * max(abs(t_value), 1e-6), (float(value), t_value)
+    assert _rel(g_i, t_gi) <= 1e-5 and _rel(g_t, t_gt) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["hycd", "self_kd", "feature_distill", "logit_distill"])
+def test_no_gradient_into_teacher(name):
+    jfn, _ = _cases(False)[name]
+    fi, ft, gi, gt, z = _feats(1, 8, 16, n=5)
+    g_gi, g_gt = jax.grad(lambda a, c: jfn(fi, ft, a, c, z), (0, 1))(gi, gt)
+    assert not np.any(np.asarray(g_gi)) and not np.any(np.asarray(g_gt))
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded == single device
+# ------------------------------------------------------------------------------------------------
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+SHARDED = {
+    "rafa": (L.rafa_loss, lambda a: (a["fi"], a["ft"], a["z"]), {}),
+    "hycd": (L.hycd_loss, lambda a: (a["fi"], a["ft"], a["gi"], a["gt"]), dict(alpha=0.3, temperature=2.0)),
+    "self_kd": (L.self_kd_loss, lambda a: (a["fi"], a["ft"], a["gi"], a["gt"]), {}),
+    "clip_refine": (L.clip_refine_loss, lambda a: (a["fi"], a["ft"], a["gi"], a["gt"], a["z"]), dict(rafa_weight=0.5)),
+    "contrastive": (L.contrastive_loss, lambda a: (a["fi"], a["ft"], jnp.float32(3.0)), dict(normalize=True)),
+    "feature_distill": (L.feature_distill_loss, lambda a: (a["fi"], a["ft"], a["gi"], a["gt"]), {}),
+    "logit_distill": (L.logit_distill_loss, lambda a: (a["fi"], a["ft"], a["gi"], a["gt"]), {}),
+    "m2_mix": (L.m2_mix_loss, lambda a: (a["fi"], a["ft"], jnp.float32(20.0), jax.random.key(3)), {}),
+}
+
+
+def _scalar(out):
+    return out[0] + sum(out[1].values()) if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("mesh_shape,names", [((4, 2), ("data", "fsdp")), ((8,), ("data",))])
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_matches_single_device(name, mesh_shape, names):
+    fn, args_of, kw = SHARDED[name]
+    fi, ft, gi, gt, z = _feats(5, 16, 8, n=5)
+    arrays = dict(fi=fi, ft=ft, gi=gi, gt=gt, z=z)
+    mesh = _mesh(mesh_shape, names)
+    sfn = L.sharded(fn, mesh, batch_axes=names)
+
+    def run(f):
+        def loss(x, y):
+            args = args_of({**arrays, "fi": x, "ft": y})
+            return _scalar(f(*args, **kw))
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))(fi, ft)
+
+    v1, g1 = run(fn)
+    v8, g8 = run(sfn)
+    assert abs(float(v8) - float(v1)) <= 1e-6 * max(abs(float(v1)), 1.0)
+    for a, b in zip(g8, g1):
+        assert _rel(a, b) <= 1e-6
+    if name == "clip_refine":  # aux values too
+        _, aux1 = fn(*args_of(arrays), **kw)
+        _, aux8 = jax.jit(lambda *a: sfn(*a, **kw))(*args_of(arrays))
+        for k in aux1:
+            np.testing.assert_allclose(aux8[k], aux1[k], rtol=1e-6)
+
+
+def test_sharded_on_explicit_mesh():
+    """jax.make_mesh's default Explicit axes, used under jax.set_mesh: inputs are resharded for the caller."""
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+    fi, ft, gi, gt, z = _feats(8, 16, 8, n=5)
+    sfn = L.sharded(L.clip_refine_loss, mesh)
+    with jax.set_mesh(mesh):
+        v8, g8 = jax.jit(jax.value_and_grad(lambda a, b: sfn(a, b, gi, gt, z)[0], (0, 1)))(fi, ft)
+    v1, g1 = jax.value_and_grad(lambda a, b: L.clip_refine_loss(a, b, gi, gt, z)[0], (0, 1))(fi, ft)
+    assert abs(float(v8) - float(v1)) <= 1e-6 * abs(float(v1))
+    assert _rel(g8[0], g1[0]) <= 1e-6 and _rel(g8[1], g1[1]) <= 1e-6
+
+
+def test_axis_name_inside_user_shard_map():
+    """The trainer path: call the loss with axis_name inside its own shard_map on a (data, fsdp) mesh."""
+    mesh = _mesh((2, 4), ("data", "fsdp"))
+    fi, ft, gi, gt, z = _feats(9, 8, 4, n=5)
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+
+    def step(a, b, c, d, r):
+        loss, aux = L.clip_refine_loss(a, b, c, d, r, axis_name=("data", "fsdp"))
+        return loss
+
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(spec,) * 5, out_specs=jax.sharding.PartitionSpec()))
+    t64 = [torch.tensor(x, dtype=torch.float64) for x in (fi, ft, gi, gt, z)]
+    t = ref.hycd(*t64[:4]) + ref.rafa(t64[0], t64[1], t64[4])
+    assert abs(float(f(fi, ft, gi, gt, z)) - t.item()) <= 1e-5 * abs(t.item())
+
+
+def test_sharded_rejects_bad_mesh_and_batch():
+    mesh = _mesh((8,), ("data",))
+    fi, ft = _feats(0, 12, 4, n=2)
+    with pytest.raises(ValueError, match="not in the mesh"):
+        L.sharded(L.contrastive_loss, mesh, batch_axes=("data", "fsdp"))
+    with pytest.raises(ValueError, match="not divisible"):
+        L.sharded(L.contrastive_loss, mesh, batch_axes="data")(fi, ft, 1.0)
+    with pytest.raises(ValueError, match="shard_map"):
+        L.hycd_loss(fi, ft, fi, ft, axis_name="data")
+
+
+# ------------------------------------------------------------------------------------------------
+# known answers
+# ------------------------------------------------------------------------------------------------
+def test_hycd_alpha_one_is_student_cross_entropy():
+    fi, ft, gi, gt = _feats(11, 10, 6)
+    ti, tt = torch.tensor(fi, dtype=torch.float64), torch.tensor(ft, dtype=torch.float64)
+    labels = torch.arange(10)
+    ce = (F.cross_entropy(ti @ tt.T, labels) + F.cross_entropy(tt @ ti.T, labels)).item() / 2
+    assert abs(float(L.hycd_loss(fi, ft, gi, gt, alpha=1.0)) - ce) <= 1e-5 * ce
+    assert abs(float(L.contrastive_loss(fi, ft, 1.0)) - ce) <= 1e-5 * ce
+
+
+def test_hycd_zero_when_teacher_is_student_and_alpha_zero():
+    fi, ft = _feats(12, 8, 5, n=2)
+    loss, grads = jax.value_and_grad(lambda a, b: L.hycd_loss(a, b, fi, ft, alpha=0.0, temperature=0.7), (0, 1))(fi, ft)
+    assert abs(float(loss)) <= 1e-6
+    assert max(np.abs(np.asarray(g)).max() for g in grads) <= 1e-5
+    # and strictly positive once the teacher differs
+    assert float(L.hycd_loss(fi, ft, fi[::-1], ft, alpha=0.0)) > 1e-3
+
+
+def test_rafa_minimised_at_reference():
+    (z,) = _feats(13, 6, 4, n=1)
+    loss, (g_i, g_t) = jax.value_and_grad(L.rafa_loss, (0, 1))(z, z, z)
+    assert float(loss) == 0.0 and not np.any(np.asarray(g_i)) and not np.any(np.asarray(g_t))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        eps = (1e-2 * rng.standard_normal(z.shape)).astype(np.float32)
+        assert float(L.rafa_loss(z + eps, z, z)) > 0.0 and float(L.rafa_loss(z, z - eps, z)) > 0.0
+    # closed form: mean((fi - z)^2) + mean((ft - z)^2) with fi = z + 1, ft = z - 2 gives 1 + 4
+    assert abs(float(L.rafa_loss(z + 1.0, z - 2.0, z)) - 5.0) <= 1e-5
+    # a (D,) reference broadcasts over the batch
+    m = z[0]
+    assert abs(float(L.rafa_loss(z, z, m)) - 2 * float(np.mean((z - m) ** 2))) <= 1e-6
+
+
+def test_slerp_geodesic():
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in _feats(14, 5, 7, n=2))
+    for lam in (0.0, 0.3, 1.0):
+        m = np.asarray(L.slerp(jnp.asarray(a), jnp.asarray(b), lam))
+        np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, atol=1e-5)
+        theta = np.arccos(np.sum(a * b, 1))
+        np.testing.assert_allclose(np.arccos(np.clip(np.sum(m * b, 1), -1, 1)), lam * theta, atol=2e-3)
+        np.testing.assert_allclose(np.arccos(np.clip(np.sum(m * a, 1), -1, 1)), (1 - lam) * theta, atol=2e-3)
+
+
+def test_m2_mix_ratio_follows_key():
+    fi, ft = _feats(15, 8, 4, n=2)
+    a = L.m2_mix_loss(fi, ft, 10.0, jax.random.key(0))
+    assert float(a) == float(L.m2_mix_loss(fi, ft, 10.0, jax.random.key(0)))
+    vals = {round(float(L.m2_mix_loss(fi, ft, 10.0, jax.random.key(i))), 6) for i in range(4)}
+    assert len(vals) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes, jit/grad of every public function
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bf16_inputs_give_fp32(name):
+    jfn, _ = _cases(False)[name]
+    fi, ft, gi, gt, z = _feats(16, 8, 16, n=5)
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (fi, ft, gi, gt, z)]
+    out = jax.jit(jfn)(*bf)
+    assert out.dtype == jnp.float32
+    up = [np.asarray(x.astype(jnp.float32)) for x in bf]  # the bf16 values, computed in fp32
+    np.testing.assert_allclose(float(out), float(jfn(*up)), rtol=1e-6)
+    g = jax.grad(lambda x: jfn(x, *bf[1:]))(bf[0])
+    assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+def test_sample_reference_priors():
+    key = jax.random.key(0)
+    n, d = 20000, 4
+    z = jax.jit(lambda k: L.sample_reference(k, (n, d)))(key)
+    assert z.shape == (n, d) and z.dtype == jnp.float32
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1.0) < 0.02
+    z = L.sample_reference(key, (n, d), "normal", mean=2.0, std=0.5)
+    assert abs(float(z.mean()) - 2.0) < 0.01 and abs(float(z.std()) - 0.5) < 0.01
+    u = L.sample_reference(key, (n, d), "uniform")
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.01
+    u = L.sample_reference(key, (n, d), "uniform", low=-1.0, high=1.0)
+    assert float(u.min()) >= -1.0 and abs(float(u.mean())) < 0.01
+    mean, std = np.array([0.0, 1.0, -2.0, 5.0], np.float32), np.array([1.0, 0.1, 2.0, 0.5], np.float32)
+    p = jax.jit(lambda k, m, s: L.sample_reference(k, (n, d), "precomputed", mean=m, std=s))(key, mean, std)
+    np.testing.assert_allclose(p.mean(0), mean, atol=0.05)
+    np.testing.assert_allclose(p.std(0), std, rtol=0.03)
+    f = L.sample_reference(key, (3, d), "fixed", mean=mean)
+    np.testing.assert_array_equal(f, np.broadcast_to(mean, (3, d)))
+    np.testing.assert_array_equal(L.sample_reference(key, (3, d), "fixed"), np.zeros((3, d)))
+    a, b = L.sample_reference(jax.random.key(1), (2, 3)), L.sample_reference(jax.random.key(2), (2, 3))
+    assert not np.allclose(a, b)
+
+
+def test_every_loss_under_jit_and_grad():
+    fi, ft, gi, gt, z = _feats(17, 4, 3, n=5)
+    key = jax.random.key(0)
+    fns = {
+        "rafa_loss": lambda x: L.rafa_loss(x, ft, z),
+        "hycd_loss": lambda x: L.hycd_loss(x, ft, gi, gt),
+        "self_kd_loss": lambda x: L.self_kd_loss(x, ft, gi, gt),
+        "clip_refine_loss": lambda x: L.clip_refine_loss(x, ft, gi, gt, z)[0],
+        "contrastive_loss": lambda x: L.contrastive_loss(x, ft, 5.0),
+        "feature_distill_loss": lambda x: L.feature_distill_loss(x, ft, gi, gt),
+        "logit_distill_loss": lambda x: L.logit_distill_loss(x, ft, gi, gt),
+        "m2_mix_loss": lambda x: L.m2_mix_loss(x, ft, 5.0, key),
+        "l2_normalize": lambda x: jnp.sum(L.l2_normalize(x) * ft),
+        "slerp": lambda x: jnp.sum(L.slerp(L.l2_normalize(x), L.l2_normalize(ft), 0.3)),
+    }
+    for name, f in fns.items():
+        v, g = jax.jit(jax.value_and_grad(f))(fi)
+        assert np.isfinite(float(v)) and np.all(np.isfinite(np.asarray(g))), name
+        assert np.any(np.asarray(g) != 0), name
+    # learnable logit scale gets a gradient too
+    g_s = jax.grad(lambda s: L.contrastive_loss(fi, ft, jnp.exp(s)))(jnp.float32(1.0))
+    assert np.isfinite(float(g_s)) and float(g_s) != 0.0
+    # the reference sampler under jit, with a traced mean / std
+    z2 = jax.jit(lambda k, m: L.sample_reference(k, (4, 3), "normal", mean=m))(key, jnp.float32(1.0))
+    assert z2.shape == (4, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation: ValueError at trace time
+# ------------------------------------------------------------------------------------------------
+def _traced(f):
+    return lambda *a: jax.jit(f)(*a)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda fi, ft: L.hycd_loss(fi, ft[:, :3], fi, ft), "shape"),
+    (lambda fi, ft: L.hycd_loss(fi, ft, fi[:3], ft), "shape"),
+    (lambda fi, ft: L.contrastive_loss(fi[:1], ft[:1], 1.0), "B >= 2"),
+    (lambda fi, ft: L.hycd_loss(fi[:1], ft[:1], fi[:1], ft[:1]), "B >= 2"),
+    (lambda fi, ft: L.logit_distill_loss(fi[:1], ft[:1], fi[:1], ft[:1]), "B >= 2"),
+    (lambda fi, ft: L.m2_mix_loss(fi[:1], ft[:1], 1.0, jax.random.key(0)), "B >= 2"),
+    (lambda fi, ft: L.hycd_loss(fi, ft, fi, ft, alpha=1.5), "alpha"),
+    (lambda fi, ft: L.hycd_loss(fi, ft, fi, ft, alpha=-0.1), "alpha"),
+    (lambda fi, ft: L.hycd_loss(fi, ft, fi, ft, temperature=0.0), "temperature"),
+    (lambda fi, ft: L.clip_refine_loss(fi, ft, fi, ft, fi, temperature=-1.0), "temperature"),
+    (lambda fi, ft: L.clip_refine_loss(fi, ft, fi, ft, fi[:, :2]), "reference"),
+    (lambda fi, ft: L.m2_mix_loss(fi, ft, 1.0, jax.random.key(0), beta=0.0), "beta"),
+    (lambda fi, ft: L.contrastive_loss(fi, ft, jnp.ones(3)), "logit_scale"),
+    (lambda fi, ft: L.rafa_loss(fi[0], ft[0], fi[0]), r"\(B, D\)"),
+    (lambda fi, ft: L.sample_reference(jax.random.key(0), (4, 4), "laplace"), "unknown prior 'laplace'"),
+    (lambda fi, ft: L.sample_reference(jax.random.key(0), (4, 4), "uniform", std=1.0), "unknown"),
+    (lambda fi, ft: L.sample_reference(jax.random.key(0), (4, 4), "precomputed"), "mean"),
+    (lambda fi, ft: L.sample_reference(jax.random.key(0), (4, 4), "precomputed", mean=jnp.zeros(3),
+                                       std=jnp.ones(3)), "shape"),
+    (lambda fi, ft: L.sample_reference(jax.random.key(0), (4, 4), "uniform", low=1.0, high=0.0), "low < high"),
+])
+def test_bad_input_raises_at_trace_time(call, match):
+    fi, ft = (jnp.asarray(x) for x in _feats(18, 4, 4, n=2))
+    with pytest.raises(ValueError, match=match):
+        _traced(call)(fi, ft)
+
+
+def test_rafa_allows_batch_of_one():
+    fi, ft, z = _feats(19, 1, 4, n=3)
+    t = ref.rafa(*[torch.tensor(x, dtype=torch.float64) for x in (fi, ft, z)]).item()
+    assert abs(float(L.rafa_loss(fi, ft, z)) - t) <= 1e-5 * t

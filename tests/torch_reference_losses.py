@@ -1,0 +1,70 @@
+"""Independent PyTorch reference for the losses, written from the equations in shared/design.md and
+Oh et al. (NeurIPS 2023). Does not import jax_refine. Computes in float64.
+
+All functions take torch tensors (B, D) of student image/text features fi, ft and teacher features
+gi, gt; they return a scalar tensor so autograd gives the reference gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _maybe_norm(*xs: torch.Tensor, normalize: bool) -> list[torch.Tensor]:
+    return [F.normalize(x, dim=-1) if normalize else x for x in xs]
+
+
+def rafa(fi, ft, z, normalize=False):
+    fi, ft = _maybe_norm(fi, ft, normalize=normalize)
+    return F.mse_loss(fi, z.expand_as(fi)) + F.mse_loss(ft, z.expand_as(ft))
+
+
+def _distill(student_logits, teacher_logits, T, alpha):
+    """KL(q || softmax(s / T)) with q = alpha I + (1 - alpha) softmax(t / T), batchmean, times T^2."""
+    log_p = F.log_softmax(student_logits / T, dim=1)
+    eye = torch.eye(student_logits.shape[0], dtype=student_logits.dtype)
+    q = alpha * eye + (1.0 - alpha) * F.softmax(teacher_logits / T, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * T**2
+
+
+def hycd(fi, ft, gi, gt, alpha=0.5, T=1.0, normalize=False):
+    fi, ft, gi, gt = _maybe_norm(fi, ft, gi, gt, normalize=normalize)
+    gi, gt = gi.detach(), gt.detach()
+    return (_distill(fi @ ft.T, gi @ gt.T, T, alpha) + _distill(ft @ fi.T, gt @ gi.T, T, alpha)) / 2
+
+
+def contrastive(fi, ft, scale, normalize=False):
+    fi, ft = _maybe_norm(fi, ft, normalize=normalize)
+    labels = torch.arange(fi.shape[0])
+    return (F.cross_entropy(scale * fi @ ft.T, labels) + F.cross_entropy(scale * ft @ fi.T, labels)) / 2
+
+
+def feature_distill(fi, ft, gi, gt, normalize=False):
+    fi, ft, gi, gt = _maybe_norm(fi, ft, gi, gt, normalize=normalize)
+    return F.mse_loss(fi, gi.detach()) + F.mse_loss(ft, gt.detach())
+
+
+def logit_distill(fi, ft, gi, gt, normalize=False):
+    fi, ft, gi, gt = _maybe_norm(fi, ft, gi, gt, normalize=normalize)
+    gi, gt = gi.detach(), gt.detach()
+    return (F.mse_loss(fi @ ft.T, gi @ gt.T) + F.mse_loss(ft @ fi.T, gt @ gi.T)) / 2
+
+
+def geodesic_mix(a, b, lam):
+    theta = torch.acos((a * b).sum(dim=1, keepdim=True))
+    return (torch.sin(lam * theta) * a + torch.sin((1 - lam) * theta) * b) / torch.sin(theta)
+
+
+def m2_mix(fi, ft, scale, lam, normalize=True):
+    """Oh et al. Eq.: image and text anchors, positives <I_i, T_i>, negatives <anchor_i, m_j>, j != i."""
+    fi, ft = _maybe_norm(fi, ft, normalize=normalize)
+    b = fi.shape[0]
+    m = geodesic_mix(fi, ft, lam)
+    eye = torch.eye(b, dtype=torch.bool)
+    pos = (fi * ft).sum(dim=1)
+    labels = torch.arange(b)
+    total = 0.0
+    for anchor in (fi, ft):
+        logits = torch.where(eye, pos[:, None].expand(b, b), anchor @ m.T)
+        total = total + F.cross_entropy(scale * logits, labels)
+    return total

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--annotations", required=True, help="COCO-format captions JSON")
     d.add_argument("--images", required=True, help="directory holding the images named in the JSON")
     d.add_argument("--out", required=True, help="TFDS data_dir to write")
-    d.add_argument("--name", default="coco_json_captions", help="dataset name (default: coco_json_captions)")
+    d.add_argument("--name", help="dataset config name (default: the annotations file name)")
 
     m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
                     "photos, refine it with CLIP-Refine and with contrastive fine-tuning, compare all three.")
@@ -81,7 +81,8 @@ def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser, comma
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data: keep it quiet
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     overrides = _split_overrides(rest, parser, args.command)

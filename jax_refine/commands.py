@@ -1,0 +1,86 @@
+"""The commands behind `python -m jax_refine` (argument parsing lives in cli.py).
+
+Each takes the parsed `argparse.Namespace` and the list of `--config.KEY=VALUE` overrides and returns an
+exit code. Heavy imports (JAX, TensorFlow) happen here, after the command line was checked.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jax_refine.config import load_config
+
+
+def train(args, overrides: list[str]) -> int:
+    config = load_config(args.config, overrides)
+    from jax_refine import distributed
+    from jax_refine import train as train_lib
+
+    if args.workdir:
+        config.workdir = args.workdir
+    if args.coordinator or args.num_processes or args.process_id is not None:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    result = train_lib.train(config)
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=1, default=str))
+    return 0
+
+
+def evaluate(args, overrides: list[str]) -> int:
+    config = load_config(args.config, overrides)
+    from jax_refine import evaluate as evaluate_lib
+
+    source = args.model or config.model.name_or_path
+    if not source:
+        raise ValueError("evaluate: no model given; pass --model PATH (or set --config.model.name_or_path)")
+    out = Path(args.out or Path(config.workdir) / "eval")
+    model = evaluate_lib.load_model(source, config)
+    evaluate_lib.evaluate(model, config.eval, name=Path(str(source)).name, out_dir=out)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def compare(args, overrides: list[str]) -> int:
+    config = load_config(args.config, overrides)
+    from jax_refine import evaluate as evaluate_lib
+
+    result = evaluate_lib.compare(args.models, config, args.out)
+    print(Path(result["markdown"]).read_text())
+    print(f"report: {result['markdown']}")
+    return 0
+
+
+def export(args, overrides: list[str]) -> int:
+    from jax_refine import checkpoint, hf
+
+    if overrides:
+        raise ValueError(f"export takes no config overrides, got {' '.join(overrides)}")
+    model = checkpoint.load_model(args.checkpoint)
+    out = hf.save_pretrained(model, args.out)
+    print(f"exported {args.checkpoint} -> {out} (open with transformers.CLIPModel.from_pretrained)")
+    return 0
+
+
+def prepare_data(args, overrides: list[str]) -> int:
+    from jax_refine import data
+
+    if overrides:
+        raise ValueError(f"prepare-data takes no config overrides, got {' '.join(overrides)}")
+    out = data.prepare_coco_json(args.annotations, args.images, args.out, name=args.name)
+    print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out}")
+    return 0
+
+
+def demo(args, overrides: list[str]) -> int:
+    config = load_config(args.config, overrides)
+    from jax_refine import demo as demo_lib
+
+    result = demo_lib.run_demo(config, args.out)
+    print("\n" + Path(result["markdown"]).read_text())
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items())
+    print(f"time: {times}")
+    print(f"report: {result['markdown']}")
+    for picture in result.get("pictures", []):
+        print(f"picture: {picture}")
+    return 0

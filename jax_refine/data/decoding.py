@@ -1,0 +1,101 @@
+"""Image decoding inside tf.data with CLIPImageProcessor numerics, bad images flagged instead of raised.
+
+Decode + resize + crop run in `jax_refine.preprocess.decode_resize_crop` (PIL, bicubic on uint8: exactly
+the `CLIPImageProcessor` pixels) through `tf.numpy_function` in a parallel, order-preserving `map`; PIL
+releases the GIL while decoding and resizing, so the map scales with cores. Normalization (/255,
+CLIP mean/std) runs in TensorFlow on whole batches.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from jax_refine import preprocess
+from jax_refine.data.tf_runtime import tf
+
+log = logging.getLogger(__name__)
+
+# Per-example status carried through the pipelines.
+OK, NO_CAPTION, BAD_IMAGE, END = 0, 1, 2, 3
+_MAX_WARNINGS = 20
+_warned = {"n": 0}
+_lock = threading.Lock()
+
+
+def _decode_np(data: bytes, status: np.int32, key: bytes, size: int) -> tuple[np.ndarray, np.int32]:
+    if status != OK:
+        return np.zeros((size, size, 3), np.uint8), np.int32(status)
+    try:
+        return preprocess.decode_resize_crop(data, size), np.int32(OK)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image"
+        with _lock:
+            _warned["n"] += 1
+            if _warned["n"] <= _MAX_WARNINGS:
+                log.warning("skipping unreadable image %s: %s", key.decode("utf-8", "replace"), e)
+        return np.zeros((size, size, 3), np.uint8), np.int32(BAD_IMAGE)
+
+
+def decode_images(ds: "tf.data.Dataset", image_size: int, num_parallel_calls: int = -1) -> "tf.data.Dataset":
+    """Map {"image": encoded bytes, "status", "key", ...} -> "image" (S,S,3) uint8; status BAD_IMAGE if corrupt.
+
+    Order-preserving (deterministic) and parallel. Elements whose status is not OK are not decoded.
+    """
+
+    def fn(ex):
+        pixels, status = tf.numpy_function(
+            lambda d, s, k: _decode_np(d, s, k, image_size), [ex["image"], ex["status"], ex["key"]],
+            [tf.uint8, tf.int32], stateful=False,
+        )
+        pixels.set_shape((image_size, image_size, 3))
+        status.set_shape(())
+        return {**ex, "image": pixels, "status": status}
+
+    calls = tf.data.AUTOTUNE if num_parallel_calls in (None, -1) else num_parallel_calls
+    return ds.map(fn, num_parallel_calls=calls, deterministic=True)
+
+
+def normalize(pixels: "tf.Tensor") -> "tf.Tensor":
+    """uint8 (..., 3) -> float32: x / 255 then (x - CLIP_MEAN) / CLIP_STD (the CLIPImageProcessor order)."""
+    x = tf.cast(pixels, tf.float32) * tf.constant(1 / 255, tf.float32)
+    return (x - preprocess.CLIP_MEAN) / preprocess.CLIP_STD
+
+
+def tokenize_batch(captions: "tf.Tensor", tokenizer, max_length: int) -> tuple["tf.Tensor", "tf.Tensor"]:
+    """(b,) tf.string -> input_ids, attention_mask (b, max_length) int32, with the HF CLIP tokenizer."""
+
+    def fn(texts: np.ndarray):
+        out = preprocess.tokenize([t.decode("utf-8", "replace") for t in texts], tokenizer, max_length)
+        return out["input_ids"], out["attention_mask"]
+
+    ids, mask = tf.numpy_function(fn, [captions], [tf.int32, tf.int32], stateful=False)
+    ids.set_shape((None, max_length))
+    mask.set_shape((None, max_length))
+    return ids, mask
+
+
+def eval_batches(ds: "tf.data.Dataset", *, batch_size: int, image_size: int, num_batches: int,
+                 meta: tuple[str, ...], stats: dict[str, int], num_parallel_calls: int = -1, prefetch: int = 2):
+    """Fixed-size evaluation batches {"image": (b,S,S,3) f32, **meta: (b,) i32, "mask": (b,) bool}.
+
+    `ds` holds {"image": encoded bytes, "key": string, **meta ints}. Every host yields exactly
+    `num_batches` batches (the last ones padded, mask False) so that hosts stay in step; unreadable
+    images get mask False and are counted in `stats["skipped_bad_image"]`.
+    """
+    ds = ds.map(lambda ex: {**ex, "status": tf.constant(OK, tf.int32)})
+    ds = decode_images(ds, image_size, num_parallel_calls).batch(batch_size)
+    ds = ds.map(lambda b: {"image": normalize(b["image"]), "ok": b["status"] == OK,
+                           **{k: tf.cast(b[k], tf.int32) for k in meta}}, num_parallel_calls=tf.data.AUTOTUNE)
+    produced = 0
+    for b in ds.prefetch(prefetch).as_numpy_iterator():
+        n = len(b["ok"])
+        stats["skipped_bad_image"] = stats.get("skipped_bad_image", 0) + int((~b["ok"]).sum())
+        pad = batch_size - n
+        out = {"image": np.pad(b["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+               "mask": np.pad(b["ok"], (0, pad)), **{k: np.pad(b[k], (0, pad)) for k in meta}}
+        produced += 1
+        yield out
+    for _ in range(num_batches - produced):
+        yield {"image": np.zeros((batch_size, image_size, image_size, 3), np.float32),
+               "mask": np.zeros((batch_size,), bool), **{k: np.zeros((batch_size,), np.int32) for k in meta}}

@@ -1,0 +1,134 @@
+"""Where examples come from: TFDS builders (catalog by name, a prepared directory, our COCO-JSON builder).
+
+Every reader here returns raw records — encoded image bytes, never decoded — so the pipeline can skip
+ahead cheaply on resume and flag corrupt images itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jax_refine.data.tf_runtime import tf, tfds
+
+# Catalog aliases: names people use -> the TFDS catalog name.
+CATALOG_ALIASES = {"stanford_cars": "cars196", "coco_karpathy": "coco_captions"}
+
+
+def _field(cfg: Any, key: str, default=None):
+    """`cfg.key` for a ConfigDict / dict / object, `default` if absent or None."""
+    value = cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def open_catalog(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+                 try_gcs: bool = False):
+    """A prepared catalog builder by name; prepares it (download or `manual_dir`) when not there yet.
+
+    Raises ValueError naming what to pass when the name is unknown or preparing fails.
+    """
+    name = CATALOG_ALIASES.get(name, name)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=try_gcs)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown TFDS dataset {name!r}: pass a catalog name (e.g. coco_captions, cifar10), "
+                         "or use source=tfds_dir / coco_json / folder:<dir> for local data") from None
+    if not builder.is_prepared():
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+        try:
+            builder.download_and_prepare(download_config=config)
+        except Exception as e:  # noqa: BLE001 - re-raised with what to pass
+            raise ValueError(
+                f"TFDS dataset {name!r} is not prepared under data_dir={builder.data_dir_root!r} and preparing it "
+                f"failed ({type(e).__name__}: {str(e)[:200]}). Pass data_dir=<dir with prepared {name}>, "
+                "manual_dir=<dir with the downloaded archives> or try_gcs=True."
+            ) from None
+    return builder
+
+
+def open_directory(path: str | Path):
+    """A prepared TFDS dataset directory (holding dataset_info.json), e.g. `prepare_coco_json`'s output."""
+    if not (Path(path) / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"no prepared TFDS dataset at {path} (dataset_info.json missing): pass the "
+                                "<data_dir>/<name>/<config>/<version> directory or run prepare-data first")
+    return tfds.builder_from_directory(str(path))
+
+
+def open_caption_builder(data_config: Any, *, process_count: int = 1):
+    """The builder for a training `data_config` (fields of configs/default.py `c.data`).
+
+    source: "tfds" (catalog `name`), "tfds_dir" (`data_dir` is the prepared dataset dir), or "coco_json"
+    (`annotations` + `images`, prepared once into `data_dir`, default ~/tensorflow_datasets).
+    """
+    source = _field(data_config, "source", "tfds")
+    if source == "tfds":
+        return open_catalog(_field(data_config, "name", "coco_captions"), data_dir=_field(data_config, "data_dir"),
+                            manual_dir=_field(data_config, "manual_dir"),
+                            try_gcs=bool(_field(data_config, "try_gcs", False)))
+    if source == "tfds_dir":
+        path = _field(data_config, "data_dir")
+        if path is None:
+            raise ValueError("source=tfds_dir needs data.data_dir=<prepared TFDS dataset directory>")
+        return open_directory(path)
+    if source == "coco_json":
+        from jax_refine.data.coco_captions_builder import prepare_coco_json
+
+        ann, images = _field(data_config, "annotations"), _field(data_config, "images")
+        if ann is None or images is None:
+            raise ValueError("source=coco_json needs data.annotations=<captions.json> and data.images=<image dir>")
+        out = _field(data_config, "data_dir", str(Path.home() / "tensorflow_datasets"))
+        if process_count > 1:
+            from jax_refine.data.coco_captions_builder import BUILDER_NAME, _config_name
+
+            path = Path(out) / BUILDER_NAME / _config_name(ann) / "1.0.0"
+            if not (path / "dataset_info.json").is_file():
+                raise ValueError(f"multi-host run: prepare {ann} once first (prepare-data) so that {path} exists")
+            return open_directory(path)
+        return open_directory(prepare_coco_json(ann, images, out, split=_field(data_config, "split", "train")))
+    raise ValueError(f"unknown data.source={source!r}: use tfds, tfds_dir or coco_json")
+
+
+def check_split(builder, split: str) -> None:
+    """Raise ValueError if a split named in `split` ("train", "train[:10%]+restval", ...) does not exist."""
+    known = list(builder.info.splits.keys()) if builder.info.splits else []
+    if not known:  # no split metadata (e.g. mocked builders): the reader will complain itself
+        return
+    for part in split.split("+"):
+        base = part.split("[")[0].strip()
+        if base not in known:
+            raise ValueError(f"split {base!r} not in {builder.name}: available {known} (pass data.split=...)")
+
+
+def caption_records(builder, split: str, *, shuffle_files: bool = False, seed: int | None = None,
+                    add_tfds_id: bool = False) -> "tf.data.Dataset":
+    """Raw caption records {"image": bytes, "captions": (n,) string, "key": string} of `split`.
+
+    Works for the catalog's coco_captions and our COCO-JSON builder (same feature names). `key` is the
+    image id (or the tfds_id when `add_tfds_id`) for logs and lookups.
+    """
+    features = builder.info.features
+    for need in ("image", "captions"):
+        if need not in features:
+            raise ValueError(f"{builder.name} has no '{need}' feature: not an image-caption dataset")
+    read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=add_tfds_id)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    has_id = "image/id" in features
+
+    def to_record(ex):
+        if add_tfds_id:
+            key = ex["tfds_id"]
+        elif has_id:
+            key = tf.strings.as_string(ex["image/id"])
+        else:
+            key = tf.constant("?")
+        return {"image": ex["image"], "captions": ex["captions"]["text"], "key": key}
+
+    return ds.map(to_record, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def num_records(builder, split: str) -> int:
+    """Number of records in `split` (from TFDS metadata via the dataset's cardinality)."""
+    n = int(builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()}).cardinality())
+    if n < 0:
+        raise ValueError(f"{builder.name}[{split}]: number of examples unknown")
+    return n

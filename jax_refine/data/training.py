@@ -1,0 +1,192 @@
+"""Image-caption training batches: per host, deterministic, resumable, bad examples skipped and counted.
+
+Per epoch e, this host's pipeline is (tf.data, all lazy):
+  records of this host's slice (`tfds.even_splits`) -> file order and shuffle buffer seeded by (seed, e)
+  -> caption: "random" = one caption per image drawn from (seed, e, image key); "all" = every caption
+  -> enumerate (index within the epoch) -> skip(position) [resume: raw records, nothing decoded]
+  -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, CLIPImageProcessor pixels)
+  -> running counts of skipped examples (scan) -> drop skipped -> batch -> tokenize, normalize -> prefetch.
+The iterator is endless (epochs roll over, so hosts never wait on each other); a batch is always full.
+State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds epoch e and skips
+`position` raw records, so a resumed run sees exactly the batches of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+
+from jax_refine.data import decoding, hosts, sources
+from jax_refine.data.tf_runtime import tf, tfds
+
+log = logging.getLogger(__name__)
+_COUNTS = ("skipped_no_caption", "skipped_bad_image")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**31 - 1)
+
+
+class TrainIterator:
+    """Endless iterator of per-host numpy batches {"image": (b,H,W,3) f32, "input_ids", "attention_mask": (b,L) i32}.
+
+    `num_examples` (whole split, image-caption pairs), `steps_per_epoch` (global batches per epoch),
+    `get_state()/set_state()`, `stats()` (skipped counts, examples seen).
+    """
+
+    def __init__(self, builder, split: str, *, global_batch_size: int, image_size: int, max_length: int,
+                 seed: int, process_index: int, process_count: int, tokenizer, caption_mode: str = "random",
+                 shuffle_buffer: int = 10_000, num_parallel_calls: int = -1, prefetch: int = 2):
+        if caption_mode not in ("random", "all"):
+            raise ValueError(f"caption_mode={caption_mode!r}: use 'random' or 'all'")
+        hosts.check_process(process_index, process_count)
+        sources.check_split(builder, split)
+        self.builder, self.split = builder, split
+        self.batch_size = hosts.per_host_batch_size(global_batch_size, process_count)
+        self.image_size, self.max_length, self.tokenizer = image_size, max_length, tokenizer
+        self.seed, self.caption_mode = int(seed), caption_mode
+        self.process_index, self.process_count = process_index, process_count
+        self.shuffle_buffer, self.num_parallel_calls, self.prefetch = shuffle_buffer, num_parallel_calls, prefetch
+        self.host_split = tfds.even_splits(split, process_count)[process_index] if process_count > 1 else split
+        self.num_examples = self._count_examples()
+        self.steps_per_epoch = (self.num_examples // process_count) // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{builder.name}[{split}] has {self.num_examples} examples ({caption_mode} captions), fewer than one "
+                f"global batch of {global_batch_size} ({self.batch_size} per host x {process_count}): lower the batch size"
+            )
+        self.epoch, self.position, self.batches = 0, 0, 0
+        self.counts = dict.fromkeys(_COUNTS, 0)
+        self.epoch_start = dict(self.counts)  # counts when the current epoch began
+        self.last_epoch: dict[str, int] = {}  # skipped in the last finished epoch
+        self._it: Iterator | None = None
+        self._base = dict(self.counts)
+
+    # -- sizes -------------------------------------------------------------------------------------
+    def _count_examples(self) -> int:
+        if self.caption_mode == "random":
+            return sources.num_records(self.builder, self.split)
+        ds = sources.caption_records(self.builder, self.split)  # one pass over the records, images not decoded
+        sizes = ds.map(lambda r: tf.size(r["captions"], out_type=tf.int64))
+        return int(sizes.reduce(tf.constant(0, tf.int64), lambda a, n: a + n))
+
+    # -- the per-epoch tf.data pipeline --------------------------------------------------------------
+    def _dataset(self, epoch: int, position: int) -> "tf.data.Dataset":
+        eseed = _epoch_seed(self.seed, epoch)
+        ds = sources.caption_records(self.builder, self.host_split, shuffle_files=True, seed=eseed)
+        if self.shuffle_buffer > 1:
+            ds = ds.shuffle(self.shuffle_buffer, seed=eseed, reshuffle_each_iteration=False)
+        ds = ds.flat_map(self._pairs) if self.caption_mode == "all" else ds.map(lambda r: self._one_caption(r, eseed))
+        ds = ds.enumerate().map(lambda i, ex: {**ex, "index": i}).skip(position)
+        end = {"image": tf.constant(b""), "caption": tf.constant(b""), "key": tf.constant(b"<end>"),
+               "status": tf.constant(decoding.END, tf.int32), "index": tf.constant(-1, tf.int64)}
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(end))
+        ds = decoding.decode_images(ds, self.image_size, self.num_parallel_calls)
+
+        def count(totals, ex):
+            totals = totals + tf.cast(tf.stack([ex["status"] == decoding.NO_CAPTION,
+                                                ex["status"] == decoding.BAD_IMAGE]), tf.int64)
+            return totals, {**ex, "skipped": totals}
+
+        ds = ds.scan(tf.zeros([2], tf.int64), count)
+        ds = ds.filter(lambda ex: (ex["status"] == decoding.OK) | (ex["status"] == decoding.END))
+        ds = ds.batch(self.batch_size)
+
+        def finish(b):
+            ids, mask = decoding.tokenize_batch(b["caption"], self.tokenizer, self.max_length)
+            return {"image": decoding.normalize(b["image"]), "input_ids": ids, "attention_mask": mask,
+                    "status": b["status"], "index": b["index"], "skipped": b["skipped"]}
+
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.with_options(options).prefetch(self.prefetch or tf.data.AUTOTUNE)
+
+    @staticmethod
+    def _one_caption(rec, eseed: int):
+        n = tf.size(rec["captions"])
+        key_hash = tf.strings.to_hash_bucket_fast(rec["key"], 2**31 - 1)
+        pick = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(eseed, tf.int64), key_hash]),
+                                           minval=0, maxval=tf.maximum(n, 1), dtype=tf.int32)
+        caption = tf.concat([rec["captions"], [""]], 0)[tf.minimum(pick, n)]
+        status = tf.where(n > 0, decoding.OK, decoding.NO_CAPTION)
+        return {"image": rec["image"], "caption": caption, "key": rec["key"], "status": tf.cast(status, tf.int32)}
+
+    @staticmethod
+    def _pairs(rec):
+        n = tf.size(rec["captions"])
+        captions = tf.cond(n > 0, lambda: rec["captions"], lambda: tf.constant([""]))
+        m = tf.size(captions)
+        status = tf.fill([m], tf.where(n > 0, decoding.OK, decoding.NO_CAPTION))
+        return tf.data.Dataset.from_tensor_slices({
+            "image": tf.fill([m], rec["image"]), "caption": captions, "key": tf.fill([m], rec["key"]),
+            "status": tf.cast(status, tf.int32),
+        })
+
+    # -- iteration -----------------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            if self._it is None:
+                self._base = dict(self.counts)
+                self._it = self._dataset(self.epoch, self.position).as_numpy_iterator()
+            batch = next(self._it)
+            ended = batch["status"] == decoding.END
+            self.counts = {k: self._base[k] + int(v) for k, v in zip(_COUNTS, batch["skipped"][-1])}
+            if ended.any():  # the sentinel: this epoch is over (its partial tail batch is dropped)
+                self.last_epoch = {k: self.counts[k] - self.epoch_start[k] for k in _COUNTS}
+                log.info("epoch %d done on process %d (%d batches in total): skipped %s", self.epoch,
+                         self.process_index, self.batches, self.last_epoch)
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                self.epoch_start = dict(self.counts)
+                continue
+            self.position = int(batch["index"][-1]) + 1
+            self.batches += 1
+            return {k: batch[k] for k in ("image", "input_ids", "attention_mask")}
+
+    # -- checkpointing and metrics -------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able position: epoch, raw records consumed in it, seed, host layout, counters."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batches": self.batches,
+                "caption_mode": self.caption_mode, "process_index": self.process_index,
+                "process_count": self.process_count, **self.counts,
+                "epoch_start": dict(self.epoch_start), "last_epoch": dict(self.last_epoch)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resume at `state` (from `get_state`); the host layout, seed and caption mode must match."""
+        for key in ("seed", "caption_mode", "process_count", "process_index"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"data state has {key}={state[key]!r} but this run has {getattr(self, key)!r}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.batches = int(state.get("batches", 0))
+        self.counts = {k: int(state.get(k, 0)) for k in _COUNTS}
+        self.epoch_start = {k: int(state.get("epoch_start", {}).get(k, 0)) for k in _COUNTS}
+        self.last_epoch = {k: int(v) for k, v in state.get("last_epoch", {}).items()}
+        self._it = None
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the metrics: skipped examples (no caption / unreadable image) in total and in the
+        last finished epoch (`last_epoch_skipped_*`), batches, epoch."""
+        last = {f"last_epoch_{k}": v for k, v in self.last_epoch.items()}
+        return {**self.counts, **last, "batches": self.batches, "epoch": self.epoch}
+
+
+def make_train_iterator(data_config: Any, *, global_batch_size: int, image_size: int = 224, max_length: int = 77,
+                        seed: int = 0, process_index: int = 0, process_count: int = 1, tokenizer=None) -> TrainIterator:
+    """The training iterator for `data_config` (configs/default.py `c.data`); see `TrainIterator`."""
+    if tokenizer is None:
+        from jax_refine.preprocess import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    f = sources._field
+    builder = sources.open_caption_builder(data_config, process_count=process_count)
+    return TrainIterator(
+        builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, image_size=image_size,
+        max_length=max_length, seed=seed, process_index=process_index, process_count=process_count,
+        tokenizer=tokenizer, caption_mode=f(data_config, "caption_mode", "random"),
+        shuffle_buffer=int(f(data_config, "shuffle_buffer", 10_000)),
+        num_parallel_calls=int(f(data_config, "num_parallel_calls", -1)), prefetch=int(f(data_config, "prefetch", 2)),
+    )

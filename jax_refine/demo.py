@@ -28,6 +28,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, out_dir: Path) -
     c.method.name = spec.method
     c.data.annotations = _abs(spec.annotations)
     c.data.images = _abs(config.data.images)
+    c.data.data_dir = str(out_dir / "tfds")  # the caption sets are prepared as TFDS datasets here
     c.train.epochs = int(spec.epochs)
     c.optimizer.lr = float(spec.lr)
     c.optimizer.weight_decay = float(spec.weight_decay)

@@ -1,0 +1,537 @@
+"""The evaluation suite: zero-shot classification, image-text retrieval and feature-space metrics of a
+CLIP, and `compare` of several models in one table with pictures.
+
+`evaluate(model, config.eval)` returns the result dict described in `jax_refine/report.py`;
+`compare(models, config, out_dir)` runs it on several models and writes one table plus pictures.
+Datasets come from `config.eval`: `zero_shot` (catalog names or "folder:<dir>", read by
+`jax_refine.data.classification`) and `retrieval` ("coco_karpathy_test" or
+"coco_json:<annotations.json>:<image_dir>", read by `jax_refine.data.retrieval`), or already-built
+`ZeroShotTask` / `RetrievalTask` objects (e.g. in-memory arrays). Embeddings go through
+`embeddings.extract` (jitted, sharded over the mesh's data axes) and an npz cache
+(`config.eval.cache_dir`) keyed by (model fingerprint, dataset, split, n, templates).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jax_refine import embeddings as emb_lib
+
+log = logging.getLogger(__name__)
+
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+TEMPLATES_FILE = Path(__file__).resolve().parent / "assets" / "templates.json"
+RETRIEVAL_KS = (1, 5, 10)
+
+Batches = Iterable[Mapping[str, np.ndarray]]
+
+
+@dataclasses.dataclass
+class ZeroShotTask:
+    """A zero-shot set: `images(image_size)` yields `{"image": (b, S, S, 3) f32, "label": (b,) i32}`."""
+
+    name: str
+    images: Callable[[int], Batches]
+    classnames: Sequence[str]
+    num_examples: int | None = None
+    split: str = "test"
+
+
+@dataclasses.dataclass
+class RetrievalTask:
+    """A caption set: `images(image_size)` yields `{"image": (b, S, S, 3), "image_index": (b,)}` and
+    `captions[j]` belongs to image `caption_image_index[j]` (every caption of every image)."""
+
+    name: str
+    images: Callable[[int], Batches]
+    captions: Sequence[str]
+    caption_image_index: np.ndarray
+    num_images: int | None = None
+    split: str = "test"
+
+
+def _array_batches(name: str, arrays: Mapping[str, np.ndarray]) -> Callable[[int], Batches]:
+    """`images(size)` over in-memory preprocessed images `(N, S, S, 3)`; a different size is an error."""
+    have = int(np.shape(arrays["image"])[1])
+
+    def images(size: int) -> Batches:
+        if size != have:
+            raise ValueError(f"dataset {name!r}: images are {have}x{have} but the model takes {size}x{size}")
+        return emb_lib.iterate_arrays(arrays, 256)
+
+    return images
+
+
+def zero_shot_from_arrays(name: str, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str]
+                          ) -> ZeroShotTask:
+    """A zero-shot task from preprocessed images `(N, S, S, 3)` f32 and labels `(N,)` (e.g. for the demo)."""
+    arrays = {"image": np.asarray(images, np.float32), "label": np.asarray(labels, np.int32)}
+    return ZeroShotTask(name, _array_batches(name, arrays), list(classnames), len(arrays["label"]))
+
+
+def retrieval_from_arrays(name: str, images: np.ndarray, captions: Sequence[str],
+                          caption_image_index: np.ndarray) -> RetrievalTask:
+    """A retrieval task from preprocessed images `(N, S, S, 3)` and captions with their image index `(M,)`."""
+    arrays = {"image": np.asarray(images, np.float32), "image_index": np.arange(len(images), dtype=np.int32)}
+    return RetrievalTask(name, _array_batches(name, arrays), list(captions), np.asarray(caption_image_index),
+                         len(images))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores from embeddings (pure numpy/jax; the metric definitions live in jax_refine.metrics)
+# --------------------------------------------------------------------------------------------------
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of `x (N, D)` scaled to unit L2 norm."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def ensemble_class_embeddings(template_embeddings: np.ndarray) -> np.ndarray:
+    """CLIP's prompt ensemble: `(C, T, D)` text embeddings -> `(C, D)`: normalize each, average over the
+    T templates, normalize again (the recipe of `metrics.zero_shot_logits`; used here for the pictures
+    and feature metrics, which need one text embedding per class)."""
+    return normalize(normalize(template_embeddings).mean(axis=1))
+
+
+def zero_shot_scores(image_features: np.ndarray, labels: np.ndarray, class_embeddings: np.ndarray
+                     ) -> dict[str, float]:
+    """Top-1 / top-5 accuracy in % of images `(N, D)`, labels `(N,)`, against class embeddings `(C, D)` or
+    per-template text embeddings `(C, T, D)` (CLIP's ensemble, done by `metrics.zero_shot_logits`)."""
+    from jax_refine import metrics
+
+    logits = metrics.zero_shot_logits(image_features, class_embeddings)
+    acc = metrics.zero_shot_accuracy(logits, np.asarray(labels, np.int32), ks=(1, 5))
+    return {k: 100.0 * float(v) for k, v in acc.items()}
+
+
+def retrieval_scores(image_features: np.ndarray, text_features: np.ndarray, caption_image_index: np.ndarray,
+                     ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, dict[str, float]]:
+    """Recall@k in % both ways: `{"i2t": {"R@1", ...}, "t2i": {...}}` (a hit if any correct caption /
+    the caption's image is in the top k)."""
+    from jax_refine import metrics
+
+    rec = metrics.recall_at_k(image_features, text_features, np.asarray(caption_image_index, np.int32),
+                              ks=tuple(int(k) for k in ks))
+    return {d: {f"R@{k}": 100.0 * float(rec[f"{d}_R@{k}"]) for k in ks} for d in ("i2t", "t2i")}
+
+
+def feature_scores(image_features: np.ndarray, text_features: np.ndarray, caption_image_index: np.ndarray
+                   ) -> dict[str, float]:
+    """Modality gap (centroid distance and MSE form), alignment over positive pairs (each text with its
+    image) and uniformity of each modality, on L2-normalized embeddings."""
+    from jax_refine import metrics
+
+    img, txt = normalize(image_features), normalize(text_features)
+    paired_img = img[np.asarray(caption_image_index)]
+    return {
+        "modality_gap": float(metrics.modality_gap(img, txt)),
+        "modality_gap_mse": float(metrics.modality_gap_mse(img, txt)),
+        "alignment": float(metrics.alignment(paired_img, txt)),
+        "uniformity_image": float(metrics.uniformity(img)),
+        "uniformity_text": float(metrics.uniformity(txt)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates and datasets from the config
+# --------------------------------------------------------------------------------------------------
+
+def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Prompt templates: "single" -> ("a photo of a {}.",), "openai" -> the 80-template ensemble, any other
+    key of the packaged `assets/templates.json`, a text file (one template a line), or a sequence."""
+    if isinstance(spec, str):
+        if spec == "single":
+            return SINGLE_TEMPLATE
+        packaged = json.loads(TEMPLATES_FILE.read_text())
+        if spec in packaged:
+            templates = tuple(packaged[spec])
+        elif Path(spec).is_file():
+            templates = tuple(t.strip() for t in Path(spec).read_text().splitlines() if t.strip())
+        else:
+            raise ValueError(f"config.eval.templates={spec!r}: expected one of {sorted(packaged)}, a template "
+                             "file or a list of templates")
+    else:
+        templates = tuple(spec)
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"config.eval.templates: every template needs a '{{}}' for the class name, got "
+                         f"{bad[0] if bad else 'none'!r}")
+    return templates
+
+
+def templates_name(spec: str | Sequence[str]) -> str:
+    """A short label for the templates in cache keys and reports."""
+    return spec if isinstance(spec, str) else "custom:" + emb_lib.cache_key(templates=list(spec))
+
+
+def text_max_length(model: nnx.Module) -> int:
+    """Token length for `model`'s text tower: 77, or less if its position table is shorter."""
+    try:
+        return min(77, int(model.config.text_config.max_position_embeddings))
+    except AttributeError:
+        return 77
+
+
+def image_size(model: nnx.Module) -> int:
+    """The input resolution of `model`'s vision tower (224 if the model has no CLIP config)."""
+    try:
+        return int(model.config.vision_config.image_size)
+    except AttributeError:
+        return 224
+
+
+def _process() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def zero_shot_task(spec: str, eval_config: Any) -> ZeroShotTask:
+    """A zero-shot task from a config entry: a TFDS catalog name ("cifar10", ...) or "folder:<dir>".
+
+    Images are read by `jax_refine.data.classification` (this host's slice, `eval_config.batch_size`
+    split over hosts), once per image size; the first load checks the set and its class names.
+    """
+    from jax_refine.data import classification
+
+    index, count = _process()
+    batch = max(1, int(eval_config.get("batch_size", 256)) // count)
+    loaded: dict[int, Any] = {}
+
+    def load(size: int) -> Any:
+        if size not in loaded:
+            loaded[size] = classification.load_classification(
+                spec, batch_size=batch, image_size=size, max_examples=eval_config.get("max_examples"),
+                process_index=index, process_count=count)
+        return loaded[size]
+
+    first = load(224)
+    if not first.num_examples:
+        raise ValueError(f"zero-shot dataset {spec!r} is empty")
+    return ZeroShotTask(spec, lambda size: load(size).batches(), list(first.class_names), first.num_examples,
+                        split=classification.EVAL_SPLITS.get(spec, "all"))
+
+
+def retrieval_task(spec: str, eval_config: Any) -> RetrievalTask:
+    """A retrieval task from a config entry ("coco_karpathy_test", "coco_json:<annotations>:<images>", ...),
+    read by `jax_refine.data.retrieval` (every caption of every image)."""
+    from jax_refine.data import retrieval
+
+    index, count = _process()
+    batch = max(1, int(eval_config.get("batch_size", 256)) // count)
+    loaded: dict[int, Any] = {}
+
+    def load(size: int) -> Any:
+        if size not in loaded:
+            loaded[size] = retrieval.load_retrieval(spec, batch_size=batch, image_size=size,
+                                                    max_examples=eval_config.get("max_examples"),
+                                                    process_index=index, process_count=count)
+        return loaded[size]
+
+    first = load(224)
+    if not first.num_images:
+        raise ValueError(f"retrieval dataset {spec!r} has no images")
+    return RetrievalTask(spec, lambda size: load(size).image_batches(), list(first.captions),
+                         np.asarray(first.texts["caption_image_index"]), first.num_images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings of one model on one set (cached)
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Context:
+    model: nnx.Module
+    mesh: Mesh | None
+    batch_size: int
+    cache_dir: str | None
+    tokenizer: Any
+    max_examples: int | None
+    progress: bool
+    fingerprint: str | None = None
+
+    def key(self, **fields: Any) -> dict[str, Any]:
+        if self.cache_dir is not None and self.fingerprint is None:
+            self.fingerprint = emb_lib.model_fingerprint(self.model)
+        return dict(model=self.fingerprint, n=self.max_examples, **fields)
+
+
+def _take(batches: Batches, limit: int | None) -> Iterable[dict[str, np.ndarray]]:
+    """The first `limit` rows of a batch stream (all when None)."""
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen >= limit:
+            return
+        n = len(next(iter(batch.values())))
+        keep = n if limit is None else min(n, limit - seen)
+        yield {k: np.asarray(v)[:keep] for k, v in batch.items()}
+        seen += keep
+
+
+def _image_embeddings(ctx: _Context, name: str, split: str, images: Callable[[int], Batches],
+                      total: int | None) -> dict[str, np.ndarray]:
+    size = image_size(ctx.model)
+
+    def compute() -> dict[str, np.ndarray]:
+        n = total if ctx.max_examples is None or total is None else min(total, ctx.max_examples)
+        feats, extras = emb_lib.extract(ctx.model, _take(images(size), ctx.max_examples), "image", mesh=ctx.mesh,
+                                        batch_size=ctx.batch_size, total=n, desc=f"{name} images",
+                                        progress=ctx.progress)
+        return {"features": feats, **extras}
+
+    return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, split=split, kind="image", size=size))
+
+
+def _text_embeddings(ctx: _Context, name: str, texts: Sequence[str], **key: Any) -> np.ndarray:
+    def compute() -> dict[str, np.ndarray]:
+        from jax_refine import preprocess
+
+        # Each process embeds an equal, padded share of the texts; "row" restores the order after gathering.
+        index, count = _process()
+        per = -(-len(texts) // count)
+        rows = np.arange(index * per, (index + 1) * per)
+        valid = rows < len(texts)
+        rows = np.where(valid, rows, 0)
+        mine = [texts[r] for r in rows] if len(texts) else []
+        tokens = preprocess.tokenize(mine, ctx.tokenizer, max_length=text_max_length(ctx.model))
+        arrays = {**tokens, "row": rows, "mask": valid}
+        feats, extra = emb_lib.extract(ctx.model, emb_lib.iterate_arrays(arrays, ctx.batch_size), "text",
+                                       mesh=ctx.mesh, batch_size=ctx.batch_size, total=len(mine),
+                                       desc=f"{name} texts", progress=ctx.progress)
+        return {"features": feats[np.argsort(extra["row"], kind="stable")]}
+
+    texts_id = emb_lib.cache_key(texts=list(texts))
+    return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, kind="text", texts=texts_id, **key)
+                          )["features"]
+
+
+def class_embeddings(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[str], templates_label: str
+                     ) -> np.ndarray:
+    """Text embeddings `(C, T, D)` of every class name in every template (unnormalized)."""
+    prompts = [t.format(c) for c in dataset.classnames for t in templates]
+    feats = _text_embeddings(ctx, dataset.name, prompts, split="classes", templates=templates_label)
+    return feats.reshape(len(dataset.classnames), len(templates), -1)
+
+
+def _zero_shot(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[str], templates_label: str
+               ) -> tuple[dict[str, Any], dict[str, float], Any]:
+    from jax_refine import plots
+
+    if not dataset.classnames:
+        raise ValueError(f"zero-shot dataset {dataset.name!r}: no class names (add classnames.txt or a "
+                         "class-names file for it)")
+    img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_examples)
+    if "label" not in img:
+        raise ValueError(f"zero-shot dataset {dataset.name!r}: batches have no 'label'")
+    feats, labels = img["features"], img["label"].astype(np.int32)
+    num_classes = len(dataset.classnames)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"zero-shot dataset {dataset.name!r}: label {int(labels.max())} but only {num_classes} "
+                         "class names")
+    per_template = class_embeddings(ctx, dataset, templates, templates_label)
+    scores = zero_shot_scores(feats, labels, per_template)
+    cls = ensemble_class_embeddings(per_template)
+    result = {**scores, "n": int(len(labels)), "num_classes": num_classes}
+    # Each image paired with its class's text embedding, for the feature metrics and pictures.
+    pairs = plots.Embeddings(feats, cls[labels], np.arange(len(labels)))
+    return result, feature_scores(pairs.image, pairs.text, pairs.caption_image_index), pairs
+
+
+def _retrieval(ctx: _Context, dataset: RetrievalTask) -> tuple[dict[str, Any], dict[str, float], Any]:
+    from jax_refine import plots
+
+    img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_images)
+    if "image_index" not in img:
+        raise ValueError(f"retrieval dataset {dataset.name!r}: image batches have no 'image_index'")
+    # Keep the captions of the images we embedded, renumbered to rows of the image embeddings.
+    row_of = {int(i): r for r, i in enumerate(img["image_index"])}
+    cap_idx = np.asarray(dataset.caption_image_index)
+    keep = [j for j, i in enumerate(cap_idx) if int(i) in row_of]
+    if not keep:
+        raise ValueError(f"retrieval dataset {dataset.name!r}: no captions for the {len(row_of)} images embedded")
+    captions = [dataset.captions[j] for j in keep]
+    rows = np.array([row_of[int(cap_idx[j])] for j in keep], np.int32)
+    txt = _text_embeddings(ctx, dataset.name, captions, split=dataset.split)
+    result = {**retrieval_scores(img["features"], txt, rows), "n_images": int(len(row_of)),
+              "n_captions": int(len(captions))}
+    return result, feature_scores(img["features"], txt, rows), plots.Embeddings(img["features"], txt, rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------------------
+
+def run_suite(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh: Mesh | None = None,
+              tokenizer: Any = None, zero_shot: Sequence[ZeroShotTask] | None = None,
+              retrieval: Sequence[RetrievalTask] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The suite on one model -> `(result, pairs)`; `pairs[dataset]` is a `plots.Embeddings` of the
+    embeddings behind the feature metrics (for the pictures).
+
+    `eval_config`: the `config.eval` section (batch_size, templates, zero_shot, retrieval, max_examples,
+    cache_dir, progress). `zero_shot` / `retrieval`: already-built sets instead of the config's names.
+    """
+    from jax_refine import preprocess
+
+    if zero_shot is None:
+        zero_shot = [zero_shot_task(s, eval_config) for s in eval_config.get("zero_shot", ())]
+    if retrieval is None:
+        retrieval = [retrieval_task(s, eval_config) for s in eval_config.get("retrieval", ())]
+    if not zero_shot and not retrieval:
+        raise ValueError("config.eval: nothing to evaluate (zero_shot and retrieval are both empty)")
+    mesh = mesh or emb_lib.default_mesh()
+    ctx = _Context(emb_lib.place_model(model, mesh), mesh, int(eval_config.get("batch_size", 256)),
+                   eval_config.get("cache_dir"),
+                   tokenizer if tokenizer is not None else preprocess.get_tokenizer(),
+                   eval_config.get("max_examples"), bool(eval_config.get("progress", True)))
+    templates_spec = eval_config.get("templates", "single")
+    templates = resolve_templates(templates_spec)
+    result: dict[str, Any] = {"model": name, "templates": templates_name(templates_spec), "zero_shot": {},
+                              "zero_shot_mean": None, "retrieval": {}, "features": {}}
+    pairs: dict[str, Any] = {}
+    for ds in zero_shot:
+        result["zero_shot"][ds.name], result["features"][ds.name], pairs[ds.name] = _zero_shot(
+            ctx, ds, templates, templates_name(templates_spec))
+        log.info("%s zero-shot %s: top-1 %.2f", name, ds.name, result["zero_shot"][ds.name]["top1"])
+    if result["zero_shot"]:
+        zs = result["zero_shot"].values()
+        result["zero_shot_mean"] = {k: float(np.mean([r[k] for r in zs])) for k in ("top1", "top5")}
+    for ds in retrieval:
+        result["retrieval"][ds.name], result["features"][ds.name], pairs[ds.name] = _retrieval(ctx, ds)
+        log.info("%s retrieval %s: I->T R@1 %.2f", name, ds.name, result["retrieval"][ds.name]["i2t"]["R@1"])
+    return result, pairs
+
+
+def evaluate(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh: Mesh | None = None,
+             tokenizer: Any = None, out_dir: str | Path | None = None,
+             zero_shot: Sequence[ZeroShotTask] | None = None,
+             retrieval: Sequence[RetrievalTask] | None = None) -> dict[str, Any]:
+    """Zero-shot, retrieval and feature metrics of one model (result dict: see jax_refine/report.py).
+
+    With `out_dir`, also writes report.md / report.json and (if `eval_config.plots`) the PNGs there.
+    """
+    result, pairs = run_suite(model, eval_config, name=name, mesh=mesh, tokenizer=tokenizer,
+                              zero_shot=zero_shot, retrieval=retrieval)
+    if out_dir is not None:
+        _write(out_dir, [result], {name: pairs}, bool(eval_config.get("plots", True)))
+    return result
+
+
+def _pictures(out_dir: Path, results: Sequence[Mapping[str, Any]], pairs_by_model: Mapping[str, Mapping[str, Any]]
+              ) -> list[Path]:
+    """PNGs for each retrieval set all models share, or for the first shared zero-shot set if none."""
+    from jax_refine import plots, report
+
+    shared = [d for d in next(iter(pairs_by_model.values())) if all(d in p for p in pairs_by_model.values())]
+    chosen = [d for d in shared if d in results[0]["retrieval"]] or shared[:1]
+    paths: list[Path] = []
+    for dataset in chosen:
+        prefix = "".join(c if c.isalnum() else "_" for c in report.short_name(dataset)) + "_"
+        paths += plots.make_plots({m: p[dataset] for m, p in pairs_by_model.items()}, out_dir, prefix=prefix)
+    return paths
+
+
+def _write(out_dir: str | Path, results: Sequence[dict[str, Any]], pairs_by_model: Mapping[str, Any],
+           with_plots: bool) -> dict[str, Any]:
+    from jax_refine import report
+
+    out = Path(out_dir)
+    pictures = _pictures(out, results, pairs_by_model) if with_plots else []
+    paths = report.write_report(results, out, pictures=pictures,
+                                title="Comparison" if len(results) > 1 else f"Evaluation of {results[0]['model']}")
+    return {**paths, "pictures": pictures}
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and compare
+# --------------------------------------------------------------------------------------------------
+
+
+
+
+def _split_name(spec: Any, index: int) -> tuple[str, Any]:
+    """`(name, source)` from a spec: ("name", source), "NAME=PATH", a path/hub id, or a model."""
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise ValueError(f"compare: model #{index} must be (name, model or path), got {len(spec)} items")
+        return str(spec[0]), spec[1]
+    if isinstance(spec, nnx.Module):
+        return f"model_{index}", spec
+    text = str(spec)
+    name, sep, path = text.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    p = Path(text)
+    if p.name in ("hf", "export") or p.name.isdigit():  # workdir/hf, workdir/<step>: name by the workdir
+        return f"{p.parent.name}/{p.name}", text
+    return (p.name or text), text
+
+
+def load_model(source: str | Path | nnx.Module, config: Any) -> nnx.Module:
+    """A model from an in-memory model, a HF directory (config.json), a training workdir / Orbax step
+    directory, or a hub id. Compute dtype from `config.model.dtype` (default float32)."""
+    import jax.numpy as jnp
+
+    if isinstance(source, nnx.Module):
+        return source
+    dtype = jnp.dtype(config.get("model", {}).get("dtype", "float32") if hasattr(config, "get") else "float32")
+    path = Path(str(source))
+    if path.exists():
+        if (path / "config.json").is_file():
+            from jax_refine import hf
+
+            return hf.load_pretrained(str(path), dtype=dtype)
+        if path.is_dir():
+            from jax_refine import checkpoint
+
+            return checkpoint.load_model(str(path), dtype=dtype)
+        raise ValueError(f"model {source}: not a Hugging Face directory (no config.json) or a checkpoint directory")
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
+    from jax_refine import hf
+
+    return hf.load_pretrained(str(source), dtype=dtype)
+
+
+def compare(checkpoints: Sequence[Any] | Mapping[str, Any], config: Any, out_dir: str | Path, *,
+            mesh: Mesh | None = None, tokenizer: Any = None,
+            zero_shot: Sequence[ZeroShotTask] | None = None,
+            retrieval: Sequence[RetrievalTask] | None = None) -> dict[str, Any]:
+    """The suite on two or more models -> one table with differences against the first, plus pictures.
+
+    `checkpoints`: HF directories, hub ids, training workdirs / Orbax step dirs, "NAME=PATH" strings,
+    `(name, model_or_path)` pairs, in-memory models, or a `{name: model_or_path}` mapping. `config`: the
+    full config (its `eval` section says what to run, `model.dtype` the compute dtype).
+    Writes `out_dir/report.md`, `report.json` and the PNGs; returns
+    `{"results": [...], "markdown": path, "json": path, "pictures": [paths]}`.
+    Models are loaded one at a time, so only one is in memory unless they were passed in memory.
+    """
+    specs = list(checkpoints.items()) if isinstance(checkpoints, Mapping) else list(checkpoints)
+    if len(specs) < 1:
+        raise ValueError("compare: no models given")
+    named = [_split_name(s, i) for i, s in enumerate(specs)]
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: model names must be unique, got {names} (use NAME=PATH)")
+    eval_config = config.eval if hasattr(config, "eval") else config["eval"]
+    if zero_shot is None:  # build the sets once, shared by all models
+        zero_shot = [zero_shot_task(s, eval_config) for s in eval_config.get("zero_shot", ())]
+    if retrieval is None:
+        retrieval = [retrieval_task(s, eval_config) for s in eval_config.get("retrieval", ())]
+    results, pairs_by_model = [], {}
+    for name, source in named:
+        model = load_model(source, config)
+        result, pairs = run_suite(model, eval_config, name=name, mesh=mesh, tokenizer=tokenizer,
+                                  zero_shot=zero_shot, retrieval=retrieval)
+        results.append(result)
+        pairs_by_model[name] = pairs
+        del model
+    written = _write(out_dir, results, pairs_by_model, bool(eval_config.get("plots", True)))
+    return {"results": results, **written}

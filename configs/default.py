@@ -42,7 +42,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # tfds (catalog by name) | coco_json (local COCO-format captions) | tfds_dir
     c.data.name = "coco_captions"
-    c.data.split = "train"
+    # TFDS coco_captions is COCO 2014 with Karpathy splits; train+restval (~113k images) is the
+    # closest split to the paper's COCO 2017 train (~118k).
+    c.data.split = "train+restval"
     c.data.data_dir = ml_collections.config_dict.placeholder(str)
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)
     c.data.annotations = ml_collections.config_dict.placeholder(str)  # coco_json: captions JSON

@@ -58,3 +58,54 @@ def write_hf_clip(out_dir: Path, size: str = "tiny", *, seed: int = 0, eos_token
 def random_pixels(n: int, image_size: int, seed: int = 0) -> np.ndarray:
     """Normalized-looking pixels `(n, H, W, 3)` float32 (NHWC, what our encode_image takes)."""
     return np.random.default_rng(seed).normal(size=(n, image_size, image_size, 3)).astype(np.float32)
+
+
+# --- added for tests/test_model.py and tests/test_hf.py --------------------------------------------
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "jax_refine" / "assets" / "tokenizer"
+
+
+def clip_tokenizer():
+    """transformers' `CLIPTokenizer` on the packaged vocab.json / merges.txt (pads with <|endoftext|>)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"))
+
+
+def write_torch_bin(src_dir: Path, out_dir: Path, *, with_position_ids: bool = True) -> Path:
+    """Copy an HF CLIP dir to `out_dir` as a legacy `pytorch_model.bin` (`torch.save` of the state dict).
+
+    transformers 5 always writes safetensors; older checkpoints were `torch.save(state_dict)` and also
+    held the `position_ids` buffers, which `with_position_ids` reproduces.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(src_dir) / "config.json", out_dir / "config.json")
+    state = load_file(str(Path(src_dir) / "model.safetensors"))
+    if with_position_ids:
+        state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        n = state["vision_model.embeddings.position_embedding.weight"].shape[0]
+        state["vision_model.embeddings.position_ids"] = torch.arange(n)[None]
+    torch.save(state, out_dir / "pytorch_model.bin")
+    return out_dir
+
+
+def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mask=None):
+    """(image_features, text_features) as numpy from a torch `CLIPModel` (either may be None)."""
+    import torch
+
+    img = txt = None
+    with torch.no_grad():
+        if pixels_nhwc is not None:
+            px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels_nhwc).transpose(0, 3, 1, 2)))
+            img = model.get_image_features(pixel_values=px).pooler_output.numpy()
+        if input_ids is not None:
+            mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, np.int64))
+            out = model.get_text_features(input_ids=torch.from_numpy(np.asarray(input_ids, np.int64)),
+                                          attention_mask=mask)
+            txt = out.pooler_output.numpy()
+    return img, txt

@@ -1,0 +1,287 @@
+"""CLIP in Flax NNX with the architecture and numerics of Hugging Face's `CLIPModel`.
+
+Image tower: patch conv (no bias) -> class token + learned positions -> `pre_layrnorm` -> pre-norm
+blocks -> `post_layernorm` on the class token -> `visual_projection` (no bias).
+Text tower: token + position embeddings -> causal pre-norm blocks (padding keys masked) ->
+`final_layer_norm` -> EOS pooling (HF's two modes) -> `text_projection` (no bias).
+
+Parameters are float32 by default (`param_dtype`) and are cast to the compute `dtype` where they are
+used; LayerNorm and the attention softmax always run in float32. Every `nnx.Param` carries logical
+axis names in its `out_sharding` metadata (not bound to a mesh: `eager_sharding=False`), so
+`nnx.get_partition_spec(nnx.state(model, nnx.Param))` returns them and the trainer maps them to mesh
+axes with its rules.
+
+Layouts (ours vs HF's torch `Linear.weight (out, in)`): dense kernels are `(in, out)`; attention
+uses one fused `qkv` kernel `(D, 3, heads, head_dim)` and an output kernel `(heads, head_dim, D)`;
+the patch kernel is `(patch*patch*C, D)` flattened in `(kh, kw, c)` order (an HWIO conv kernel).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+LogicalNames = tuple[str | None, ...]
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function HF names `name` (`config.hidden_act`), e.g. `quick_gelu`."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: LogicalNames, std: float | None,
+           dtype: Any, fill: float = 0.0) -> nnx.Param:
+    """A parameter drawn from N(0, std^2) (or filled with `fill` when `std` is None) with logical names.
+
+    The init rule is kept as `init=(std, fill)` metadata so `create_clip` can redraw all parameters in one draw.
+    """
+    if std is None:
+        value = jnp.full(shape, fill, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False, init=(std, fill))
+
+
+@functools.lru_cache(maxsize=16)
+def _config_from_json(text: str):
+    from transformers import CLIPConfig
+
+    return CLIPConfig.from_dict(json.loads(text))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis computed in float32 (biased variance, eps inside the sqrt)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any):
+        self.eps = float(eps)
+        self.scale = _param(None, (dim,), ("norm",), None, param_dtype, fill=1.0)
+        self.bias = _param(None, (dim,), ("norm",), None, param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """`x (..., D)` -> same shape and dtype."""
+        y = x.astype(jnp.float32)
+        mean = y.mean(-1, keepdims=True)
+        var = jnp.square(y - mean).mean(-1, keepdims=True)
+        y = (y - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection and `jax.nn.dot_product_attention`."""
+
+    def __init__(self, dim: int, heads: int, num_layers: int, factor: float, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"hidden_size={dim} is not divisible by num_attention_heads={heads}")
+        self.heads, self.head_dim, self.dtype = heads, dim // heads, dtype
+        in_std = dim**-0.5 * (2 * num_layers) ** -0.5 * factor
+        self.qkv = _param(rngs, (dim, 3, heads, self.head_dim), ("embed", None, "heads", None), in_std, param_dtype)
+        self.qkv_bias = _param(None, (3, heads, self.head_dim), (None, "heads", None), None, param_dtype)
+        self.out = _param(rngs, (heads, self.head_dim, dim), ("heads", None, "embed"), dim**-0.5 * factor,
+                          param_dtype)
+        self.out_bias = _param(None, (dim,), ("embed",), None, param_dtype)
+
+    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
+        """`x (B, T, D)`, `mask (B, 1, 1|T, T)` bool (True = attend) -> `(B, T, D)`."""
+        qkv = jnp.einsum("btd,dkhe->btkhe", x, self.qkv[...].astype(self.dtype)) + self.qkv_bias[...].astype(self.dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                         scale=self.head_dim**-0.5)
+        return jnp.einsum("bthe,hed->btd", y, self.out[...].astype(self.dtype)) + self.out_bias[...].astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, act: str, num_layers: int, factor: float, *, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        self.act, self.dtype = act, dtype
+        activation(act)  # validate early
+        self.fc1 = _param(rngs, (dim, hidden), ("embed", "mlp"), (2 * dim) ** -0.5 * factor, param_dtype)
+        self.fc1_bias = _param(None, (hidden,), ("mlp",), None, param_dtype)
+        self.fc2 = _param(rngs, (hidden, dim), ("mlp", "embed"), dim**-0.5 * (2 * num_layers) ** -0.5 * factor,
+                          param_dtype)
+        self.fc2_bias = _param(None, (dim,), ("embed",), None, param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """`x (B, T, D)` -> `(B, T, D)`."""
+        h = x @ self.fc1[...].astype(self.dtype) + self.fc1_bias[...].astype(self.dtype)
+        h = activation(self.act)(h)
+        return h @ self.fc2[...].astype(self.dtype) + self.fc2_bias[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, n = cfg.hidden_size, cfg.num_hidden_layers
+        self.ln1 = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(d, cfg.num_attention_heads, n, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln2 = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, n, factor, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
+        x = x + self.attn(self.ln1(x), mask, is_causal)
+        return x + self.mlp(self.ln2(x))
+
+
+class VisionTower(nnx.Module):
+    """ViT: `(B, H, W, C)` normalized pixels -> pooled class token `(B, D_vision)` after `post_layernorm`."""
+
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        self.image_size, self.patch_size, self.channels, self.dtype = cfg.image_size, p, c, dtype
+        num_pos = (cfg.image_size // p) ** 2 + 1
+        std = cfg.initializer_range * factor
+        self.patch = _param(rngs, (p * p * c, d), ("patch", "embed"), std, param_dtype)
+        self.class_embedding = _param(rngs, (d,), ("embed",), d**-0.5 * factor, param_dtype)
+        self.position = _param(rngs, (num_pos, d), ("pos", "embed"), std, param_dtype)
+        self.pre_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.post_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, pixel_values: Array) -> Array:
+        b, h, w, c = pixel_values.shape
+        if (h, w, c) != (self.image_size, self.image_size, self.channels):
+            raise ValueError(f"pixel_values have shape {pixel_values.shape}; this model takes "
+                             f"(B, {self.image_size}, {self.image_size}, {self.channels}) NHWC")
+        p = self.patch_size
+        kernel = self.patch[...].astype(self.dtype).reshape(p, p, c, -1)
+        x = jax.lax.conv_general_dilated(pixel_values.astype(self.dtype), kernel, (p, p), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = x.reshape(b, -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.position[...].astype(self.dtype)
+        x = self.pre_ln(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_ln(x[:, 0])
+
+
+class TextTower(nnx.Module):
+    """Causal text transformer: `(B, L)` ids -> pooled EOS state `(B, D_text)` after `final_layer_norm`."""
+
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.eos_token_id, self.dtype = int(cfg.eos_token_id), dtype
+        self.token = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 0.02 * factor, param_dtype)
+        self.position = _param(rngs, (cfg.max_position_embeddings, d), ("pos", "embed"), 0.02 * factor, param_dtype)
+        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.final_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        b, length = input_ids.shape
+        if length > self.position.shape[0]:
+            raise ValueError(f"input_ids have length {length} > max_position_embeddings={self.position.shape[0]}")
+        x = jnp.take(self.token[...], input_ids, axis=0) + self.position[...][:length]
+        x = x.astype(self.dtype)
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask, is_causal=True)
+        x = self.final_ln(x)
+        if self.eos_token_id == 2:  # legacy configs (before transformers PR #24773): the highest id is EOS
+            pos = jnp.argmax(input_ids, axis=-1)
+        else:  # first position of eos_token_id (pad may equal eos)
+            pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
+        return jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+
+
+class CLIP(nnx.Module):
+    """HF `CLIPModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32).
+
+    `config` returns a copy of the `transformers.CLIPConfig`; the module itself only holds its JSON text,
+    so `nnx.split` gives a hashable graphdef.
+    """
+
+    def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        from transformers import CLIPConfig
+
+        if not isinstance(config, CLIPConfig):
+            raise TypeError(f"CLIP needs a transformers.CLIPConfig, got {type(config).__name__}")
+        self._config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        self.dtype = dtype
+        factor = config.initializer_factor
+        tc, vc = config.text_config, config.vision_config
+        self.vision = VisionTower(vc, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.text = TextTower(tc, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.visual_projection = _param(rngs, (vc.hidden_size, config.projection_dim), ("embed", "proj"),
+                                        vc.hidden_size**-0.5 * factor, param_dtype)
+        self.text_projection = _param(rngs, (tc.hidden_size, config.projection_dim), ("embed", "proj"),
+                                      tc.hidden_size**-0.5 * factor, param_dtype)
+        self.logit_scale = _param(None, (), (), None, param_dtype, fill=config.logit_scale_init_value)
+
+    @property
+    def config(self):
+        """The `transformers.CLIPConfig` this model was built from (a fresh copy)."""
+        return copy.deepcopy(_config_from_json(self._config_json))
+
+    def encode_image(self, pixel_values: Array) -> Array:
+        """`pixel_values (B, H, W, 3)` normalized NHWC -> projected, unnormalized features `(B, D)`."""
+        pooled = self.vision(pixel_values)
+        return pooled @ self.visual_projection[...].astype(self.dtype)
+
+    def encode_text(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """`input_ids (B, L)` int, `attention_mask (B, L)` (1 = token, 0 = pad; None = all) -> `(B, D)`."""
+        pooled = self.text(jnp.asarray(input_ids), None if attention_mask is None else jnp.asarray(attention_mask))
+        return pooled @ self.text_projection[...].astype(self.dtype)
+
+    def __call__(self, pixel_values: Array, input_ids: Array, attention_mask: Array | None = None
+                 ) -> tuple[Array, Array]:
+        """-> `(image_features (B, D), text_features (B, D))`."""
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _draw_params(specs: tuple[tuple[tuple[int, ...], float | None, float], ...], seed: Array) -> list[Array]:
+    """Float32 values for `(shape, std, fill)` specs from ONE normal draw (one random kernel to compile)."""
+    sizes = [int(np.prod(shape)) if std is not None else 0 for shape, std, _ in specs]
+    flat = jax.random.normal(jax.random.key(seed), (max(sum(sizes), 1),), jnp.float32)
+    out, start = [], 0
+    for (shape, std, fill), size in zip(specs, sizes):
+        if std is None:
+            out.append(jnp.full(shape, fill, jnp.float32))
+        else:
+            out.append(std * flat[start:start + size].reshape(shape))
+        start += size
+    return out
+
+
+def create_clip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32) -> CLIP:
+    """A randomly initialised `CLIP` (HF's init scheme) with float32 parameters and compute `dtype`.
+
+    All parameters come from one `jax.random.normal` draw (fast to compile, also inside `jax.jit` /
+    `nnx.eval_shape`); `CLIP(config, rngs=...)` draws the same distributions parameter by parameter.
+    """
+    abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    variables = [var for _, var in nnx.to_flat_state(state)]
+    specs = tuple((tuple(var.shape), *var.get_metadata()["init"]) for var in variables)
+    for var, value in zip(variables, _draw_params(specs, seed)):
+        var.set_value(value)
+    return nnx.merge(graphdef, state)

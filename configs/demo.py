@@ -26,6 +26,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     }
 
     c.data.source = "coco_json"
+    c.data.split = "train"  # our COCO-json builder writes one split, "train"
     c.data.images = "demo_data/cifar10/train"
     c.data.annotations = "demo_data/captions_refine.json"
     c.data.shuffle_buffer = 4096

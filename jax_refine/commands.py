@@ -77,7 +77,8 @@ def demo(args, overrides: list[str]) -> int:
     from jax_refine import demo as demo_lib
 
     result = demo_lib.run_demo(config, args.out)
-    print("\n" + Path(result["markdown"]).read_text())
+    table = Path(result["markdown"]).read_text().split("## Details")[0].strip()
+    print("\n" + table + "\n")
     times = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items())
     print(f"time: {times}")
     print(f"report: {result['markdown']}")

@@ -83,7 +83,7 @@ def open_caption_builder(data_config: Any, *, process_count: int = 1):
             if not (path / "dataset_info.json").is_file():
                 raise ValueError(f"multi-host run: prepare {ann} once first (prepare-data) so that {path} exists")
             return open_directory(path)
-        return open_directory(prepare_coco_json(ann, images, out, split=_field(data_config, "split", "train")))
+        return open_directory(prepare_coco_json(ann, images, out, split="train"))  # read data.split of it
     raise ValueError(f"unknown data.source={source!r}: use tfds, tfds_dir or coco_json")
 
 

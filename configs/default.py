@@ -62,7 +62,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_steps = ml_collections.config_dict.placeholder(int)  # overrides epochs when set
     c.train.grad_accum = 1
     c.train.clip_norm = ml_collections.config_dict.placeholder(float)
-    c.train.freeze = ()  # regexes over parameter paths, e.g. ("^vision_model/",)
+    c.train.freeze = ()  # regexes (re.search) over param paths like "vision/layers/0/attn/qkv", e.g. ("^vision/",)
     c.train.export_hf = True  # write the refined model in HF format to workdir/hf at the end
 
     # --- optimizer -----------------------------------------------------------------------------

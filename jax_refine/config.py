@@ -2,7 +2,7 @@
 
 A config file is a Python file under `configs/` with `get_config() -> ml_collections.ConfigDict`
 (ml_collections style, as in big_vision). Overrides use the dotted path of a field:
-`--config.train.batch_size=256 --config.mesh.shape.fsdp=4 --config.train.freeze='("^vision_model/",)'`.
+`--config.train.batch_size=256 --config.mesh.shape.fsdp=4 --config.train.freeze='("^vision/",)'`.
 An override of a key that does not exist is an error with a did-you-mean suggestion, never ignored.
 """
 from __future__ import annotations

@@ -51,10 +51,10 @@ def test_missing_config_file_and_stray_argument():
 
 def test_overrides_are_typed():
     c = load_config("configs/clip_refine_vitb32_coco.py:gpu8", [
-        "--config.train.batch_size=256", "--config.optimizer.lr=3e-6", "--config.train.freeze=^vision_model/",
+        "--config.train.batch_size=256", "--config.optimizer.lr=3e-6", "--config.train.freeze=^vision/",
         "--config.train.num_steps=7", "--config.method.normalize=True", "--config.workdir=run1"])
     assert (c.train.batch_size, c.optimizer.lr, c.train.num_steps) == (256, 3e-6, 7)
-    assert c.train.freeze == ("^vision_model/",) and c.method.normalize is True and c.workdir == "run1"
+    assert c.train.freeze == ("^vision/",) and c.method.normalize is True and c.workdir == "run1"
     assert dict(c.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
 
 

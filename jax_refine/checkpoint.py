@@ -1,0 +1,152 @@
+"""Orbax checkpoints of the train state, the data position and the RNG.
+
+Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,train,data,meta}``
+  params, opt_state: ``StandardSave`` pytrees (restored into the current mesh's shardings, so a run on 8
+  devices restores on 1 and vice versa); train: ``{"step", "rng"}``; data: the data iterators' states
+  (JSON, one per process); meta: the ``CLIPConfig`` dict and the method name (``load_model`` needs them).
+The teacher is never saved: it is the start weights, re-derived on resume.
+Orbax writes each step into a temporary directory and renames it when complete, so a save killed half
+way is never listed by ``all_steps``/``latest_step`` (and is removed at the next start).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def make_manager(directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` over ``directory`` (absolute), keep-N, async; stale tmp dirs cleaned."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=not read_only, read_only=read_only,
+                                           create=not read_only)
+    handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state", "train")}
+    handlers.update(data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+
+
+def _gather_json(obj: Mapping[str, Any]) -> list[Any]:
+    """Every process's JSON-able ``obj``, in process order (all processes must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(r[:int(n)]).decode()) for r, n in zip(np.asarray(rows), np.asarray(sizes).ravel())]
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Mapping[str, Any], data_state: Mapping[str, Any],
+         meta: Mapping[str, Any], *, force: bool = False) -> bool:
+    """Start an (async) save of ``state`` (without its teacher) at ``step``; all processes call it."""
+    data = {"processes": _gather_json(dict(data_state))}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        train=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
+        data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave(dict(meta)),
+    )
+    return mngr.save(step, args=args, force=force)
+
+
+def _shape_of(meta: Any) -> tuple[int, ...] | None:
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_params: PyTree) -> None:
+    """One-line ValueError when the checkpoint's params differ in structure or shape from the model's."""
+    where = f"{mngr.directory}/{step}"
+    saved = mngr.item_metadata(step)["params"]
+    from jax_refine.train_state import path_str  # orbax stores int keys (layer indices) as strings
+
+    saved_flat = {path_str(p): _shape_of(m) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    ours = {path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    missing = sorted(set(ours) - set(saved_flat))
+    extra = sorted(set(saved_flat) - set(ours))
+    bad = [f"{k} {saved_flat[k]} vs {ours[k]}" for k in ours if k in saved_flat and saved_flat[k] != ours[k]]
+    if missing or extra or bad:
+        detail = (f"shape {bad[0]}" if bad else f"missing {missing[:1]}" if missing else f"unexpected {extra[:1]}")
+        n = len(bad) + len(missing) + len(extra)
+        raise ValueError(f"checkpoint {where} is from another model size ({n} params differ, e.g. {detail}; "
+                         "checkpoint vs model)")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Restore ``{"step","params","opt_state","rng"}`` into the shardings of ``abstract``
+    (``ShapeDtypeStruct``s) and this process's data state."""
+    check_compatible(mngr, step, abstract["params"])
+    out = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract["params"]),
+        opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+        train=ocp.args.StandardRestore({"step": abstract["step"], "rng": abstract["rng"]}),
+        data=ocp.args.JsonRestore(),
+    ))
+    states = out["data"]["processes"]
+    if len(states) != jax.process_count():
+        raise ValueError(f"checkpoint {mngr.directory}/{step} holds data positions of {len(states)} processes, "
+                         f"this run has {jax.process_count()}")
+    state = {"step": out["train"]["step"], "params": out["params"], "opt_state": out["opt_state"],
+             "rng": out["train"]["rng"]}
+    return state, states[jax.process_index()]
+
+
+def _resolve(path: str | Path) -> tuple[Path, int]:
+    """A training workdir, its ``checkpoints`` dir, or one step dir -> (checkpoints dir, step)."""
+    p = Path(path).expanduser().absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    if p.name.isdigit() and (p / "params").is_dir():
+        return p.parent, int(p.name)
+    root = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
+    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "params").is_dir())
+    if not steps:
+        raise FileNotFoundError(f"{p}: no finished Orbax checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
+    return root, steps[-1]
+
+
+def load_model(workdir_or_step_dir: str | Path, *, dtype: Any = None, shardings: Any = None):
+    """The student ``CLIP`` of a checkpoint (a workdir -> its latest step, or a step dir).
+
+    ``shardings``: optional ``(path, logical_names) -> Sharding`` callable; default one device.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_refine import hf, model as model_lib
+    from jax_refine.train_state import path_str, split_model
+
+    root, step = _resolve(workdir_or_step_dir)
+    mngr = make_manager(root, read_only=True, async_save=False)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        config = hf.clip_config_from(meta["clip_config"])
+        dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
+        abstract_model = nnx.eval_shape(lambda: model_lib.CLIP(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params, rest = split_model(abstract_model)
+        specs = nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)).to_pure_dict()
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target(path, a, spec):
+            sh = shardings(path_str(path), tuple(spec)) if shardings is not None else None
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh or default)
+
+        abstract = jax.tree_util.tree_map_with_path(target, abstract_params, specs)
+        check_compatible(mngr, step, abstract)
+        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    finally:
+        mngr.close()
+    return nnx.merge(graphdef, params, rest)

@@ -2,9 +2,10 @@
 
 1. pre-train a small CLIP from scratch, contrastively, on bundled CIFAR-10 photos with template captions
    (demo_data/captions_pretrain.json) -- this gives a model with a modality gap, as real CLIPs have;
-2. refine it with CLIP-Refine and, as the baseline, with contrastive fine-tuning, on a separate caption
-   split (demo_data/captions_refine.json);
-3. evaluate all three: zero-shot on the 1,000 held-out test photos, retrieval on 200 of them with 5 captions
+2. refine it on a separate caption split (demo_data/captions_refine.json), with the same data, steps and
+   learning rate for each: CLIP-Refine on L2-normalized features, CLIP-Refine on unnormalized features (the
+   reference's form for OpenAI CLIPs), and contrastive fine-tuning as the baseline;
+3. evaluate all four: zero-shot on the 1,000 held-out test photos, retrieval on 200 of them with 5 captions
    each, modality gap, alignment, uniformity; write the table and pictures.
 This is not the paper's setup (COCO + OpenAI CLIP + 12 zero-shot sets); see demo_data/README.md.
 """
@@ -43,15 +44,26 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.eval.retrieval = ("coco_json:demo_data/captions_test.json:demo_data/cifar10/test",)
     c.eval.plots = True
 
-    # Per-stage settings; anything not set here comes from the sections above.
+    # The stages, in order. Each trains from `start` ("random": config.model.random_init; or the name of an
+    # earlier stage, whose HF export is also the frozen teacher) and is evaluated under `name`.
+    # Anything not set here comes from the sections above.
+    refine_defaults = dict(annotations="demo_data/captions_refine.json", start="pretrain", epochs=4, lr=3e-5,
+                           weight_decay=0.1, schedule="constant", warmup_steps=0, normalize=True)
+
+    def stage(**settings) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({**refine_defaults, **settings})
+
     c.demo = ml_collections.ConfigDict()
-    c.demo.pretrain = ml_collections.ConfigDict({
-        "method": "contrastive", "annotations": "demo_data/captions_pretrain.json", "epochs": 12,
-        "lr": 1e-3, "weight_decay": 0.1, "schedule": "warmup_cosine", "warmup_steps": 20})
-    c.demo.refine = ml_collections.ConfigDict({  # CLIP-Refine (HyCD + RaFA), the paper's alpha/T/lambda
-        "method": "clip_refine", "annotations": "demo_data/captions_refine.json", "epochs": 4,
-        "lr": 1e-4, "weight_decay": 0.1, "schedule": "constant", "warmup_steps": 0})
-    c.demo.contrastive = ml_collections.ConfigDict({  # the baseline: same data, steps and lr
-        "method": "contrastive", "annotations": "demo_data/captions_refine.json", "epochs": 4,
-        "lr": 1e-4, "weight_decay": 0.1, "schedule": "constant", "warmup_steps": 0})
+    c.demo.stages = ("pretrain", "clip_refine", "clip_refine_unnormalized", "contrastive")
+    # CLIP's own pre-training loss (cosine similarities times a learned scale), from scratch.
+    c.demo.pretrain = stage(name="pre-trained", method="contrastive", start="random", epochs=12, lr=1e-3,
+                            annotations="demo_data/captions_pretrain.json", schedule="warmup_cosine",
+                            warmup_steps=20)
+    # CLIP-Refine (HyCD + RaFA, the paper's alpha/T/lambda) on L2-normalized features.
+    c.demo.clip_refine = stage(name="CLIP-Refine", method="clip_refine")
+    # The same on unnormalized features, as the reference computes it for OpenAI's CLIPs.
+    c.demo.clip_refine_unnormalized = stage(name="CLIP-Refine (unnormalized)", method="clip_refine",
+                                            normalize=False)
+    # The baseline: contrastive fine-tuning with the same data, steps and lr.
+    c.demo.contrastive = stage(name="contrastive FT", method="contrastive")
     return c

@@ -9,8 +9,6 @@ from typing import Any
 import ml_collections
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "refine", "contrastive")
-NAMES = {"pretrain": "pre-trained", "refine": "CLIP-Refine", "contrastive": "contrastive FT"}
 
 
 def _abs(path: str) -> str:
@@ -21,11 +19,14 @@ def _abs(path: str) -> str:
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, out_dir: Path) -> ml_collections.ConfigDict:
     """The training config of one demo stage: `config` with `config.demo.<stage>` applied."""
+    if stage not in config.demo:
+        raise ValueError(f"demo stage {stage!r} has no config.demo.{stage} section")
     spec = config.demo[stage]
     c = ml_collections.ConfigDict(config.to_dict())
     del c["demo"]
     c.workdir = str(out_dir / stage)
     c.method.name = spec.method
+    c.method.normalize = bool(spec.normalize)
     c.data.annotations = _abs(spec.annotations)
     c.data.images = _abs(config.data.images)
     c.data.data_dir = str(out_dir / "tfds")  # the caption sets are prepared as TFDS datasets here
@@ -34,11 +35,11 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, out_dir: Path) -
     c.optimizer.weight_decay = float(spec.weight_decay)
     c.optimizer.schedule = spec.schedule
     c.optimizer.warmup_steps = int(spec.warmup_steps)
-    if stage == "pretrain":
+    if spec.start == "random":
         c.model.name_or_path = ""
-    else:  # start from the pre-trained model (also the frozen teacher)
+    else:  # start from an earlier stage's export (also the frozen teacher)
         c.model.random_init = None
-        c.model.name_or_path = str(out_dir / "pretrain" / "hf")
+        c.model.name_or_path = str(out_dir / spec.start / "hf")
     return c
 
 
@@ -65,14 +66,15 @@ def run_demo(config: ml_collections.ConfigDict, out_dir: str | Path) -> dict[str
         shutil.rmtree(out)
     out.mkdir(parents=True)
     timings = {}
-    for stage in STAGES:
+    for stage in config.demo.stages:
+        spec = config.demo[stage]
         t0 = time.perf_counter()
-        print(f"\n=== demo stage: {NAMES[stage]} ({config.demo[stage].method}) ===", flush=True)
+        print(f"\n=== demo stage: {spec.name} ({spec.method}, normalize={spec.normalize}) ===", flush=True)
         train.train(stage_config(config, stage, out))
         timings[stage] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    print("\n=== demo stage: evaluation of the three models ===", flush=True)
-    models = {NAMES[s]: str(out / s / "hf") for s in STAGES}
+    print(f"\n=== demo stage: evaluation of the {len(config.demo.stages)} models ===", flush=True)
+    models = {config.demo[s].name: str(out / s / "hf") for s in config.demo.stages}
     result = evaluate.compare(models, eval_config(config), out / "report")
     timings["evaluate"] = time.perf_counter() - t0
     return {**result, "timings": timings}

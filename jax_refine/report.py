@@ -26,9 +26,13 @@ SHORT_NAMES = {
 }
 
 def short_name(dataset: str) -> str:
-    """A column label for a dataset name ("folder:/x/cifar10" -> "cifar10", catalog names abbreviated)."""
+    """A column label for a dataset name ("folder:/x/cifar10" -> "cifar10", "folder:/x/cifar10/test" ->
+    "cifar10/test", catalog names abbreviated)."""
     if dataset.startswith("folder:"):
-        return Path(dataset.split(":", 1)[1].rstrip("/")).name or dataset
+        path = Path(dataset.split(":", 1)[1].rstrip("/"))
+        if path.name in ("train", "test", "val", "validation") and path.parent.name:
+            return f"{path.parent.name}/{path.name}"  # "folder:/x/cifar10/test" -> "cifar10/test"
+        return path.name or dataset
     if dataset.startswith("coco_json:"):
         return Path(dataset.split(":")[1]).stem
     return SHORT_NAMES.get(dataset, dataset)

@@ -20,8 +20,8 @@ def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
     second = demo.run_demo(config, tmp_path / "b")
 
     names = [r["model"] for r in first["results"]]
-    assert names == ["pre-trained", "CLIP-Refine", "contrastive FT"]
-    for stage in demo.STAGES:  # each stage trained 2 steps and exported a HF model
+    assert names == ["pre-trained", "CLIP-Refine", "CLIP-Refine (unnormalized)", "contrastive FT"]
+    for stage in config.demo.stages:  # each stage trained 2 steps and exported a HF model
         assert (tmp_path / "a" / stage / "hf" / "model.safetensors").is_file()
         lines = (tmp_path / "a" / stage / "metrics.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["step"] == 2

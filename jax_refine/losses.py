@@ -116,6 +116,16 @@ def _prep(x: Array, normalize: bool) -> Array:
     return l2_normalize(x) if normalize else jnp.asarray(x).astype(jnp.float32)
 
 
+def _student_teacher(fn: str, fi: Array, ft: Array, gi: Array, gt: Array, normalize: bool
+                     ) -> tuple[int, int, Array, Array, Array, Array]:
+    """Check four (B, D) feature arrays; return B, D and them in fp32 (L2-normalized if `normalize`),
+    with no gradient flowing into the teacher's two."""
+    b, d = _check_features(fn, 1, image_features=fi, text_features=ft, teacher_image_features=gi,
+                           teacher_text_features=gt)
+    return (b, d, _prep(fi, normalize), _prep(ft, normalize), jax.lax.stop_gradient(_prep(gi, normalize)),
+            jax.lax.stop_gradient(_prep(gt, normalize)))
+
+
 def _dot(a: Array, b: Array) -> Array:
     """(n, D) x (m, D) -> (n, m) fp32 dot products at full precision."""
     return jnp.einsum("nd,md->nm", a, b, precision=jax.lax.Precision.HIGHEST,
@@ -213,13 +223,9 @@ def hycd_loss(image_features: Array, text_features: Array, teacher_image_feature
     fn = "hycd_loss"
     _check_number(fn, "alpha", alpha, low=0.0, high=1.0)
     _check_number(fn, "temperature", temperature, low=0.0, low_open=True)
-    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features,
-                           teacher_image_features=teacher_image_features,
-                           teacher_text_features=teacher_text_features)
+    b, _, fi, ft, gi, gt = _student_teacher(fn, image_features, text_features, teacher_image_features,
+                                            teacher_text_features, normalize)
     ctx = _batch(fn, b, axis_name, 2)
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
-    gi = jax.lax.stop_gradient(_prep(teacher_image_features, normalize))
-    gt = jax.lax.stop_gradient(_prep(teacher_text_features, normalize))
     eye = _diag_mask(ctx, b).astype(jnp.float32)
 
     def one_direction(s_q: Array, s_k: Array, t_q: Array, t_k: Array) -> Array:
@@ -244,13 +250,9 @@ def feature_distill_loss(image_features: Array, text_features: Array, teacher_im
                          axis_name: AxisName = None) -> Array:
     """Feature distillation baseline: mean((fi - gi)^2) + mean((ft - gt)^2) over B*D elements each."""
     fn = "feature_distill_loss"
-    b, d = _check_features(fn, 1, image_features=image_features, text_features=text_features,
-                           teacher_image_features=teacher_image_features,
-                           teacher_text_features=teacher_text_features)
+    b, d, fi, ft, gi, gt = _student_teacher(fn, image_features, text_features, teacher_image_features,
+                                            teacher_text_features, normalize)
     ctx = _batch(fn, b, axis_name, 1)
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
-    gi = jax.lax.stop_gradient(_prep(teacher_image_features, normalize))
-    gt = jax.lax.stop_gradient(_prep(teacher_text_features, normalize))
     sq = jnp.sum(jnp.square(fi - gi)) + jnp.sum(jnp.square(ft - gt))
     return ctx.total(sq) / (ctx.size * d)
 
@@ -264,13 +266,9 @@ def logit_distill_loss(image_features: Array, text_features: Array, teacher_imag
     of each other, so both terms are equal and one is computed. Needs B >= 2.
     """
     fn = "logit_distill_loss"
-    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features,
-                           teacher_image_features=teacher_image_features,
-                           teacher_text_features=teacher_text_features)
+    b, _, fi, ft, gi, gt = _student_teacher(fn, image_features, text_features, teacher_image_features,
+                                            teacher_text_features, normalize)
     ctx = _batch(fn, b, axis_name, 2)
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
-    gi = jax.lax.stop_gradient(_prep(teacher_image_features, normalize))
-    gt = jax.lax.stop_gradient(_prep(teacher_text_features, normalize))
     diff = _dot(fi, ctx.gather(ft)) - _dot(gi, ctx.gather(gt))
     return ctx.total(jnp.sum(jnp.square(diff))) / (ctx.size * ctx.size)
 

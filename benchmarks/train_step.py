@@ -6,8 +6,9 @@ Each side runs in its own child process (so peak RSS is per side): ours (jax_ref
 on one device: student + teacher forward, backward, AdamW) and PyTorch's (transformers' CLIPModel, the
 same CLIP-Refine loss from design.md, torch.optim.AdamW). Prints samples/s, the ratio, achieved FLOP/s
 (XLA cost analysis of the compiled step) against a measured matmul peak, peak memory, and, when below
-target, where our step's time goes (forward / teacher / backward / optimizer, timed by sub-programs).
-Targets (issue 5): ratio >= 1.0 and >= 80% of the matmul peak.
+target, where our step's time goes (forward / teacher / backward / optimizer, timed by sub-programs,
+and a profiler trace of one step summed by XLA op kind).
+Targets (issue 5): ratio >= 1.0 and >= 80% of the matmul peak. `--breakdown` forces the breakdown.
 """
 from __future__ import annotations
 
@@ -97,7 +98,43 @@ def run_jax(args) -> dict:
            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if args.breakdown:
         out["breakdown"] = _breakdown(trainer, holder["state"], batch, args.steps)
+        out["profile"] = _profile(lambda: step())
     return out
+
+
+def _op_kind(name: str) -> str:
+    """XLA:CPU thunk name -> what it does (matmul library call, layout copy, elementwise loop, ...)."""
+    for prefix, kind in (("ynn_", "matmul (YNNPACK)"), ("xnn_", "matmul (XNNPACK)"), ("onednn", "matmul (oneDNN)"),
+                         ("dot", "matmul (Eigen)"), ("copy", "layout copies / transposes"),
+                         ("transpose", "layout copies / transposes"), ("wrapped_broadcast", "broadcasts"),
+                         ("reduce", "reductions"), ("scatter", "scatter"), ("gather", "gather")):
+        if name.startswith(prefix) or prefix in name.split(".")[0]:
+            return kind
+    return "other fusions (elementwise, softmax, LayerNorm)"
+
+
+def _profile(step) -> dict:
+    """Trace one full step with the JAX profiler and sum XLA:CPU thunk times (ms) by kind, plus the top ops."""
+    import collections
+    import gzip
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            step()
+        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    by_op: collections.Counter = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and "dur" in e and not name.startswith(("$", "Thunk", "PjRt", "Execute")):
+            by_op[name] += e["dur"] / 1000.0
+    by_kind: collections.Counter = collections.Counter()
+    for name, ms in by_op.items():
+        by_kind[_op_kind(name)] += ms
+    return {"by_kind": dict(by_kind.most_common()), "top_ops": dict(by_op.most_common(8))}
 
 
 def _breakdown(trainer, state, batch, steps: int) -> dict:
@@ -222,6 +259,13 @@ def main() -> None:
         for k, v in ours["breakdown"].items():
             print(f"  {k:28s}{v:10.3f}")
         print(f"  {'full step':28s}{ours['step_s']:10.3f}")
+    if "profile" in ours:
+        print("\nprofile of one full step (XLA:CPU thunk time by kind, s; thunks can overlap):")
+        for k, v in ours["profile"]["by_kind"].items():
+            print(f"  {k:48s}{v / 1000:8.2f}")
+        print("largest single ops (s):")
+        for k, v in ours["profile"]["top_ops"].items():
+            print(f"  {k:48s}{v / 1000:8.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as `python benchmarks/input_pipeline.py` from a checkout
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 
 

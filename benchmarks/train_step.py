@@ -22,21 +22,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT_B32 = dict(
-    text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=8, max_position_embeddings=77),
-    vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       image_size=224, patch_size=32),
-    projection_dim=512,
-)
 
 
 def _model_config(layers: int) -> dict:
-    import copy
-
-    c = copy.deepcopy(VIT_B32)
-    c["text_config"]["num_hidden_layers"] = c["vision_config"]["num_hidden_layers"] = layers
-    return c
+    """ViT-B/32 with `layers` per tower: transformers' CLIPConfig defaults are ViT-B/32 (widths 512/768,
+    heads 8/12, patch 32, 224 px, projection 512, vocabulary 49408, 77 positions)."""
+    return {"text_config": {"num_hidden_layers": layers}, "vision_config": {"num_hidden_layers": layers}}
 
 
 def _batch(b: int, seed: int = 0) -> dict:

@@ -9,24 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = dict(
-    text=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=77),
-    vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8),
-    projection_dim=24,
-)
+from configs.tiny_test import TINY_CLIP
 
-# ViT-B/32 widths; layers are cut to 2 by default to keep the tests fast.
-VIT_B32 = dict(
-    text=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
-              num_attention_heads=8, max_position_embeddings=77),
-    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
-                image_size=224, patch_size=32),
-    projection_dim=512,
-)
-
-SIZES = {"tiny": TINY, "vit_b32": VIT_B32}
+# CLIPConfig keyword arguments by size. "tiny" is the trainer tests' model; transformers' CLIPConfig defaults
+# are ViT-B/32, so "vit_b32" only cuts the layers (to 2) to keep the tests fast.
+SIZES = {
+    "tiny": TINY_CLIP,
+    "vit_b32": dict(text_config=dict(num_hidden_layers=2), vision_config=dict(num_hidden_layers=2)),
+}
 
 
 def hf_clip_config(size: str = "tiny", *, eos_token_id: int = 49407, **text_overrides):
@@ -34,23 +24,30 @@ def hf_clip_config(size: str = "tiny", *, eos_token_id: int = 49407, **text_over
     from transformers import CLIPConfig
 
     spec = SIZES[size]
-    text = dict(spec["text"], eos_token_id=eos_token_id, bos_token_id=49406, pad_token_id=1, **text_overrides)
-    return CLIPConfig(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
+    text = dict(spec["text_config"], eos_token_id=eos_token_id, bos_token_id=49406, pad_token_id=1,
+                **text_overrides)
+    return CLIPConfig(**{**spec, "text_config": text, "vision_config": dict(spec["vision_config"])})
+
+
+def random_torch_clip(config, seed: int = 0):
+    """A random torch `CLIPModel(config)` in eval mode. HF initialises biases and LayerNorms to constants;
+    they are perturbed so parity tests see every tensor."""
+    import torch
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "layrnorm" in name:
+                p.add_(0.02 * torch.randn_like(p))
+    return model
 
 
 def write_hf_clip(out_dir: Path, size: str = "tiny", *, seed: int = 0, eos_token_id: int = 49407,
                   safe_serialization: bool = True) -> Path:
     """Draw a random torch `CLIPModel` of `size` and save it to `out_dir` in the HF format."""
-    import torch
-    from transformers import CLIPModel
-
-    torch.manual_seed(seed)
-    model = CLIPModel(hf_clip_config(size, eos_token_id=eos_token_id)).eval()
-    # HF initialises biases and LayerNorms to constants; perturb them so parity tests see every tensor.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "layrnorm" in name:
-                p.add_(0.02 * torch.randn_like(p))
+    model = random_torch_clip(hf_clip_config(size, eos_token_id=eos_token_id), seed)
     model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return Path(out_dir)
 

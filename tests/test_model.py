@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 from hf_fixtures import (clip_tokenizer, hf_clip_config, hf_reference_features, random_pixels,
-                         write_hf_clip)
+                         random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
 
 from jax_refine.hf import hf_state_dict, load_pretrained
@@ -33,13 +33,20 @@ def _text_batch():
     return ids, mask
 
 
+def _assert_parity(directory, pixels):
+    """Load `directory` with ours and with transformers; assert image and text features (on `_text_batch`)
+    agree to 1e-4. Returns (ours, ref, pixels, ids, mask, reference text features)."""
+    ours = load_pretrained(directory)
+    ref = CLIPModel.from_pretrained(directory).eval()
+    ids, mask = _text_batch()
+    ri, rt = hf_reference_features(ref, pixels, ids, mask)
+    np.testing.assert_allclose(np.asarray(ours.encode_image(pixels)), ri, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours.encode_text(ids, mask)), rt, rtol=0, atol=1e-4)
+    return ours, ref, pixels, ids, mask, rt
+
+
 def _save_torch_clip(out_dir, config: CLIPConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "layrnorm" in name:
-                p.add_(0.02 * torch.randn_like(p))
+    model = random_torch_clip(config, seed)
     model.save_pretrained(out_dir)
     return model
 
@@ -47,13 +54,7 @@ def _save_torch_clip(out_dir, config: CLIPConfig, seed: int = 0):
 @pytest.mark.parametrize("eos_token_id", [49407, 2])
 def test_tiny_parity_both_eos_modes(tmp_path, eos_token_id):
     directory = write_hf_clip(tmp_path, "tiny", seed=1, eos_token_id=eos_token_id)
-    ours = load_pretrained(directory)
-    ref = CLIPModel.from_pretrained(directory).eval()
-    ids, mask = _text_batch()
-    pixels = random_pixels(3, 32, seed=1)
-    ri, rt = hf_reference_features(ref, pixels, ids, mask)
-    np.testing.assert_allclose(np.asarray(ours.encode_image(pixels)), ri, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(ours.encode_text(ids, mask)), rt, rtol=0, atol=1e-4)
+    ours, ref, pixels, ids, mask, rt = _assert_parity(directory, random_pixels(3, 32, seed=1))
     fi, ft = ours(pixels, ids, mask)
     assert fi.shape == (3, 24) and ft.shape == (len(ids), 24)
     # without a mask every token is attended: differs from the masked row, equals HF without a mask
@@ -74,14 +75,7 @@ def test_eos_modes_differ_on_rows_without_eos(tmp_path):
 
 
 def test_vit_b32_width_parity(tmp_path):
-    directory = write_hf_clip(tmp_path, "vit_b32", seed=2)
-    ours = load_pretrained(directory)
-    ref = CLIPModel.from_pretrained(directory).eval()
-    ids, mask = _text_batch()
-    pixels = random_pixels(2, 224, seed=2)
-    ri, rt = hf_reference_features(ref, pixels, ids, mask)
-    np.testing.assert_allclose(np.asarray(ours.encode_image(pixels)), ri, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(ours.encode_text(ids, mask)), rt, rtol=0, atol=1e-4)
+    _assert_parity(write_hf_clip(tmp_path, "vit_b32", seed=2), random_pixels(2, 224, seed=2))
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])

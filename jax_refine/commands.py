@@ -35,9 +35,7 @@ def evaluate(args, overrides: list[str]) -> int:
         raise ValueError("evaluate: no model given; pass --model PATH (or set --config.model.name_or_path)")
     out = Path(args.out or Path(config.workdir) / "eval")
     model = evaluate_lib.load_model(source, config)
-    path = Path(str(source))
-    name = f"{path.parent.name}/{path.name}" if path.name == "hf" else path.name  # workdir/hf -> "workdir/hf"
-    evaluate_lib.evaluate(model, config.eval, name=name, out_dir=out)
+    evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=out)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}")
     return 0

@@ -468,10 +468,16 @@ def _split_name(spec: Any, index: int) -> tuple[str, Any]:
     name, sep, path = text.partition("=")
     if sep and name and "/" not in name:
         return name, path
-    p = Path(text)
-    if p.name in ("hf", "export") or p.name.isdigit():  # workdir/hf, workdir/<step>: name by the workdir
-        return f"{p.parent.name}/{p.name}", text
-    return (p.name or text), text
+    return model_name(text), text
+
+
+def model_name(source: str) -> str:
+    """A table name for a model path or hub id: its last component, or `workdir/hf`, `workdir/<step>` for
+    a training run's export or step directory."""
+    p = Path(source)
+    if p.name in ("hf", "export") or p.name.isdigit():
+        return f"{p.parent.name}/{p.name}"
+    return p.name or source
 
 
 def load_model(source: str | Path | nnx.Module, config: Any) -> nnx.Module:

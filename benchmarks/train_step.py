@@ -1,20 +1,32 @@
-"""Train-step benchmark: our jitted CLIP-Refine step vs the PyTorch reference step, ViT-B/32, batch 32.
+"""Train-step benchmark: our jitted CLIP-Refine step vs PyTorch (eager and torch.compile), CPU or GPU.
 
-    .venv/bin/python benchmarks/train_step.py [--batch 32] [--steps 3] [--layers 12]
+    python benchmarks/train_step.py --platform gpu --precision bf16 --model vitb32 --batch 512 --steps 10
+    python benchmarks/train_step.py --platform cpu --model tiny --batch 8 --steps 2 --no-torch-compile
+    python benchmarks/train_step.py --side jax --attention cudnn --out results.jsonl   # one run, appended
+    python benchmarks/train_step.py --report results.jsonl                             # the table so far
 
-Each side runs in its own child process (so peak RSS is per side): ours (jax_refine.train's jitted step
-on one device: student + teacher forward, backward, AdamW) and PyTorch's (transformers' CLIPModel, the
-same CLIP-Refine loss from design.md, torch.optim.AdamW). Prints samples/s, the ratio, achieved FLOP/s
-(XLA cost analysis of the compiled step) against a measured matmul peak, peak memory, and, when below
-target, where our step's time goes (forward / teacher / backward / optimizer, timed by sub-programs,
-and a profiler trace of one step summed by XLA op kind).
-Targets (issue 5): ratio >= 1.0 and >= 80% of the matmul peak. `--breakdown` forces the breakdown.
+The step (CLIP-Refine, design.md): student forward + backward, frozen teacher forward, HyCD + RaFA, AdamW
+(lr 1e-6, weight decay 0.1). The batch is on the device before timing; `--warmup` steps run first, then
+`--steps` steps are timed with one synchronisation at the end (`block_until_ready` / `cuda.synchronize`).
+Each side runs in its own child process: ours (jax_refine.train's jitted, donated step on one device),
+PyTorch eager (transformers' CLIPModel with its default SDPA attention, the same loss equations, AdamW,
+fused on CUDA) and torch.compile of the same loss function.
+
+Precision: bf16 = bf16 compute with fp32 parameters (jax: `model.dtype=bfloat16`; torch: autocast);
+tf32 = fp32 with TF32 matmuls; highest = fp32 matmuls throughout.
+Compile time: jax's `lower().compile()`; torch: the first step (torch.compile compiles there).
+Peak device memory: jax `device.memory_stats()['peak_bytes_in_use']`, torch `cuda.max_memory_allocated()`;
+on CPU the process's peak RSS. Model FLOPs are counted analytically (benchmarks/clip_sizes.py:
+4 x forward matmul FLOPs, i.e. student forward + backward = 3x, teacher = 1x), not taken from XLA's cost
+analysis (which leaves out library GEMMs on GPU). MFU is against a matmul rate each jax run measures with
+`jnp.dot` of two square matrices in the run's precision (8192 on GPU, 2048 on CPU).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform as platform_lib
 import resource
 import subprocess
 import sys
@@ -22,56 +34,83 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.clip_sizes import SIZE_NAMES, clip_refine_step_flops, clip_size  # noqa: E402
+
+SIDES = ("jax", "torch", "torch_compile")
+TEXT_LENGTH = 77
 
 
-def _model_config(layers: int) -> dict:
-    """ViT-B/32 with `layers` per tower: transformers' CLIPConfig defaults are ViT-B/32 (widths 512/768,
-    heads 8/12, patch 32, 224 px, projection 512, vocabulary 49408, 77 positions)."""
-    return {"text_config": {"num_hidden_layers": layers}, "vision_config": {"num_hidden_layers": layers}}
-
-
-def _batch(b: int, seed: int = 0) -> dict:
+def _batch(b: int, image_size: int, seed: int = 0) -> dict:
+    """Random pixels (B, H, W, 3) f32 and captions of random lengths: BOS ... EOS, then EOS padding."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 49405, size=(b, 77)).astype(np.int32)
-    ends = rng.integers(5, 77, size=b)
-    mask = (np.arange(77)[None] <= ends[:, None]).astype(np.int32)
+    ids = rng.integers(1, 49405, size=(b, TEXT_LENGTH)).astype(np.int32)
+    ends = rng.integers(5, TEXT_LENGTH, size=b)
+    mask = (np.arange(TEXT_LENGTH)[None] <= ends[:, None]).astype(np.int32)
     ids[:, 0], ids[np.arange(b), ends] = 49406, 49407
-    return {"image": rng.normal(size=(b, 224, 224, 3)).astype(np.float32),
+    return {"image": rng.normal(size=(b, image_size, image_size, 3)).astype(np.float32),
             "input_ids": np.where(mask == 1, ids, 49407).astype(np.int32), "attention_mask": mask}
 
 
-def _timed(fn, steps: int) -> float:
-    fn()  # warm-up (and compile)
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _result(args, framework: str, step_s: float, compile_s: float, peak_bytes: int, memory_kind: str,
+            device: str, matmul_peak: float | None, **extra) -> dict:
+    flops = clip_refine_step_flops(clip_size(args.model, args.layers), args.batch, TEXT_LENGTH)
+    return {"name": args.name or framework, "framework": framework, "model": args.model, "layers": args.layers,
+            "batch": args.batch, "precision": args.precision, "platform": args.platform, "device": device,
+            "steps": args.steps, "warmup": args.warmup, "step_s": step_s, "samples_per_s": args.batch / step_s,
+            "compile_s": compile_s, "peak_bytes": peak_bytes, "memory_kind": memory_kind,
+            "model_flops_per_step": flops, "achieved_flops": flops / step_s, "matmul_peak_flops": matmul_peak,
+            **extra}
+
+
+# -------------------------------------------------------------------------------------------------- jax
+def _jax_matmul_peak(platform: str, precision: str) -> float:
+    """FLOP/s of one jitted `jnp.dot` of two n x n matrices in the run's precision (n 8192 GPU, 2048 CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 8192 if platform == "gpu" else 2048
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y))
+    mm(a, a).block_until_ready()
+    reps = 20 if platform == "gpu" else 3
     t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t) / steps
+    for _ in range(reps):
+        out = mm(a, a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def run_jax(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    sys.path.insert(0, str(ROOT))
+    if args.precision != "bf16":
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.precision == "tf32" else "highest")
     from configs.default import get_config
     from jax_refine import sharding as shd, train
 
-    # matmul peak: a large f32 matmul, jitted
-    n = 4096
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x, y: x @ y)
-    peak = 2 * n**3 / _timed(lambda: mm(a, a).block_until_ready(), 3)
-
+    spec = clip_size(args.model, args.layers)
     c = get_config()
-    c.model.random_init = _model_config(args.layers)
+    c.model.random_init = spec
+    c.model.dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    c.model.attention, c.model.remat, c.model.scan_layers = args.attention, args.remat, args.scan
     c.train.batch_size, c.train.num_steps, c.optimizer.lr = args.batch, 10, 1e-6
-    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    device = jax.devices()[0]
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
     trainer = train.build_trainer(c, mesh, total_steps=10)
     state = trainer.init_state()
-    batch = shd.host_to_global(_batch(args.batch), mesh)
+    batch = shd.host_to_global(_batch(args.batch, spec["vision_config"]["image_size"]), mesh)
     key = jax.random.key(0)
+    jax.block_until_ready((state, batch))
     t0 = time.perf_counter()
     compiled = trainer.step_fn.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
@@ -80,17 +119,26 @@ def run_jax(args) -> dict:
 
     def step():
         holder["state"], m = compiled(holder["state"], batch, key)
-        m["loss"].block_until_ready()
+        return m
 
-    dt = _timed(step, args.steps)
-    out = {"step_s": dt, "samples_per_s": args.batch / dt, "flops": info.get("flops", float("nan")),
-           "matmul_peak": peak, "compile_s": compile_s,
-           "xla_bytes": info.get("argument_size_in_bytes", 0) + info.get("temp_size_in_bytes", 0),
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    for _ in range(args.warmup):
+        jax.block_until_ready(step())
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        m = step()
+    jax.block_until_ready((holder["state"], m))
+    step_s = (time.perf_counter() - t) / args.steps
+    stats = device.memory_stats() or {}
+    peak, kind = (stats["peak_bytes_in_use"], "device") if "peak_bytes_in_use" in stats else (_rss(), "RSS")
+    extra = {}
     if args.breakdown:
-        out["breakdown"] = _breakdown(trainer, holder["state"], batch, args.steps)
-        out["profile"] = _profile(lambda: step())
-    return out
+        extra["breakdown"] = _breakdown(trainer, holder["state"], batch, args.steps)
+        extra["profile"] = _profile(lambda: jax.block_until_ready(step()))
+    return _result(args, "jax", step_s, compile_s, int(peak), kind, f"{device.device_kind} ({jax.default_backend()})",
+                   _jax_matmul_peak(args.platform, args.precision), loss=float(m["loss"]),
+                   xla_flops=info.get("flops"), options={"attention": args.attention, "remat": args.remat,
+                                                         "scan_layers": args.scan},
+                   versions={"jax": jax.__version__, "flax": __import__("flax").__version__}, **extra)
 
 
 def _op_kind(name: str) -> str:
@@ -105,7 +153,7 @@ def _op_kind(name: str) -> str:
 
 
 def _profile(step) -> dict:
-    """Trace one full step with the JAX profiler and sum XLA:CPU thunk times (ms) by kind, plus the top ops."""
+    """Trace one full step with the JAX profiler and sum XLA thunk times (ms) by kind, plus the top ops."""
     import collections
     import gzip
     import tempfile
@@ -129,14 +177,21 @@ def _profile(step) -> dict:
 
 
 def _breakdown(trainer, state, batch, steps: int) -> dict:
-    """Time sub-programs of the step: student forward, + teacher forward, value_and_grad, full step."""
+    """Time sub-programs of the step (s): student forward, + teacher forward, value_and_grad, AdamW."""
     import jax
     import optax
     from flax import nnx
 
-    from jax_refine import metrics, objectives
+    from jax_refine import objectives
 
     g, rest = trainer.setup.graphdef, trainer.setup.rest
+
+    def timed(fn) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t) / steps
 
     def feats(p):
         return nnx.merge(g, p, rest)(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -146,7 +201,7 @@ def _breakdown(trainer, state, batch, steps: int) -> dict:
         gi, gt = jax.lax.stop_gradient(feats(t))
         z = jax.random.normal(jax.random.key(0), fi.shape)
         o = objectives.Outputs(fi, ft, gi, gt, z, p["logit_scale"], jax.random.key(1))
-        return objectives.get_objective("clip_refine").fn(o, trainer.config.method)[0] + 0 * metrics.modality_gap(fi, ft)
+        return objectives.get_objective("clip_refine").fn(o, trainer.config.method)[0]
 
     p, t = state["params"], state["teacher"]
     fwd = jax.jit(lambda p: feats(p))
@@ -154,109 +209,241 @@ def _breakdown(trainer, state, batch, steps: int) -> dict:
     grad = jax.jit(jax.value_and_grad(loss))
     upd = jax.jit(lambda gr, s, p: optax.apply_updates(p, trainer.tx.update(gr, s, p)[0]))
     grads = grad(p, t)[1]
-    res = {"student forward": _timed(lambda: jax.block_until_ready(fwd(p)), steps),
-           "student + teacher forward": _timed(lambda: jax.block_until_ready(both(p, t)), steps),
-           "forward + backward": _timed(lambda: jax.block_until_ready(grad(p, t)), steps),
-           "optimizer update": _timed(lambda: jax.block_until_ready(upd(grads, state["opt_state"], p)), steps)}
-    return res
+    return {"student forward": timed(lambda: jax.block_until_ready(fwd(p))),
+            "student + teacher forward": timed(lambda: jax.block_until_ready(both(p, t))),
+            "forward + backward": timed(lambda: jax.block_until_ready(grad(p, t))),
+            "optimizer update": timed(lambda: jax.block_until_ready(upd(grads, state["opt_state"], p)))}
 
 
-def run_torch(args) -> dict:
+# ------------------------------------------------------------------------------------------------ torch
+def _torch_matmul_peak(torch, dev: str, precision: str) -> float:
+    n = 8192 if dev == "cuda" else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    reps = 20 if dev == "cuda" else 3
+    a @ a
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def run_torch(args, compiled: bool) -> dict:
+    """HF CLIPModel student + frozen copy as teacher, the CLIP-Refine loss from design.md, AdamW."""
+    import contextlib
     import copy
 
     import torch
     import torch.nn.functional as F
     from transformers import CLIPConfig, CLIPModel
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    dev = "cuda" if args.platform == "gpu" else "cpu"
+    if dev == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    if args.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:  # bf16 (autocast does the rest) or highest: exact fp32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
     torch.manual_seed(0)
-    student = CLIPModel(CLIPConfig(**_model_config(args.layers))).train()
-    teacher = copy.deepcopy(student).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    b = _batch(args.batch)
-    pixels = torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy())
-    ids, mask = torch.from_numpy(b["input_ids"].astype("int64")), torch.from_numpy(b["attention_mask"].astype("int64"))
+    spec = clip_size(args.model, args.layers)
+    student = CLIPModel(CLIPConfig(**spec)).to(dev).train()
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1,
+                            **({"fused": True} if dev == "cuda" else {"foreach": True}))
+    b = _batch(args.batch, spec["vision_config"]["image_size"])
+    pixels = torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()).to(dev)
+    ids = torch.from_numpy(b["input_ids"].astype("int64")).to(dev)
+    mask = torch.from_numpy(b["attention_mask"].astype("int64")).to(dev)
+    autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if args.precision == "bf16" \
+        else contextlib.nullcontext
 
-    def feats(m):
+    def feats(m, pixels, ids, mask):
         fi = m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)
-        return fi, m.text_projection(m.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+        return fi.float(), m.text_projection(m.text_model(input_ids=ids, attention_mask=mask).pooler_output).float()
 
-    def step():
-        with torch.no_grad():
-            gi, gt = feats(teacher)
-        fi, ft = feats(student)
-        eye = torch.eye(fi.shape[0])
+    def kd(s, t):
+        eye = torch.eye(s.shape[0], device=s.device)
+        q = 0.5 * eye + 0.5 * F.softmax(t, dim=1)
+        return F.kl_div(F.log_softmax(s, dim=1), q, reduction="batchmean")
 
-        def kd(s, t):
-            q = 0.5 * eye + 0.5 * F.softmax(t, dim=1)
-            return F.kl_div(F.log_softmax(s, dim=1), q, reduction="batchmean")
-
+    def loss_fn(pixels, ids, mask):
+        with autocast():
+            with torch.no_grad():
+                gi, gt = feats(teacher, pixels, ids, mask)
+            fi, ft = feats(student, pixels, ids, mask)
         s, t = fi @ ft.T, gi @ gt.T
         z = torch.randn_like(fi)
-        loss = (kd(s, t) + kd(s.T, t.T)) / 2 + F.mse_loss(fi, z) + F.mse_loss(ft, z)
-        opt.zero_grad(set_to_none=True)
+        return (kd(s, t) + kd(s.T, t.T)) / 2 + F.mse_loss(fi, z) + F.mse_loss(ft, z)
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        loss = fn(pixels, ids, mask)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
 
-    dt = _timed(step, args.steps)
-    return {"step_s": dt, "samples_per_s": args.batch / dt,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first_s = time.perf_counter() - t0
+    for _ in range(max(args.warmup - 1, 0)):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    step_s = (time.perf_counter() - t) / args.steps
+    peak, kind = (torch.cuda.max_memory_allocated(), "device") if dev == "cuda" else (_rss(), "RSS")
+    device = torch.cuda.get_device_name() if dev == "cuda" else platform_lib.processor() or "cpu"
+    return _result(args, "torch.compile" if compiled else "torch eager", step_s, first_s, int(peak), kind, device,
+                   _torch_matmul_peak(torch, dev, args.precision), loss=loss.item(),
+                   attention=getattr(student.config, "_attn_implementation", None),
+                   versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__})
 
 
-def _child(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--batch", str(args.batch), "--steps", str(args.steps),
-           "--layers", str(args.layers)] + (["--breakdown"] if args.breakdown else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("XLA_FLAGS", None)
+# ----------------------------------------------------------------------------------------------- driver
+def _child_args(args, side: str) -> list[str]:
+    out = ["--side", side, "--platform", args.platform, "--precision", args.precision, "--model", args.model,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--attention", args.attention, "--remat", args.remat]
+    out += ["--layers", str(args.layers)] if args.layers is not None else []
+    out += ["--scan"] if args.scan else []
+    out += ["--breakdown"] if args.breakdown else []
+    return out
+
+
+def _run_child(args, side: str, out: Path) -> None:
+    """Run one side in a fresh process; its JSON line is appended to `out` (failures are reported, not fatal)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if args.platform == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+        env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *_child_args(args, side), "--out", str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
-        raise SystemExit(f"{side} benchmark failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"[bench] {side} failed (exit {p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
+
+
+def load_results(path: Path) -> list[dict]:
+    """The JSON lines of `path` (each one run); unreadable lines are counted and skipped."""
+    rows, bad = [], 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad += 1
+    if bad:
+        print(f"[bench] {path}: skipped {bad} unreadable lines", file=sys.stderr)
+    return rows
+
+
+def _peak_for(rows: list[dict], row: dict) -> float | None:
+    """The reference matmul rate for `row`'s precision: the best jnp.dot rate any jax run measured, else any."""
+    same = [r for r in rows if r["precision"] == row["precision"] and r.get("matmul_peak_flops")]
+    jax_rows = [r["matmul_peak_flops"] for r in same if r["framework"] == "jax"]
+    rates = jax_rows or [r["matmul_peak_flops"] for r in same]
+    return max(rates) if rates else None
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown table of all runs, with each run's speed relative to torch.compile / eager (same precision)."""
+    if not rows:
+        return "(no results yet)"
+    gib = 2.0**30
+    r0 = rows[0]
+    lines = [f"{r0['model']} ({r0.get('layers') or 'all'} layers), batch {r0['batch']}, {r0['steps']} timed steps "
+             f"after {r0['warmup']} warm-up, {r0['device']}",
+             "",
+             "| run | precision | step ms | samples/s | compile s | peak mem GiB | model TFLOP/s | % of matmul peak "
+             "| vs torch.compile | vs eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ref = {fw: next((x["step_s"] for x in rows if x["framework"] == fw and x["precision"] == r["precision"]), None)
+               for fw in ("torch.compile", "torch eager")}
+        peak = _peak_for(rows, r)
+        mfu = f"{100 * r['achieved_flops'] / peak:.1f}" if peak else "-"
+        vs = [f"{ref[fw] / r['step_s']:.2f}x" if ref[fw] else "-" for fw in ("torch.compile", "torch eager")]
+        mem = f"{r['peak_bytes'] / gib:.2f}" + ("" if r.get("memory_kind") == "device" else " (RSS)")
+        lines.append(f"| {r['name']} | {r['precision']} | {1e3 * r['step_s']:.1f} | {r['samples_per_s']:.1f} | "
+                     f"{r['compile_s']:.1f} | {mem} | {r['achieved_flops'] / 1e12:.3g} | {mfu} | {vs[0]} | {vs[1]} |")
+    peaks = sorted({(r["precision"], _peak_for(rows, r)) for r in rows if _peak_for(rows, r)})
+    lines.append("")
+    lines.append(f"Model FLOPs per step: {r0['model_flops_per_step'] / 1e12:.4g} TFLOP "
+                 f"(4 x forward matmul FLOPs: student fwd + bwd = 3x, teacher fwd = 1x; benchmarks/clip_sizes.py). "
+                 "Matmul peak measured with jnp.dot: "
+                 + ", ".join(f"{p}: {v / 1e12:.3g} TFLOP/s" for p, v in peaks) + ".")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--side", choices=("jax", "torch"), default=None)
-    ap.add_argument("--breakdown", action="store_true", help="always time the step's parts")
+    ap.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--precision", choices=("bf16", "tf32", "highest"), default="bf16")
+    ap.add_argument("--model", choices=SIZE_NAMES, default="vitb32")
+    ap.add_argument("--layers", type=int, default=None, help="cut both towers to this many blocks")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="jax: attention implementation")
+    ap.add_argument("--remat", choices=("none", "full", "save_dots"), default="none", help="jax: per-block remat")
+    ap.add_argument("--scan", action="store_true", help="jax: lax.scan over each tower's blocks")
+    ap.add_argument("--side", choices=SIDES, default=None, help="run only this side, in this process")
+    ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow on CPU)")
+    ap.add_argument("--breakdown", action="store_true", help="jax: also time the step's parts and profile it")
+    ap.add_argument("--name", default=None, help="row label in the table (default: the framework)")
+    ap.add_argument("--out", type=Path, default=None, help="append each run's JSON line here "
+                    "(default without --side: outputs/bench/train_step.jsonl, started afresh)")
+    ap.add_argument("--report", type=Path, default=None, help="only print the table of this JSON-lines file")
     args = ap.parse_args()
-    if args.side:
-        print(json.dumps(run_jax(args) if args.side == "jax" else run_torch(args)))
+    if args.report:
+        print(table(load_results(args.report)))
         return
-    ours = _child("jax", args)
-    ref = _child("torch", args)
-    gib, ratio = 2.0**30, ours["samples_per_s"] / ref["samples_per_s"]
-    achieved = ours["flops"] / ours["step_s"]
-    frac = achieved / ours["matmul_peak"]
-    print(f"\nViT-B/32 ({args.layers} layers/tower), batch {args.batch}, {args.steps} timed steps, CPU")
-    print(f"{'':28s}{'jax_refine':>14s}{'PyTorch':>14s}")
-    print(f"{'step time (s)':28s}{ours['step_s']:14.3f}{ref['step_s']:14.3f}")
-    print(f"{'samples/s':28s}{ours['samples_per_s']:14.2f}{ref['samples_per_s']:14.2f}")
-    print(f"{'peak RSS (GiB)':28s}{ours['peak_rss'] / gib:14.2f}{ref['peak_rss'] / gib:14.2f}")
-    print(f"{'XLA args+temp (GiB)':28s}{ours['xla_bytes'] / gib:14.2f}{'-':>14s}")
-    print(f"{'ratio ours/PyTorch':28s}{ratio:14.2f}   (target >= 1.0)")
-    print(f"{'step GFLOP (XLA)':28s}{ours['flops'] / 1e9:14.1f}   ({ours['flops'] / args.batch / 1e9:.1f} per sample)")
-    print(f"{'achieved GFLOP/s':28s}{achieved / 1e9:14.1f}")
-    print(f"{'matmul peak GFLOP/s':28s}{ours['matmul_peak'] / 1e9:14.1f}")
-    print(f"{'fraction of peak':28s}{frac:14.1%}   (target >= 80%)")
-    print(f"{'compile (s)':28s}{ours['compile_s']:14.1f}")
-    if (ratio < 1.0 or frac < 0.8) and not args.breakdown:
-        args.breakdown = True
-        ours = _child("jax", args)
-    if "breakdown" in ours:
-        print("\nwhere our step's time goes (separately jitted sub-programs, s):")
-        for k, v in ours["breakdown"].items():
-            print(f"  {k:28s}{v:10.3f}")
-        print(f"  {'full step':28s}{ours['step_s']:10.3f}")
-    if "profile" in ours:
-        print("\nprofile of one full step (XLA:CPU thunk time by kind, s; thunks can overlap):")
-        for k, v in ours["profile"]["by_kind"].items():
-            print(f"  {k:48s}{v / 1000:8.2f}")
-        print("largest single ops (s):")
-        for k, v in ours["profile"]["top_ops"].items():
-            print(f"  {k:48s}{v / 1000:8.2f}")
+    if args.side:
+        res = run_jax(args) if args.side == "jax" else run_torch(args, compiled=args.side == "torch_compile")
+        line = json.dumps(res)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+        print(line, flush=True)
+        return
+    out = args.out or ROOT / "outputs" / "bench" / "train_step.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out is None and out.exists():
+        out.unlink()
+    for side in SIDES:
+        if side == "torch_compile" and args.no_torch_compile:
+            continue
+        _run_child(args, side, out)
+        print(table(load_results(out)) + "\n", flush=True)
+    rows = load_results(out)
+    for r in rows:
+        if "breakdown" in r:
+            print(f"where {r['name']}'s step time goes (separately jitted sub-programs, s):")
+            for k, v in r["breakdown"].items():
+                print(f"  {k:28s}{v:10.3f}")
+            print("profile of one full step (XLA thunk time by kind, s; thunks can overlap):")
+            for k, v in r["profile"]["by_kind"].items():
+                print(f"  {k:48s}{v / 1000:8.2f}")
+    print(f"JSON lines: {out}")
 
 
 if __name__ == "__main__":

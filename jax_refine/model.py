@@ -11,6 +11,14 @@ axis names in its `out_sharding` metadata (not bound to a mesh: `eager_sharding=
 `nnx.get_partition_spec(nnx.state(model, nnx.Param))` returns them and the trainer maps them to mesh
 axes with its rules.
 
+Speed and memory options (defaults = HF numerics, unchanged): `attention` ("xla" | "cudnn": cuDNN's fused
+attention through `jax.nn.dot_product_attention`, GPU only, bf16/fp16 compute), `remat` per block
+("none" | "full" | "save_dots": `jax.checkpoint` keeping only the projection/MLP matmul outputs) and
+`scan_layers` (one `lax.scan` over each tower's blocks: one block to compile instead of N). Parameters stay
+one entry per layer (`vision/layers/0/...`) in every mode, so checkpoints, HF names and freeze rules do not
+change; the scan stacks the per-layer parameters inside the traced call (one extra copy of the block
+parameters in device memory while the step runs).
+
 Layouts (ours vs HF's torch `Linear.weight (out, in)`): dense kernels are `(in, out)`; attention
 uses one fused `qkv` kernel `(D, 3, heads, head_dim)` and an output kernel `(heads, head_dim, D)`;
 the patch kernel is `(patch*patch*C, D)` flattened in `(kh, kw, c)` order (an HWIO conv kernel).
@@ -48,6 +56,52 @@ def activation(name: str) -> Callable[[Array], Array]:
     if name not in _ACTIVATIONS:
         raise ValueError(f"hidden_act={name!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+# "save_dots": keep the outputs of matmuls without batch dimensions (qkv, out, fc1, fc2 projections),
+# recompute the rest (LayerNorm, activation, attention scores) in the backward pass.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_options(attention: str, remat: str, dtype: Any) -> None:
+    """One-line `ValueError` for an unknown attention implementation / remat policy or a bad pairing."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={attention!r} is unknown; use one of {ATTENTION_IMPLS}")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is unknown; use one of {tuple(REMAT_POLICIES)}")
+    if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"attention='cudnn' needs bfloat16 or float16 compute, got dtype={jnp.dtype(dtype).name}")
+
+
+def apply_layers(layers: nnx.List, x: Array, *, remat: str = "none", scan: bool = False, **kwargs) -> Array:
+    """Run `x (B, T, D)` through `layers` (identical `Block`s) in order, with `remat` / `scan` as above.
+
+    `kwargs` (mask, is_causal) go to every block. Without remat and scan this is the plain Python loop.
+    """
+    if remat == "none" and not scan:
+        for layer in layers:
+            x = layer(x, **kwargs)
+        return x
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.state(layer) for layer in layers]
+
+    def one(state: nnx.State, h: Array) -> Array:
+        return nnx.merge(graphdef, state)(h, **kwargs)
+
+    if remat != "none":
+        one = jax.checkpoint(one, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if not scan:
+        for state in states:
+            x = one(state, x)
+        return x
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
+    x, _ = jax.lax.scan(lambda h, state: (one(state, h), None), x, stacked)
+    return x
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: LogicalNames, std: float | None,
@@ -92,7 +146,8 @@ class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection and `jax.nn.dot_product_attention`."""
 
     def __init__(self, dim: int, heads: int, num_layers: int, factor: float, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, implementation: str = "xla"):
+        self.implementation = implementation
         if dim % heads:
             raise ValueError(f"hidden_size={dim} is not divisible by num_attention_heads={heads}")
         self.heads, self.head_dim, self.dtype = heads, dim // heads, dtype
@@ -104,11 +159,24 @@ class Attention(nnx.Module):
         self.out_bias = _param(None, (dim,), ("embed",), None, param_dtype)
 
     def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
-        """`x (B, T, D)`, `mask (B, 1, 1|T, T)` bool (True = attend) -> `(B, T, D)`."""
+        """`x (B, T, D)`, `mask (B, 1, 1|T, T)` bool (True = attend) -> `(B, T, D)`.
+
+        With cuDNN the padding mask is passed as key lengths (`mask.sum(-1)`), which equals the mask when the
+        kept keys are a prefix (right padding, as our tokenizer pads); other masks are an error there.
+        """
         qkv = jnp.einsum("btd,dkhe->btkhe", x, self.qkv[...].astype(self.dtype)) + self.qkv_bias[...].astype(self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                         scale=self.head_dim**-0.5)
+        if self.implementation == "cudnn":
+            lengths = None
+            if mask is not None:
+                if mask.shape[1:3] != (1, 1):
+                    raise ValueError(f"attention='cudnn' takes a key padding mask (B, 1, 1, T), got {mask.shape}")
+                lengths = mask[:, 0, 0, :].sum(-1, dtype=jnp.int32)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=self.head_dim**-0.5,
+                                             key_value_seq_lengths=lengths, implementation="cudnn")
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                             scale=self.head_dim**-0.5)
         return jnp.einsum("bthe,hed->btd", y, self.out[...].astype(self.dtype)) + self.out_bias[...].astype(self.dtype)
 
 
@@ -135,10 +203,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 attention: str = "xla"):
         d, n = cfg.hidden_size, cfg.num_hidden_layers
         self.ln1 = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(d, cfg.num_attention_heads, n, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(d, cfg.num_attention_heads, n, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                              implementation=attention)
         self.ln2 = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, n, factor, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
@@ -151,8 +221,10 @@ class Block(nnx.Module):
 class VisionTower(nnx.Module):
     """ViT: `(B, H, W, C)` normalized pixels -> pooled class token `(B, D_vision)` after `post_layernorm`."""
 
-    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 attention: str = "xla", remat: str = "none", scan_layers: bool = False):
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        self.remat, self.scan_layers = remat, scan_layers
         self.image_size, self.patch_size, self.channels, self.dtype = cfg.image_size, p, c, dtype
         num_pos = (cfg.image_size // p) ** 2 + 1
         std = cfg.initializer_range * factor
@@ -160,8 +232,8 @@ class VisionTower(nnx.Module):
         self.class_embedding = _param(rngs, (d,), ("embed",), d**-0.5 * factor, param_dtype)
         self.position = _param(rngs, (num_pos, d), ("pos", "embed"), std, param_dtype)
         self.pre_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
-        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                      attention=attention) for _ in range(cfg.num_hidden_layers)])
         self.post_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: Array) -> Array:
@@ -177,21 +249,22 @@ class VisionTower(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position[...].astype(self.dtype)
         x = self.pre_ln(x)
-        for layer in self.layers:
-            x = layer(x)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers)
         return self.post_ln(x[:, 0])
 
 
 class TextTower(nnx.Module):
     """Causal text transformer: `(B, L)` ids -> pooled EOS state `(B, D_text)` after `final_layer_norm`."""
 
-    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 attention: str = "xla", remat: str = "none", scan_layers: bool = False):
         d = cfg.hidden_size
+        self.remat, self.scan_layers = remat, scan_layers
         self.eos_token_id, self.dtype = int(cfg.eos_token_id), dtype
         self.token = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 0.02 * factor, param_dtype)
         self.position = _param(rngs, (cfg.max_position_embeddings, d), ("pos", "embed"), 0.02 * factor, param_dtype)
-        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                      attention=attention) for _ in range(cfg.num_hidden_layers)])
         self.final_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
@@ -201,8 +274,7 @@ class TextTower(nnx.Module):
         x = jnp.take(self.token[...], input_ids, axis=0) + self.position[...][:length]
         x = x.astype(self.dtype)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, mask, is_causal=True)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=True)
         x = self.final_ln(x)
         if self.eos_token_id == 2:  # legacy configs (before transformers PR #24773): the highest id is EOS
             pos = jnp.argmax(input_ids, axis=-1)
@@ -212,24 +284,27 @@ class TextTower(nnx.Module):
 
 
 class CLIP(nnx.Module):
-    """HF `CLIPModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32).
+    """HF `CLIPModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32);
+    `attention` ("xla" | "cudnn"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: see the module doc.
 
     `config` returns a copy of the `transformers.CLIPConfig`; the module itself only holds its JSON text,
     so `nnx.split` gives a hashable graphdef.
     """
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention: str = "xla", remat: str = "none", scan_layers: bool = False):
         from transformers import CLIPConfig
 
         if not isinstance(config, CLIPConfig):
             raise TypeError(f"CLIP needs a transformers.CLIPConfig, got {type(config).__name__}")
+        check_options(attention, remat, dtype)
+        opts = dict(attention=attention, remat=remat, scan_layers=bool(scan_layers))
         self._config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
         self.dtype = dtype
         factor = config.initializer_factor
         tc, vc = config.text_config, config.vision_config
-        self.vision = VisionTower(vc, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.text = TextTower(tc, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision = VisionTower(vc, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **opts)
+        self.text = TextTower(tc, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **opts)
         self.visual_projection = _param(rngs, (vc.hidden_size, config.projection_dim), ("embed", "proj"),
                                         vc.hidden_size**-0.5 * factor, param_dtype)
         self.text_projection = _param(rngs, (tc.hidden_size, config.projection_dim), ("embed", "proj"),
@@ -272,16 +347,32 @@ def _draw_params(specs: tuple[tuple[tuple[int, ...], float | None, float], ...],
     return out
 
 
-def create_clip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32) -> CLIP:
-    """A randomly initialised `CLIP` (HF's init scheme) with float32 parameters and compute `dtype`.
+def create_clip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, **options: Any) -> CLIP:
+    """A randomly initialised `CLIP` (HF's init scheme) with float32 parameters and compute `dtype`;
+    `options`: `attention`, `remat`, `scan_layers` (see `CLIP`).
 
     All parameters come from one `jax.random.normal` draw (fast to compile, also inside `jax.jit` /
     `nnx.eval_shape`); `CLIP(config, rngs=...)` draws the same distributions parameter by parameter.
     """
-    abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)))
+    abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
+                                           **options))
     graphdef, state = nnx.split(abstract)
     variables = [var for _, var in nnx.to_flat_state(state)]
     specs = tuple((tuple(var.shape), *var.get_metadata()["init"]) for var in variables)
     for var, value in zip(variables, _draw_params(specs, seed)):
         var.set_value(value)
     return nnx.merge(graphdef, state)
+
+
+def with_options(model: CLIP, **options: Any) -> CLIP:
+    """The same parameters (shared, not copied) in a `CLIP` built with other `attention` / `remat` /
+    `scan_layers` options, e.g. a loaded checkpoint run with a scan over layers. The parameter tree is the
+    same in every mode, so the loaded state merges unchanged."""
+    current = {"attention": model.vision.layers[0].attn.implementation, "remat": model.vision.remat,
+               "scan_layers": model.vision.scan_layers}
+    unknown = sorted(set(options) - set(current))
+    if unknown:
+        raise TypeError(f"with_options: unknown option {unknown[0]!r}; expected one of {sorted(current)}")
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CLIP(model.config, dtype=model.dtype, rngs=nnx.Rngs(0),
+                                                        **{**current, **options})))
+    return nnx.merge(graphdef, nnx.state(model))

@@ -57,6 +57,12 @@ def compute_dtype(config: Any) -> Any:
     return DTYPES[name]
 
 
+def model_options(config: Any) -> dict[str, Any]:
+    """``config.model``'s speed/memory switches as ``CLIP`` keyword arguments (defaults: xla, none, False)."""
+    return {"attention": config.model.get("attention", "xla"), "remat": config.model.get("remat", "none"),
+            "scan_layers": bool(config.model.get("scan_layers", False))}
+
+
 def setup_model(config: Any, mesh: Mesh) -> ModelSetup:
     """Build the model abstractly (``nnx.eval_shape``), derive shardings from the logical names and
     ``config.mesh.rules``, and return a loader that creates/loads the start params into them."""
@@ -67,10 +73,12 @@ def setup_model(config: Any, mesh: Mesh) -> ModelSetup:
     random_init = config.model.get("random_init") is not None
     seed = int(config.seed)
 
+    opts = model_options(config)
+
     def make():
         if random_init:
-            return model_lib.create_clip(clip_config, seed=seed, dtype=dtype)
-        return model_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0))
+            return model_lib.create_clip(clip_config, seed=seed, dtype=dtype, **opts)
+        return model_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0), **opts)
 
     abstract_model = nnx.eval_shape(make)
     graphdef, abstract_params, rest = ts.split_model(abstract_model)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The train-step benchmark suite for one GPU, each run in its own process, whole suite <= BUDGET seconds.
+#
+#   bash benchmarks/gpu_suite.sh                 # ViT-B/32, batch 512, 10 timed steps after 2 warm-ups
+#   BUDGET=420 MODEL=vitb32 BATCH=512 STEPS=10 WARMUP=2 PY=python3 OUT=outputs/bench bash benchmarks/gpu_suite.sh
+#   MODEL=tiny BATCH=8 STEPS=2 PLATFORM=cpu SKIP_COMPILE=1 bash benchmarks/gpu_suite.sh   # CPU dry run
+#
+# Order: jax bf16 (defaults), jax bf16 with one candidate each (cuDNN attention; scan over layers),
+# torch eager bf16, torch.compile bf16, then, if time remains, jax tf32 and torch eager tf32.
+# Each run gets min(its cap, time left - 5 s); a run that times out is reported and the suite goes on.
+# The table of the runs so far is printed after every run; JSON lines go to $OUT/train_step.jsonl and
+# each run's log to $OUT/<name>.log.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+BUDGET=${BUDGET:-420}
+MODEL=${MODEL:-vitb32}
+BATCH=${BATCH:-512}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-2}
+PLATFORM=${PLATFORM:-gpu}
+OUT=${OUT:-outputs/bench}
+SKIP_COMPILE=${SKIP_COMPILE:-0}
+mkdir -p "$OUT"
+RESULTS="$OUT/train_step.jsonl"
+rm -f "$RESULTS"
+START=$(date +%s)
+export TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$PLATFORM" = cpu ]; then export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""; fi
+
+# run NAME CAP_SECONDS ARGS... : one benchmark process under a timeout, then the table so far
+run() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
+  local limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 20 ]; then
+    echo "[suite] skip $name: ${left}s left"
+    return
+  fi
+  echo "[suite] $name (limit ${limit}s): $*"
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$PY" benchmarks/train_step.py --platform "$PLATFORM" --model "$MODEL" --batch "$BATCH" \
+    --steps "$STEPS" --warmup "$WARMUP" --name "$name" --out "$RESULTS" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[suite] $name exit $rc after $(( $(date +%s) - t0 ))s (total $(( $(date +%s) - START ))s)"
+  if [ $rc -ne 0 ]; then tail -n 15 "$OUT/$name.log"; fi
+  "$PY" benchmarks/train_step.py --report "$RESULTS"
+  echo
+}
+
+run jax_bf16          110 --side jax --precision bf16
+run jax_bf16_cudnn    100 --side jax --precision bf16 --attention cudnn
+run jax_bf16_scan      90 --side jax --precision bf16 --scan
+run torch_eager_bf16   60 --side torch --precision bf16
+if [ "$SKIP_COMPILE" != 1 ]; then
+  run torch_compile_bf16 150 --side torch_compile --precision bf16
+fi
+run jax_tf32          100 --side jax --precision tf32
+run torch_eager_tf32   60 --side torch --precision tf32
+echo "[suite] done in $(( $(date +%s) - START ))s; JSON lines in $RESULTS"

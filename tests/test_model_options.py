@@ -1,0 +1,96 @@
+"""Speed/memory switches of the model (remat, scan over layers, attention implementation): same numbers.
+
+The reference for scan and remat is the plain model, which tests/test_model.py checks against transformers'
+PyTorch CLIPModel; one test here also compares the scanned + rematerialised path with PyTorch directly.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_fixtures import hf_clip_config, hf_reference_features, random_pixels
+from train_helpers import synthetic_batch, tiny_config
+from transformers import CLIPModel
+
+from jax_refine import hf, sharding as shd, train
+from jax_refine.model import create_clip, with_options
+
+BATCH = synthetic_batch(0, 4)
+
+
+def _features_and_grads(model):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        fi, ft = nnx.merge(graphdef, p)(BATCH["image"], BATCH["input_ids"], BATCH["attention_mask"])
+        return jnp.sum(fi * ft) + jnp.sum(jnp.square(fi)) + jnp.sum(jnp.sin(ft)), (fi, ft)
+
+    (_, feats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return [np.asarray(f) for f in feats], grads
+
+
+def _max_rel(a, b) -> float:
+    """Largest |a - b| over all leaves, relative to each leaf's largest |b| (so tiny gradients count too)."""
+    diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-30)), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+@pytest.fixture(scope="module")
+def plain():
+    model = create_clip(hf_clip_config("tiny"), seed=3)
+    return model, _features_and_grads(model)
+
+
+@pytest.mark.parametrize("options", [{"remat": "full"}, {"remat": "save_dots"}, {"scan_layers": True},
+                                     {"scan_layers": True, "remat": "save_dots"}])
+def test_options_keep_features_and_gradients(plain, options):
+    model, ((fi, ft), grads) = plain
+    (ofi, oft), ograds = _features_and_grads(with_options(model, **options))
+    tol = 1e-6 if "scan_layers" not in options else 1e-5  # remat replays the same ops; scan fuses differently
+    np.testing.assert_allclose(ofi, fi, rtol=0, atol=tol * np.abs(fi).max())
+    np.testing.assert_allclose(oft, ft, rtol=0, atol=tol * np.abs(ft).max())
+    assert jax.tree.structure(ograds) == jax.tree.structure(grads)
+    assert _max_rel(ograds, grads) <= tol
+
+
+def test_scan_remat_matches_pytorch(tiny_hf_clip_dir):
+    """Checkpoint -> scanned, rematerialised model: features equal transformers' on the same weights (1e-4),
+    and the parameters save back under the same HF names."""
+    model = with_options(hf.load_pretrained(tiny_hf_clip_dir), scan_layers=True, remat="full")
+    ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
+    pixels = random_pixels(3, 32, seed=4)
+    ri, rt = hf_reference_features(ref, pixels, BATCH["input_ids"], BATCH["attention_mask"])
+    np.testing.assert_allclose(np.asarray(model.encode_image(pixels)), ri, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(model.encode_text(BATCH["input_ids"], BATCH["attention_mask"])), rt,
+                               rtol=0, atol=1e-4)
+    assert set(hf.hf_state_dict(model)) == {k for k in ref.state_dict() if not k.endswith("position_ids")}
+
+
+def test_scanned_train_step_same_update(tmp_path):
+    """One CLIP-Refine step (lr 1e-3) with scan + remat gives the plain step's loss and new parameters."""
+    out = {}
+    for name, opts in (("plain", {}), ("scan", {"model.scan_layers": True, "model.remat": "save_dots"})):
+        config = tiny_config(tmp_path / name, **{"train.batch_size": 8, **opts})
+        trainer = train.build_trainer(config, shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                                      total_steps=1)
+        state = trainer.init_state()
+        start = jax.tree.map(np.asarray, state["params"])
+        state, metrics = trainer.step_fn(state, shd.host_to_global(synthetic_batch(1, 8), trainer.mesh),
+                                         jax.random.key(7))
+        out[name] = (float(metrics["loss"]), jax.tree.map(np.asarray, state["params"]), start)
+    (loss, params, start), (sloss, sparams, sstart) = out["plain"], out["scan"]
+    assert jax.tree.all(jax.tree.map(np.array_equal, sstart, start))  # same start weights
+    assert sloss == pytest.approx(loss, rel=1e-5)
+    diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), sparams, params)))
+    moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, start)))
+    assert diff <= 1e-5 and moved > 1e-4
+
+
+@pytest.mark.parametrize("kwargs,match", [({"remat": "some"}, "remat='some'"),
+                                          ({"attention": "flash"}, "attention='flash'"),
+                                          ({"attention": "cudnn"}, "bfloat16")])
+def test_bad_options_fail_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_clip(hf_clip_config("tiny"), **kwargs)

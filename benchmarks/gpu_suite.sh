@@ -2,14 +2,14 @@
 # The train-step benchmark suite for one GPU, each run in its own process, whole suite <= BUDGET seconds.
 #
 #   bash benchmarks/gpu_suite.sh                 # ViT-B/32, batch 512, 10 timed steps after 2 warm-ups
-#   BUDGET=420 MODEL=vitb32 BATCH=512 STEPS=10 WARMUP=2 PY=python3 OUT=outputs/bench bash benchmarks/gpu_suite.sh
+#   BUDGET=420 MODEL=vitb32 BATCH=512 STEPS=10 WARMUP=2 PY=python3 BENCH_OUT=outputs/bench bash benchmarks/gpu_suite.sh
 #   MODEL=tiny BATCH=8 STEPS=2 PLATFORM=cpu SKIP_COMPILE=1 bash benchmarks/gpu_suite.sh   # CPU dry run
 #
 # Order: jax bf16 (defaults), jax bf16 with one candidate each (cuDNN attention; scan over layers),
 # torch eager bf16, torch.compile bf16, then, if time remains, jax tf32 and torch eager tf32.
 # Each run gets min(its cap, time left - 5 s); a run that times out is reported and the suite goes on.
-# The table of the runs so far is printed after every run; JSON lines go to $OUT/train_step.jsonl and
-# each run's log to $OUT/<name>.log.
+# The table of the runs so far is printed after every run; JSON lines go to $BENCH_OUT/train_step.jsonl and
+# each run's log to $BENCH_OUT/<name>.log.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -19,10 +19,10 @@ BATCH=${BATCH:-512}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-2}
 PLATFORM=${PLATFORM:-gpu}
-OUT=${OUT:-outputs/bench}
+BENCH_OUT=${BENCH_OUT:-outputs/bench}
 SKIP_COMPILE=${SKIP_COMPILE:-0}
-mkdir -p "$OUT"
-RESULTS="$OUT/train_step.jsonl"
+mkdir -p "$BENCH_OUT"
+RESULTS="$BENCH_OUT/train_step.jsonl"
 rm -f "$RESULTS"
 START=$(date +%s)
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,10 +40,10 @@ run() {
   echo "[suite] $name (limit ${limit}s): $*"
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$PY" benchmarks/train_step.py --platform "$PLATFORM" --model "$MODEL" --batch "$BATCH" \
-    --steps "$STEPS" --warmup "$WARMUP" --name "$name" --out "$RESULTS" "$@" > "$OUT/$name.log" 2>&1
+    --steps "$STEPS" --warmup "$WARMUP" --name "$name" --out "$RESULTS" "$@" > "$BENCH_OUT/$name.log" 2>&1
   local rc=$?
   echo "[suite] $name exit $rc after $(( $(date +%s) - t0 ))s (total $(( $(date +%s) - START ))s)"
-  if [ $rc -ne 0 ]; then tail -n 15 "$OUT/$name.log"; fi
+  if [ $rc -ne 0 ]; then tail -n 15 "$BENCH_OUT/$name.log"; fi
   "$PY" benchmarks/train_step.py --report "$RESULTS"
   echo
 }

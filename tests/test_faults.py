@@ -469,7 +469,8 @@ def test_sigterm_saves_and_exits_143(coco_json, tmp_path, capsys, untouched):
 def test_run_sh_resolves_relative_paths_from_the_callers_directory(coco_json, tmp_path, untouched):
     venv = tmp_path / "venv"  # a stand-in for run.sh's venv: this interpreter, marked as installed
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
     digest = subprocess.run(["bash", "-c", "cat requirements*.txt | sha256sum | cut -c1-16"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.strip()
     (venv / f".installed-{digest}-requirements.txt").touch()

@@ -325,7 +325,7 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
     every process must call this (parameters are gathered) and process 0 writes.
     """
     from safetensors.numpy import save_file
-    from transformers import CLIPImageProcessor
+    from transformers.utils import logging as hf_logging
 
     from jax_refine import outputs
 
@@ -340,7 +340,15 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
         config.save_pretrained(tmp)
         save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
         size = int(config.vision_config.image_size)  # CLIP's resize-shortest-edge + center crop at this size
-        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
+        try:
+            from transformers import CLIPImageProcessor
+
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        processor.save_pretrained(tmp)
         source = Path(tokenizer_dir) if tokenizer_dir is not None else PACKAGED_TOKENIZER
         for name in TOKENIZER_FILES:
             if (source / name).is_file():

@@ -3,20 +3,22 @@
 #   ./run.sh                 set up .venv and run the offline demo (CPU, a few minutes)
 #   ./run.sh test [ARGS]     set up .venv with the test extras and run the test suite (pytest ARGS)
 #   ./run.sh COMMAND ...     any `python -m jax_refine` command: train, evaluate, compare, export, prepare-data
+# Commands run in the caller's directory (relative --out/--config/--workdir paths are the caller's); the
+# venv and the package are found beside this script.
 set -euo pipefail
-cd "$(dirname "$0")"
-VENV="${JAX_REFINE_VENV:-.venv}"
+ROOT="$(cd "$(dirname "$0")" && pwd)"
+VENV="${JAX_REFINE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
 setup() {  # setup REQUIREMENTS_FILE: create the venv and install what changed since the last run
-  local req="$1" stamp
+  local req="$ROOT/$1" stamp
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  stamp="$VENV/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$(basename "$req")"
+  stamp="$VENV/.installed-$(cat "$ROOT"/requirements*.txt | sha256sum | cut -c1-16)-$(basename "$req")"
   if [ ! -f "$stamp" ]; then
     echo "[run.sh] installing $req into $VENV (first run only) ..."
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -r "$req"
-    if [ "$req" = requirements-test.txt ]; then
+    if [ "$(basename "$req")" = requirements-test.txt ]; then
       "$VENV/bin/python" -m pip install -q --no-deps open-clip-torch==3.3.0
     fi
     touch "$stamp"
@@ -28,11 +30,13 @@ case "${1:-demo}" in
   test)
     shift || true
     setup requirements-test.txt
+    cd "$ROOT"
     exec "$VENV/bin/python" -m pytest -q "$@" tests
     ;;
   *)
     setup requirements.txt
-    [ $# -eq 0 ] && set -- demo
+    [ $# -eq 0 ] && set -- demo --overwrite  # the default demo replaces its own earlier output
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     exec "$VENV/bin/python" -m jax_refine "$@"
     ;;
 esac

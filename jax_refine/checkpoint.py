@@ -21,6 +21,75 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 CHECKPOINT_SUBDIR = "checkpoints"
+SKIPPED_SUBDIR = "checkpoints.skipped"  # damaged steps are moved here (kept, never deleted)
+# The files every finished step holds, per item (Orbax's StandardSave / JsonSave layouts).
+ARRAY_ITEMS, JSON_ITEMS = ("params", "opt_state", "train"), ("data", "meta")
+
+
+class CheckpointError(ValueError):
+    """A damaged or unusable checkpoint; the message names the file and the problem in one line."""
+
+
+class ModelMismatchError(CheckpointError):
+    """A readable checkpoint of another model size / structure (not a damage: no fallback)."""
+
+
+def _check_json(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    text = path.read_bytes()
+    if not text:
+        raise CheckpointError(f"{path}: empty (truncated?)")
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON (truncated? {e})") from None
+
+
+def check_step_files(step_dir: str | Path) -> None:
+    """Raise CheckpointError naming the first missing, empty or unparsable file of a step directory.
+
+    Checks ``_CHECKPOINT_METADATA``, each array item's ``_METADATA`` and ``manifest.ocdbt``, each JSON
+    item's ``metadata``, and that no file in the step is empty. Truncation inside a data shard is only
+    seen when it is read (``restore`` reports it as one line).
+    """
+    d = Path(step_dir)
+    _check_json(d / "_CHECKPOINT_METADATA")
+    for item in ARRAY_ITEMS + JSON_ITEMS:
+        if not (d / item).is_dir():
+            raise CheckpointError(f"{d / item}: missing item directory")
+    for item in ARRAY_ITEMS:
+        _check_json(d / item / "_METADATA")
+        if not (d / item / "manifest.ocdbt").is_file():
+            raise CheckpointError(f"{d / item / 'manifest.ocdbt'}: missing")
+        _check_json(d / item / "_sharding")
+        for f in sorted((d / item / "array_metadatas").glob("process_*")):
+            _check_json(f)
+    for item in JSON_ITEMS:
+        _check_json(d / item / "metadata")
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.stat().st_size == 0 and f.name != "commit_success.txt":
+            raise CheckpointError(f"{f}: empty file (truncated?)")
+
+
+def one_line(err: BaseException, where: str | Path | None = None, limit: int = 300) -> str:
+    """One line for ``err``: the first line of it (or of its causes) that names a file under ``where``,
+    else ``Type: first line (reading where)``; cut to ``limit`` characters."""
+    if isinstance(err, CheckpointError):
+        text = str(err).strip().splitlines()[0]
+    else:
+        text = ""
+        chain, e = [], err
+        while e is not None and len(chain) < 6:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        if where is not None:  # prefer an error line naming a file of the step (TensorStore's cause has it)
+            lines = [ln.strip() for e in chain for ln in str(e).splitlines() if str(where) in ln]
+            text = next((ln for ln in lines if "rror" in ln), "")
+        if not text:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            text = f"{type(err).__name__}: {first}" + (f" (reading {where})" if where is not None else "")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def make_manager(directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True,
@@ -81,7 +150,7 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_params: Py
     if missing or extra or bad:
         detail = (f"shape {bad[0]}" if bad else f"missing {missing[:1]}" if missing else f"unexpected {extra[:1]}")
         n = len(bad) + len(missing) + len(extra)
-        raise ValueError(f"checkpoint {where} is from another model size ({n} params differ, e.g. {detail}; "
+        raise ModelMismatchError(f"checkpoint {where} is from another model size ({n} params differ, e.g. {detail}; "
                          "checkpoint vs model)")
 
 
@@ -104,6 +173,55 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: Mapping[str, Any])
     return state, states[jax.process_index()]
 
 
+def restore_latest_good(directory: str | Path, abstract: Mapping[str, Any], make: Any
+                        ) -> tuple[ocp.CheckpointManager, int | None, dict | None, dict | None]:
+    """Restore the newest step of ``directory`` that is intact, moving damaged newer ones aside.
+
+    ``make(directory) -> CheckpointManager``. Each step that fails (``check_step_files`` or the restore
+    itself) is moved to ``<workdir>/checkpoints.skipped/<step>`` (kept) with one printed line saying
+    why, and the next older step is tried. Returns ``(manager, step, state, data_state)``; step is None when
+    there is no checkpoint. A checkpoint of another model size raises ModelMismatchError (no fallback);
+    when every step is damaged, CheckpointError names them.
+    """
+    directory = Path(directory)
+    mngr = make(directory)
+    skipped = []
+    while True:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps:
+            if skipped:
+                raise CheckpointError(f"no intact checkpoint in {directory}: " + "; ".join(skipped)
+                                      + f" (moved to {directory.parent / SKIPPED_SUBDIR})")
+            return mngr, None, None, None
+        step = steps[0]
+        try:
+            check_step_files(directory / str(step))
+            state, data_state = restore(mngr, step, abstract)
+            if skipped:
+                print(f"[train] resuming from step {step} (the newest intact checkpoint)", flush=True)
+            return mngr, step, state, data_state
+        except ModelMismatchError:
+            mngr.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read this step: try the one before
+            reason = one_line(e, directory / str(step))
+            skipped.append(f"step {step}: {reason}")
+            if jax.process_index() == 0:
+                print(f"[train] skipping damaged checkpoint step {step}: {reason}", flush=True)
+            mngr.close()
+            if jax.process_index() == 0:
+                dest = directory.parent / SKIPPED_SUBDIR / str(step)
+                if dest.exists():
+                    dest = dest.with_name(f"{step}-{len(list(dest.parent.iterdir()))}")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                (directory / str(step)).rename(dest)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"skip_checkpoint_{step}")
+            mngr = make(directory)
+
+
 def _resolve(path: str | Path) -> tuple[Path, int]:
     """A training workdir, its ``checkpoints`` dir, or one step dir -> (checkpoints dir, step)."""
     p = Path(path).expanduser().absolute()
@@ -115,7 +233,13 @@ def _resolve(path: str | Path) -> tuple[Path, int]:
     steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "params").is_dir())
     if not steps:
         raise FileNotFoundError(f"{p}: no finished Orbax checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
-    return root, steps[-1]
+    for step in reversed(steps):  # the newest intact step; damaged newer ones are named and skipped
+        try:
+            check_step_files(root / str(step))
+            return root, step
+        except CheckpointError as e:
+            print(f"skipping damaged checkpoint step {step}: {e}", flush=True)
+    raise CheckpointError(f"{root}: every checkpoint step is damaged ({', '.join(map(str, steps))})")
 
 
 def load_model(workdir_or_step_dir: str | Path, *, dtype: Any = None, shardings: Any = None):
@@ -130,6 +254,7 @@ def load_model(workdir_or_step_dir: str | Path, *, dtype: Any = None, shardings:
     from jax_refine.train_state import path_str, split_model
 
     root, step = _resolve(workdir_or_step_dir)
+    check_step_files(root / str(step))
     mngr = make_manager(root, read_only=True, async_save=False)
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -147,6 +272,10 @@ def load_model(workdir_or_step_dir: str | Path, *, dtype: Any = None, shardings:
         abstract = jax.tree_util.tree_map_with_path(target, abstract_params, specs)
         check_compatible(mngr, step, abstract)
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged step: one line naming it instead of a long traceback
+        raise CheckpointError(f"checkpoint {root}/{step} cannot be read: {one_line(e, root / str(step))}") from e
     finally:
         mngr.close()
     return nnx.merge(graphdef, params, rest)

@@ -38,12 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--coordinator", help="multi-host: host:port of process 0 (TPU pods find it themselves)")
     t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     t.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the one the workdir was started with")
 
     e = add("evaluate", "Zero-shot classification, retrieval and modality-gap metrics of one model.")
     e.add_argument("--config", default="default", help="config whose `eval` section says what to run")
     e.add_argument("--model", help="HF directory, hub id, or a training workdir / Orbax step directory "
                                   "(default: config.model.name_or_path)")
     e.add_argument("--out", help="report directory (default: WORKDIR/eval)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
     c = add("compare", "Evaluate two or more models on the same suite; one table (markdown + JSON) with the "
                        "differences to the first model, plus PCA and similarity-histogram pictures.")
@@ -51,11 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                                              "NAME=PATH gives a model a name in the table")
     c.add_argument("--config", default="default", help="config whose `eval` section says what to run")
     c.add_argument("--out", default="outputs/compare", help="report directory (default: outputs/compare)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
     x = add("export", "Write a training checkpoint as a Hugging Face CLIP directory (config.json + model.safetensors) "
                       "that transformers.CLIPModel.from_pretrained opens.")
     x.add_argument("--checkpoint", required=True, help="training workdir or one of its step directories")
     x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
     d = add("prepare-data", "Build a TFDS dataset from a COCO-format caption set on disk (an annotations JSON "
                             "with `images` and `annotations`, plus an image directory), once, for training.")
@@ -65,9 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--name", help="dataset config name (default: the annotations file name)")
 
     m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
-                    "photos, refine it with CLIP-Refine and with contrastive fine-tuning, compare all three.")
+                    "photos, refine it with CLIP-Refine (normalized and unnormalized features) and with contrastive "
+                    "fine-tuning, compare all four.")
     m.add_argument("--config", default="demo", help="demo config (default: configs/demo.py)")
     m.add_argument("--out", default="outputs/demo", help="where the report and pictures go (default: outputs/demo)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
     return p
 
 

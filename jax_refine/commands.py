@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jax_refine import outputs
 from jax_refine.config import load_config
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: a scheduler sees the preemption (the checkpoint is saved; rerun resumes)
 
 
 def train(args, overrides: list[str]) -> int:
@@ -20,10 +23,10 @@ def train(args, overrides: list[str]) -> int:
         config.workdir = args.workdir
     if args.coordinator or args.num_processes or args.process_id is not None:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    result = train_lib.train(config)
+    result = train_lib.train(config, allow_config_change=args.allow_config_change)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=1, default=str))
-    return 0
+    return PREEMPTED_EXIT if result["preempted"] else 0
 
 
 def evaluate(args, overrides: list[str]) -> int:
@@ -33,9 +36,10 @@ def evaluate(args, overrides: list[str]) -> int:
     source = args.model or config.model.name_or_path
     if not source:
         raise ValueError("evaluate: no model given; pass --model PATH (or set --config.model.name_or_path)")
-    out = Path(args.out or Path(config.workdir) / "eval")
+    out = outputs.check_target(args.out or Path(config.workdir) / "eval", kind="report", overwrite=args.overwrite)
     model = evaluate_lib.load_model(source, config)
-    evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=out)
+    with outputs.output_dir(out, kind="report", overwrite=args.overwrite) as tmp:
+        evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=tmp)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}")
     return 0
@@ -45,7 +49,9 @@ def compare(args, overrides: list[str]) -> int:
     config = load_config(args.config, overrides)
     from jax_refine import evaluate as evaluate_lib
 
-    result = evaluate_lib.compare(args.models, config, args.out)
+    out = outputs.check_target(args.out, kind="report", overwrite=args.overwrite)  # before the models run
+    with outputs.output_dir(out, kind="report", overwrite=args.overwrite) as tmp:
+        result = outputs.rebase(evaluate_lib.compare(args.models, config, tmp), tmp, out)
     print(Path(result["markdown"]).read_text())
     print(f"report: {result['markdown']}")
     return 0
@@ -56,8 +62,9 @@ def export(args, overrides: list[str]) -> int:
 
     if overrides:
         raise ValueError(f"export takes no config overrides, got {' '.join(overrides)}")
+    outputs.check_target(args.out, kind="export", overwrite=args.overwrite)  # before the checkpoint is read
     model = checkpoint.load_model(args.checkpoint)
-    out = hf.save_pretrained(model, args.out)
+    out = hf.save_pretrained(model, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out} (open with transformers.CLIPModel.from_pretrained)")
     return 0
 
@@ -68,7 +75,8 @@ def prepare_data(args, overrides: list[str]) -> int:
     if overrides:
         raise ValueError(f"prepare-data takes no config overrides, got {' '.join(overrides)}")
     out = data.prepare_coco_json(args.annotations, args.images, args.out, name=args.name)
-    print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out}")
+    print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out} "
+          "--config.data.split=train")
     return 0
 
 
@@ -76,7 +84,7 @@ def demo(args, overrides: list[str]) -> int:
     config = load_config(args.config, overrides)
     from jax_refine import demo as demo_lib
 
-    result = demo_lib.run_demo(config, args.out)
+    result = demo_lib.run_demo(config, args.out, overwrite=args.overwrite)
     table = Path(result["markdown"]).read_text().split("## Details")[0].strip()
     print("\n" + table + "\n")
     times = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items())

@@ -93,13 +93,103 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     return config
 
 
+# Names people type for our keys (other libraries' spellings) -> our key.
+ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "batchsize": "batch_size", "bs": "batch_size",
+           "steps": "num_steps", "max_steps": "num_steps", "num_epochs": "epochs"}
+
+
 def _did_you_mean(name: str, node: ml_collections.ConfigDict) -> str:
     import difflib
 
+    if ALIASES.get(name) in node:
+        return f"; did you mean {ALIASES[name]!r}?"
     close = difflib.get_close_matches(name, list(node.keys()), n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(node.keys()))}"
 
 
+# Sections only some configs have (checked by their own users), and keys whose contents are free-form.
+EXTRA_SECTIONS = ("demo",)
+FREE_FORM = ("model.random_init", "method.prior_params")
+
+
+def _schema() -> ml_collections.ConfigDict:
+    return load_config_file(REPO_CONFIGS / "default.py")
+
+
+def check_schema(config: ml_collections.ConfigDict, source: str,
+                 schema: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
+    """Raise ConfigError for a key of `config` that configs/default.py does not have (did-you-mean).
+
+    `source` names the file in the message. Sections in EXTRA_SECTIONS and keys in FREE_FORM are not checked.
+    """
+    schema = _schema() if schema is None else schema
+    for key in config.keys():
+        dotted = f"{prefix}{key}"
+        if not prefix and key in EXTRA_SECTIONS or dotted in FREE_FORM:
+            continue
+        if key not in schema:
+            raise ConfigError(f"{source}: unknown config key {dotted!r}" + _did_you_mean(key, schema))
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict):
+            check_schema(config[key], source, schema[key], dotted + ".")
+
+
+# (dotted key, test, what it must be): checked before anything is built; absent keys are skipped.
+def _int_at_least(n):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
+
+
+VALUE_CHECKS = (
+    ("optimizer.lr", lambda v: v > 0, "> 0"),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.eps", lambda v: v > 0, "> 0"),
+    ("optimizer.warmup_steps", _int_at_least(0), "an integer >= 0"),
+    ("optimizer.schedule", lambda v: v in ("constant", "warmup_cosine"), "constant or warmup_cosine"),
+    ("train.batch_size", _int_at_least(1), "an integer >= 1"),
+    ("train.epochs", _int_at_least(1), "an integer >= 1"),
+    ("train.num_steps", lambda v: v is None or _int_at_least(1)(v), "None or an integer >= 1"),
+    ("train.grad_accum", _int_at_least(1), "an integer >= 1"),
+    ("train.clip_norm", lambda v: v is None or v > 0, "None or > 0"),
+    ("method.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("method.temperature", lambda v: v > 0, "> 0"),
+    ("method.rafa_weight", lambda v: v >= 0, ">= 0"),
+    ("method.contrastive_weight", lambda v: v >= 0, ">= 0"),
+    ("method.m2_mix_weight", lambda v: v >= 0, ">= 0"),
+    ("method.m2_mix_beta", lambda v: v > 0, "> 0"),
+    ("model.dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
+    ("data.caption_mode", lambda v: v in ("random", "all"), "random or all"),
+    ("data.shuffle_buffer", _int_at_least(0), "an integer >= 0"),
+    ("checkpoint.every_steps", _int_at_least(1), "an integer >= 1"),
+    ("checkpoint.max_to_keep", _int_at_least(1), "an integer >= 1"),
+    ("log.every_steps", _int_at_least(1), "an integer >= 1"),
+    ("eval.batch_size", _int_at_least(1), "an integer >= 1"),
+    ("eval.max_examples", lambda v: v is None or _int_at_least(1)(v), "None or an integer >= 1"),
+)
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the first key whose value is out of range (lr <= 0, batch_size < 1, ...)."""
+    for key, ok, what in VALUE_CHECKS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                break
+        else:
+            try:
+                good = ok(node)
+            except TypeError:
+                good = False
+            if not good:
+                raise ConfigError(f"config.{key}={node!r} is invalid: must be {what}")
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """`load_config_file(path)` then `apply_overrides`."""
-    return apply_overrides(load_config_file(path), overrides)
+    """`load_config_file(path)`, checked against configs/default.py's keys, then `apply_overrides`,
+    then `check_values`."""
+    config = load_config_file(path)
+    check_schema(config, str(path).partition(":")[0])
+    config = apply_overrides(config, overrides)
+    check_values(config)
+    return config

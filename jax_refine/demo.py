@@ -1,7 +1,6 @@
 """The offline demo: pre-train a small CLIP, refine it two ways, compare the three (see configs/demo.py)."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,17 +53,23 @@ def eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def run_demo(config: ml_collections.ConfigDict, out_dir: str | Path) -> dict[str, Any]:
-    """Run the three trainings and the comparison; returns `evaluate.compare`'s result plus timings.
+def run_demo(config: ml_collections.ConfigDict, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run the trainings and the comparison; returns `evaluate.compare`'s result plus timings.
 
-    `out_dir` is emptied first, so two runs with the same config give the same table.
+    Everything is written into a new directory beside `out_dir` that replaces it at the end (see
+    `jax_refine.outputs`: a non-empty `out_dir` needs `overwrite`, and is never a foreign workdir or repo).
     """
+    from jax_refine import outputs
+
+    target = Path(out_dir).absolute()
+    with outputs.output_dir(target, kind="demo", overwrite=overwrite, mark=True) as tmp:
+        result = _run_demo(config, tmp)
+    return outputs.rebase(result, tmp, target)
+
+
+def _run_demo(config: ml_collections.ConfigDict, out: Path) -> dict[str, Any]:
     from jax_refine import evaluate, train
 
-    out = Path(out_dir).absolute()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     timings = {}
     for stage in config.demo.stages:
         spec = config.demo[stage]

@@ -315,38 +315,42 @@ def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None
-                    ) -> Path:
-    """Write `config.json` + `model.safetensors` + `vocab.json`/`merges.txt` to `out_dir` (replaced atomically).
+def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                    overwrite: bool = True) -> Path:
+    """Write `config.json` + `model.safetensors` + `preprocessor_config.json` + `vocab.json`/`merges.txt` to
+    `out_dir`, replaced atomically through `jax_refine.outputs.output_dir` (kind "export").
 
-    Tokenizer files come from `tokenizer_dir` when given, else the packaged ones. Under multi-host, every
-    process must call this (parameters are gathered) and process 0 writes.
+    `overwrite=False` refuses a non-empty `out_dir`; a training workdir, checkpoint or git repository is never
+    replaced. Tokenizer files come from `tokenizer_dir` when given, else the packaged ones. Under multi-host,
+    every process must call this (parameters are gathered) and process 0 writes.
     """
     from safetensors.numpy import save_file
+    from transformers.utils import logging as hf_logging
 
+    from jax_refine import outputs
+
+    out = Path(out_dir).expanduser().absolute()
+    outputs.check_target(out, kind="export", overwrite=overwrite)
     tensors = hf_state_dict(model)
-    out = Path(out_dir).expanduser().resolve()
     if jax.process_index() != 0:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with outputs.output_dir(out, kind="export", overwrite=overwrite) as tmp:
         config = model.config
         config.dtype = str(next(iter(tensors.values())).dtype)
         config.save_pretrained(tmp)
         save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
+        size = int(config.vision_config.image_size)  # CLIP's resize-shortest-edge + center crop at this size
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
+        try:
+            from transformers import CLIPImageProcessor
+
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        processor.save_pretrained(tmp)
         source = Path(tokenizer_dir) if tokenizer_dir is not None else PACKAGED_TOKENIZER
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

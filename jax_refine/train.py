@@ -355,19 +355,46 @@ def make_data_iterator(config: Any, clip_config: Any) -> Iterator:
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, return_state: bool = False
-          ) -> dict[str, Any]:
+def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, return_state: bool = False,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Run ``config`` end to end; resumes from ``workdir/checkpoints`` when a checkpoint exists.
 
     ``data_iter``: optional iterator of per-host numpy batches with ``get_state``/``set_state`` (default:
     the data package's ``make_train_iterator(config)``). Returns the last logged metrics and the paths
     (``workdir``, ``checkpoint_dir``, ``hf_dir``), ``steps``, ``preempted`` (and ``state`` if ``return_state``).
+    The workdir is locked for the run (``workdir.locked``); its resolved config is saved, and a resume with a
+    changed config is refused unless ``allow_config_change`` (see ``jax_refine.workdir``).
     """
+    from jax_refine import config as config_lib, workdir as workdir_lib
+
     distributed.initialize()
+    config_lib.check_values(config)
     objectives.get_objective(config.method.name)
     workdir = Path(config.workdir).expanduser().absolute()
-    if distributed.is_main():
-        workdir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
+        return _train(config, workdir, data_iter, mesh, return_state)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lib.locked(workdir):
+        ckpt_dir = workdir / ckpt.CHECKPOINT_SUBDIR
+        resuming = ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir())
+        workdir_lib.record_config(workdir, config, resuming=resuming, allow_change=allow_config_change)
+        return _train(config, workdir, data_iter, mesh, return_state)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Remove ``metrics.jsonl`` lines of steps after ``step`` (a resume redoes them); counts them in the log."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+        print(f"[train] {path}: dropped {len(lines) - len(keep)} lines of steps after {step} (redone now)", flush=True)
+
+
+def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
     if data_iter is None:
         data_iter = make_data_iterator(config, clip_config_of(config))
     num_steps = config.train.get("num_steps")
@@ -378,13 +405,15 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
         num_steps = int(per_epoch) * int(config.train.epochs)
     trainer = build_trainer(config, mesh, int(num_steps))
     mesh = trainer.mesh
-    mngr = ckpt.make_manager(workdir / ckpt.CHECKPOINT_SUBDIR, max_to_keep=int(config.checkpoint.max_to_keep),
-                             async_save=bool(config.checkpoint.async_save))
+    def make_manager(directory: Path):
+        return ckpt.make_manager(directory, max_to_keep=int(config.checkpoint.max_to_keep),
+                                 async_save=bool(config.checkpoint.async_save))
+
     meta = {"clip_config": trainer.setup.clip_config.to_dict(), "method": config.method.name,
             "dtype": config.model.get("dtype", "float32")}
-    latest = mngr.latest_step()
+    mngr, latest, saved, data_state = ckpt.restore_latest_good(workdir / ckpt.CHECKPOINT_SUBDIR,
+                                                               trainer.abstract_saved(), make_manager)
     if latest is not None:
-        saved, data_state = ckpt.restore(mngr, latest, trainer.abstract_saved())
         state = {**saved, "teacher": jax.device_put(trainer.teacher_from_start(), trainer.state_sh["teacher"])
                  if trainer.with_teacher else None}
         data_iter.set_state(data_state)
@@ -393,6 +422,8 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
     else:
         state = trainer.init_state()
     start = int(jax.device_get(state["step"]))
+    if distributed.is_main():
+        _drop_metrics_after(workdir / "metrics.jsonl", start)
     rng = np.asarray(jax.device_get(state["rng"]))
     batch_size = int(config.train.batch_size)
     logger = MetricLogger(workdir, trainer.total_steps, start, bool(config.log.get("tensorboard", True)),

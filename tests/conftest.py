@@ -40,3 +40,11 @@ def tiny_hf_clip_dir(tmp_path_factory) -> Path:
     from hf_fixtures import write_hf_clip
 
     return write_hf_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny", seed=0)
+
+
+@pytest.fixture
+def tfds_online(monkeypatch):
+    """For tests that mock TFDS (`tfds.testing.mock_data`): the offline fail-fast check sees a network."""
+    from jax_refine.data import sources
+
+    monkeypatch.setattr(sources, "download_reachable", lambda timeout=3.0: True)

@@ -71,8 +71,10 @@ def test_checkpoint_of_another_model_size_is_a_clear_error(tmp_path):
     train.train(config, data_iter=SyntheticIterator(8), mesh=mesh)
     bigger = tiny_config(tmp_path / "run", **{"train.num_steps": 4})
     bigger.model.random_init["text_config"]["hidden_size"] = 64
+    with pytest.raises(ValueError, match=r"changed config: model.random_init.text_config.hidden_size: 32 -> 64"):
+        train.train(bigger, data_iter=SyntheticIterator(8), mesh=mesh)  # the workdir's saved config says so
     with pytest.raises(ValueError, match=r"checkpoints/2 is from another model size .*\(32,\) vs \(64,\)"):
-        train.train(bigger, data_iter=SyntheticIterator(8), mesh=mesh)
+        train.train(bigger, data_iter=SyntheticIterator(8), mesh=mesh, allow_config_change=True)
 
 
 def _driver(workdir: Path, *extra: str) -> list[str]:

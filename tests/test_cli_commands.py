@@ -45,8 +45,9 @@ def caption_set(tmp_path_factory, cifar10_dir):
 def test_prepare_train_export_evaluate(tmp_path, caption_set):
     out = run_cli("prepare-data", "--annotations", str(caption_set / "captions.json"), "--images",
                   str(caption_set / "images"), "--out", str(tmp_path / "tfds"))
-    dataset_dir = tmp_path / "tfds" / "coco_captions_json" / "captions" / "1.0.0"
+    (dataset_dir,) = (tmp_path / "tfds" / "coco_captions_json").glob("captions-*/1.0.0")  # keyed by content
     assert (dataset_dir / "dataset_info.json").is_file() and str(dataset_dir) in out.stdout
+    assert "--config.data.split=train" in out.stdout  # the printed hint is complete
 
     workdir = tmp_path / "run"
     run_cli("train", "--config", "configs/tiny_test.py", "--workdir", str(workdir),

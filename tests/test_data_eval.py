@@ -73,6 +73,7 @@ def test_class_folder_two_hosts_classnames_and_bad_image(tmp_path, cifar_folder)
         load_classification(f"folder:{tmp_path / 'missing'}", batch_size=8)
 
 
+@pytest.mark.usefixtures("tfds_online")
 @pytest.mark.parametrize("name,num_classes,first", [("cifar10", 10, "airplane"), ("imagenet2012", 1000, "tench")])
 def test_catalog_classification_mocked(name, num_classes, first):
     with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -161,6 +162,7 @@ def test_retrieval_coco_json_and_prepared_dir(tmp_path, cifar10_dir):
         load_retrieval("flickr", batch_size=4)
 
 
+@pytest.mark.usefixtures("tfds_online")
 def test_retrieval_karpathy_test_mocked(cifar10_dir):
     from test_data_training import _mock_coco_as_dataset
 

@@ -183,6 +183,7 @@ def _mock_coco_as_dataset(cifar10_dir, n=12):
     return as_dataset, paths
 
 
+@pytest.mark.usefixtures("tfds_online")
 def test_catalog_coco_captions_mocked(cifar10_dir):
     from transformers import CLIPImageProcessor
 

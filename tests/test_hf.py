@@ -40,7 +40,8 @@ def tiny_dir(tmp_path_factory):
 def test_load_save_round_trip_opens_in_transformers(tiny_dir, tmp_path):
     ours = load_pretrained(tiny_dir)
     out = save_pretrained(ours, tmp_path / "export")
-    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+                                       "vocab.json"]
     reloaded, info = CLIPModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     original = CLIPModel.from_pretrained(tiny_dir).eval()

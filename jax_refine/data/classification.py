@@ -130,9 +130,7 @@ def _folder_set(directory, *, max_examples, process_index, process_count):
     start, stop = bounds[process_index]
 
     def records():
-        ds = tf.data.Dataset.from_tensor_slices((paths[start:stop], np.asarray(labels[start:stop], np.int64)))
-        return ds.map(lambda p, y: {"image": tf.io.read_file(p), "key": p, "label": y},
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return decoding.read_image_files(paths[start:stop], {"label": np.asarray(labels[start:stop], np.int64)})
 
     return names, len(paths), max(b - a for a, b in bounds), records
 

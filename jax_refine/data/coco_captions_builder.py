@@ -15,7 +15,10 @@ captions is stored with an empty caption list and skipped-and-counted the same w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import os
 import re
 
 import numpy as np
@@ -24,6 +27,7 @@ from pathlib import Path
 from jax_refine.data.tf_runtime import tfds
 
 BUILDER_NAME = "coco_captions_json"
+log = logging.getLogger(__name__)
 
 
 def read_coco_json(annotations: str | Path, images: str | Path) -> list[dict]:
@@ -52,15 +56,40 @@ def read_coco_json(annotations: str | Path, images: str | Path) -> list[dict]:
             raise ValueError(f"{ann_path}: duplicate image id {im['id']!r} at images[{i}]")
         by_id[im["id"]] = {"id": int(im["id"]), "file_name": str(im["file_name"]),
                            "path": str(img_dir / im["file_name"]), "captions": []}
+    empty = 0
     for i, a in enumerate(doc["annotations"]):
         if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
             raise ValueError(f"{ann_path}: annotations[{i}] needs 'image_id' and 'caption', got {a!r:.100}")
         if a["image_id"] not in by_id:
             raise ValueError(f"{ann_path}: annotations[{i}] refers to unknown image_id {a['image_id']!r}")
-        by_id[a["image_id"]]["captions"].append((int(a.get("id", i)), str(a["caption"])))
+        if not isinstance(a["caption"], str) or not a["caption"].strip():  # null, "", "  ", a number: not text
+            empty += 1
+            continue
+        by_id[a["image_id"]]["captions"].append((int(a.get("id", i)), a["caption"]))
+    if empty:
+        log.warning("%s: skipped %d empty or null captions (of %d)", ann_path, empty, len(doc["annotations"]))
     if not by_id:
         raise ValueError(f"{ann_path}: 'images' is empty")
     return list(by_id.values())
+
+
+def check_trainable(records: list[dict], annotations: str | Path) -> None:
+    """Raise ValueError naming `annotations` when no image has both a caption and a file on disk."""
+    with_caption = [r for r in records if r["captions"]]
+    usable = sum(Path(r["path"]).is_file() for r in with_caption)
+    if not usable:
+        raise ValueError(f"{annotations}: no usable image-caption pair ({len(records)} images, "
+                         f"{len(with_caption)} with a caption, {usable} of those with an image file on disk)")
+
+
+def content_key(annotations: str | Path, images: str | Path) -> str:
+    """12 hex digits of sha256 over the annotations file's bytes and the image directory's listing
+    (file names and sizes): a prepared dataset is reused only for the same content."""
+    h = hashlib.sha256(Path(annotations).read_bytes())
+    with os.scandir(images) as entries:
+        for name, size in sorted((e.name, e.stat().st_size) for e in entries if e.is_file()):
+            h.update(f"\0{name}\0{size}".encode())
+    return h.hexdigest()[:12]
 
 
 @dataclasses.dataclass(eq=False)
@@ -102,9 +131,14 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
         return {cfg.split: self._generate_examples(records)}
 
     def _generate_examples(self, records):
+        missing = 0
         for rec in records:
             path = Path(rec["path"])
             data = path.read_bytes() if path.is_file() else b""  # missing file: skipped + counted later
+            if not data:
+                missing += 1
+                if missing <= 20:
+                    log.warning("image file missing or empty: %s (stored empty; training skips and counts it)", path)
             yield rec["id"], {
                 "image": data,
                 "image/id": rec["id"],
@@ -113,8 +147,10 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def _config_name(annotations: str | Path) -> str:
-    return re.sub(r"[^\w\-.]", "_", Path(annotations).stem) or "default"
+def _config_name(annotations: str | Path, images: str | Path, name: str | None = None) -> str:
+    """`<name or annotations stem>-<content_key>`: one prepared dataset per content."""
+    base = re.sub(r"[^\w\-.]", "_", name or Path(annotations).stem) or "default"
+    return f"{base}-{content_key(annotations, images)}"
 
 
 def prepare_coco_json(
@@ -125,11 +161,20 @@ def prepare_coco_json(
 
     The result (`out_dir/coco_captions_json/<name>/1.0.0`) opens with `tfds.builder_from_directory`
     (config `data.source="tfds_dir"`). `name` defaults to the annotations file's stem. A dataset already
-    prepared there is reused as it is (delete the directory to re-prepare after changing the JSON).
+    prepared there is reused only when it was prepared from the same content: the config name is
+    `<name>-<content_key>` (hash of the annotations file and the image listing) under the builder's version,
+    so a changed JSON or image set with the same file name is prepared anew (and the log says so).
     """
-    read_coco_json(annotations, images)  # fail fast, with a clear message, before TFDS starts
-    cfg = CocoJsonConfig(name=name or _config_name(annotations), annotations=str(annotations),
-                         images=str(images), split=split)
+    check_trainable(read_coco_json(annotations, images), annotations)  # fail fast, before TFDS starts
+    config_name = _config_name(annotations, images, name)
+    cfg = CocoJsonConfig(name=config_name, annotations=str(annotations), images=str(images), split=split)
+    out_dir = Path(out_dir).absolute()  # relative to the caller's directory, printed in full
     builder = CocoCaptionsJson(config=cfg, data_dir=str(out_dir))
+    if not builder.is_prepared():
+        base = config_name.rsplit("-", 1)[0]
+        others = sorted(p.name for p in (Path(out_dir) / BUILDER_NAME).glob(f"{base}-*") if p.name != config_name)
+        if others:
+            print(f"[data] {annotations}: content differs from the prepared {', '.join(others)} in {out_dir}; "
+                  f"preparing anew as {config_name}", flush=True)
     builder.download_and_prepare(download_dir=str(Path(out_dir) / "downloads"))
     return Path(builder.data_dir)

@@ -27,14 +27,39 @@ _lock = threading.Lock()
 def _decode_np(data: bytes, status: np.int32, key: bytes, size: int) -> tuple[np.ndarray, np.int32]:
     if status != OK:
         return np.zeros((size, size, 3), np.uint8), np.int32(status)
+    if not data:  # a photo that was missing (or empty) on disk: read as b"" by `read_image_files` / the builder
+        _warn("skipping missing or empty image file %s", key.decode("utf-8", "replace"))
+        return np.zeros((size, size, 3), np.uint8), np.int32(BAD_IMAGE)
     try:
         return preprocess.decode_resize_crop(data, size), np.int32(OK)
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image"
-        with _lock:
-            _warned["n"] += 1
-            if _warned["n"] <= _MAX_WARNINGS:
-                log.warning("skipping unreadable image %s: %s", key.decode("utf-8", "replace"), e)
+        _warn("skipping unreadable image %s: %s", key.decode("utf-8", "replace"), e)
         return np.zeros((size, size, 3), np.uint8), np.int32(BAD_IMAGE)
+
+
+def _warn(fmt: str, *args) -> None:
+    with _lock:
+        _warned["n"] += 1
+        if _warned["n"] <= _MAX_WARNINGS:
+            log.warning(fmt, *args)
+
+
+def read_image_files(paths: list[str], extra: dict[str, np.ndarray]) -> "tf.data.Dataset":
+    """{"image": file bytes (b"" for a file missing now), "key": path, **extra} per path, in order.
+
+    A missing photo is then skipped and counted by `decode_images` (a warning names its path) instead of
+    stopping the pipeline with TensorFlow's NotFoundError. `extra`: per-path int arrays (labels, indices).
+    """
+    import os
+
+    exists = np.array([os.path.isfile(p) for p in paths], bool)
+    ds = tf.data.Dataset.from_tensor_slices({"key": tf.constant(paths, tf.string), "exists": exists, **extra})
+
+    def read(ex):
+        data = tf.cond(ex["exists"], lambda: tf.io.read_file(ex["key"]), lambda: tf.constant(b""))
+        return {"image": data, "key": ex["key"], **{k: ex[k] for k in extra}}
+
+    return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def decode_images(ds: "tf.data.Dataset", image_size: int, num_parallel_calls: int = -1) -> "tf.data.Dataset":

@@ -79,9 +79,7 @@ def _from_coco_json(annotations, images, *, max_examples, process_index, process
     paths = [r["path"] for r in recs[start:stop]]
 
     def records():
-        ds = tf.data.Dataset.from_tensor_slices((paths, np.arange(start, stop, dtype=np.int64)))
-        return ds.map(lambda p, i: {"image": tf.io.read_file(p), "key": p, "image_index": i},
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return decoding.read_image_files(paths, {"image_index": np.arange(start, stop, dtype=np.int64)})
 
     return len(recs), captions, owner, max(b - a for a, b in bounds), records
 

@@ -33,16 +33,62 @@ def open_catalog(name: str, *, data_dir: str | None = None, manual_dir: str | No
         raise ValueError(f"unknown TFDS dataset {name!r}: pass a catalog name (e.g. coco_captions, cifar10), "
                          "or use source=tfds_dir / coco_json / folder:<dir> for local data") from None
     if not builder.is_prepared():
+        how = (f"pass data_dir=<dir with prepared {name}> (e.g. --config.data.data_dir=...), or prepare it once "
+               f"online: python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()\"")
+        if not manual_dir and not download_reachable():
+            raise ValueError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir_root} and cannot be "
+                             f"downloaded (offline: {DOWNLOAD_PROBE[0]}:{DOWNLOAD_PROBE[1]} unreachable); {how}")
         config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+        before = _tree(builder.data_dir_root)
         try:
             builder.download_and_prepare(download_config=config)
         except Exception as e:  # noqa: BLE001 - re-raised with what to pass
+            _remove_new_empty_dirs(builder.data_dir_root, before)
             raise ValueError(
                 f"TFDS dataset {name!r} is not prepared under data_dir={builder.data_dir_root!r} and preparing it "
-                f"failed ({type(e).__name__}: {str(e)[:200]}). Pass data_dir=<dir with prepared {name}>, "
-                "manual_dir=<dir with the downloaded archives> or try_gcs=True."
+                f"failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                f"{how}, or pass manual_dir=<dir with the downloaded archives>"
             ) from None
     return builder
+
+
+# A host every TFDS download goes through (the GCS mirror / most catalog URLs resolve and connect like it).
+DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+
+
+def download_reachable(timeout: float = 3.0) -> bool:
+    """Whether DOWNLOAD_PROBE accepts a TCP connection within `timeout` seconds (False offline)."""
+    import socket
+
+    try:
+        with socket.create_connection(DOWNLOAD_PROBE, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tree(root: str | Path) -> set[str]:
+    """Every directory path under `root` (and root itself if it exists)."""
+    import os
+
+    root = str(root)
+    return {d for d, _, _ in os.walk(root)} if os.path.isdir(root) else set()
+
+
+def _remove_new_empty_dirs(root: str | Path, before: set[str]) -> None:
+    """Remove directories under `root` that a failed prepare created and left empty (deepest first)."""
+    import os
+
+    for d in sorted(_tree(root) - before, key=len, reverse=True):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass  # not empty: it holds something (kept)
+    if str(root) not in before and os.path.isdir(root):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
 
 def open_directory(path: str | Path):
@@ -77,9 +123,9 @@ def open_caption_builder(data_config: Any, *, process_count: int = 1):
             raise ValueError("source=coco_json needs data.annotations=<captions.json> and data.images=<image dir>")
         out = _field(data_config, "data_dir", str(Path.home() / "tensorflow_datasets"))
         if process_count > 1:
-            from jax_refine.data.coco_captions_builder import BUILDER_NAME, _config_name
+            from jax_refine.data.coco_captions_builder import BUILDER_NAME, CocoCaptionsJson, _config_name
 
-            path = Path(out) / BUILDER_NAME / _config_name(ann) / "1.0.0"
+            path = Path(out) / BUILDER_NAME / _config_name(ann, images) / str(CocoCaptionsJson.VERSION)
             if not (path / "dataset_info.json").is_file():
                 raise ValueError(f"multi-host run: prepare {ann} once first (prepare-data) so that {path} exists")
             return open_directory(path)

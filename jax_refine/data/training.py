@@ -62,6 +62,7 @@ class TrainIterator:
         self.last_epoch: dict[str, int] = {}  # skipped in the last finished epoch
         self._it: Iterator | None = None
         self._base = dict(self.counts)
+        self._epoch_batches = 0  # self.batches when the current epoch began
 
     # -- sizes -------------------------------------------------------------------------------------
     def _count_examples(self) -> int:
@@ -138,6 +139,13 @@ class TrainIterator:
             self.counts = {k: self._base[k] + int(v) for k, v in zip(_COUNTS, batch["skipped"][-1])}
             if ended.any():  # the sentinel: this epoch is over (its partial tail batch is dropped)
                 self.last_epoch = {k: self.counts[k] - self.epoch_start[k] for k in _COUNTS}
+                if self.batches == self._epoch_batches and self.position == 0:  # a whole epoch, not one batch
+                    raise ValueError(
+                        f"{self.builder.name}[{self.split}] cannot make one batch of {self.batch_size}: a whole "
+                        f"epoch skipped {self.last_epoch['skipped_no_caption']} examples without a caption and "
+                        f"{self.last_epoch['skipped_bad_image']} with a missing or unreadable image "
+                        f"(data dir {self.builder.data_dir})")
+                self._epoch_batches = self.batches
                 log.info("epoch %d done on process %d (%d batches in total): skipped %s", self.epoch,
                          self.process_index, self.batches, self.last_epoch)
                 self.epoch, self.position, self._it = self.epoch + 1, 0, None
@@ -166,6 +174,7 @@ class TrainIterator:
         self.epoch_start = {k: int(state.get("epoch_start", {}).get(k, 0)) for k in _COUNTS}
         self.last_epoch = {k: int(v) for k, v in state.get("last_epoch", {}).items()}
         self._it = None
+        self._epoch_batches = self.batches
 
     def stats(self) -> dict[str, int]:
         """Counters for the metrics: skipped examples (no caption / unreadable image) in total and in the

@@ -109,14 +109,19 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # --- evaluation (see jax_refine/evaluate.py) -----------------------------------------------
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
-    c.eval.templates = "single"  # single: "a photo of a {}." | openai: the 80-template ensemble
-    # Catalog names or "folder:<dir>" (class folders; classnames.txt optional). The paper's 12th set,
-    # FGVC Aircraft, is not in the TFDS 4.9 catalog: add "folder:<dir>" with its test images by class.
+    # reference: "a photo of {}" (the reference's prompt, no article, no period: compare with the paper) |
+    # single: "a photo of a {}." | openai: the 80-template ensemble
+    c.eval.templates = "reference"
+    # The reference's 12 zero-shot sets, in the paper's order (its average is over exactly these). TFDS catalog
+    # names; FGVC Aircraft is not in the TFDS 4.9 catalog: a class folder of its test images (variants.txt
+    # order; point the path at yours). cifar10 / cifar100 and any "folder:<dir>" can be added as options.
     c.eval.zero_shot = (
-        "imagenet2012", "cifar10", "cifar100", "food101", "oxford_flowers102", "oxford_iiit_pet",
-        "caltech101", "dtd", "eurosat", "sun397", "stanford_cars",
+        "folder:data/fgvc_aircraft/test", "caltech_birds2011", "stanford_cars", "caltech101", "dtd", "eurosat",
+        "oxford_flowers102", "food101", "imagenet2012", "oxford_iiit_pet", "sun397", "ucf101",
     )
-    c.eval.retrieval = ("coco_karpathy_test",)  # or "coco_json:<annotations.json>:<image_dir>"
+    # COCO (Karpathy 5k test), Flickr8k and Flickr30k (1k test each) as in the reference; the Flickr specs are
+    # read by jax_refine.data.retrieval's Karpathy-split readers. "coco_json:<annotations.json>:<image_dir>" too.
+    c.eval.retrieval = ("coco_karpathy_test", "flickr8k_karpathy_test", "flickr30k_karpathy_test")
     c.eval.max_examples = ml_collections.config_dict.placeholder(int)  # cut each set (quick looks)
     # npz embedding cache, keyed by (model fingerprint, dataset, split, n, templates); None: no cache
     c.eval.cache_dir = ml_collections.config_dict.placeholder(str)

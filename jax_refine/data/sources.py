@@ -128,7 +128,8 @@ def caption_records(builder, split: str, *, shuffle_files: bool = False, seed: i
 
 def num_records(builder, split: str) -> int:
     """Number of records in `split` (from TFDS metadata via the dataset's cardinality)."""
-    n = int(builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()}).cardinality())
+    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "video") if k in builder.info.features}
+    n = int(builder.as_dataset(split=split, decoders=skip).cardinality())
     if n < 0:
         raise ValueError(f"{builder.name}[{split}]: number of examples unknown")
     return n

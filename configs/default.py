@@ -43,18 +43,23 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     # --- data (see jax_refine/data/) -----------------------------------------------------------
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # tfds (catalog by name) | coco_json (local COCO-format captions) | tfds_dir
-    c.data.name = "coco_captions"
-    # TFDS coco_captions is COCO 2014 with Karpathy splits; train+restval (~113k images) is the
-    # closest split to the paper's COCO 2017 train (~118k).
-    c.data.split = "train+restval"
-    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    # The paper's training set: COCO Captions 2017 train read in place from captions_train2017.json (our COCO-json
+    # reader), 99% / 1% of its images at random (seed 42) for train / val as the reference splits it, and each
+    # epoch a full random permutation keyed by (seed, epoch) (the last partial batch dropped). Point annotations
+    # and images at your copy. Option: TFDS's coco_captions (COCO 2014, Karpathy splits) with
+    # source="tfds", name="coco_captions", split="train+restval" (~113k images; read through a shuffle buffer).
+    c.data.source = "coco_json"  # coco_json (COCO-format captions JSON + image dir) | tfds (catalog) | tfds_dir
+    c.data.name = "coco_captions"  # source=tfds: the catalog name
+    c.data.split = "train"  # coco_json: "train" | "val" (the 1%); tfds: a TFDS split like "train+restval"
+    c.data.annotations = "data/coco/annotations/captions_train2017.json"  # coco_json: captions JSON
+    c.data.images = "data/coco/train2017"  # coco_json: image directory
+    c.data.train_fraction = 0.99  # coco_json: share of the images in "train" (the reference's train_val_split_ratio)
+    c.data.split_seed = 42  # coco_json: seed of the random train/val split
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds / tfds_dir: TFDS data directory
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)
-    c.data.annotations = ml_collections.config_dict.placeholder(str)  # coco_json: captions JSON
-    c.data.images = ml_collections.config_dict.placeholder(str)  # coco_json: image directory
     c.data.try_gcs = False
     c.data.caption_mode = "random"  # random: one random caption per image per epoch | all: every caption
-    c.data.shuffle_buffer = 10_000
+    c.data.shuffle_buffer = 10_000  # tfds / tfds_dir only (TFRecords have no random access)
     c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
     c.data.prefetch = 2
 

@@ -101,5 +101,4 @@ def test_sharded_8_devices_match_1_device(tmp_path):
     (one, k1), (eight, k8) = results["one"], results["eight"]
     assert len(one) == len(eight) == 5
     assert k8.sharding.spec[0] == "fsdp" and len(k8.sharding.device_set) == 8  # really FSDP-sharded
-    np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)
-    assert one[-1] < one[0]  # it trains
+    np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)  # (that it trains: the same-batch check above)

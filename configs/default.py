@@ -28,33 +28,41 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = "none"  # per-block rematerialisation: none | full | save_dots (keep projection matmuls)
     c.model.scan_layers = False  # one lax.scan over each tower's blocks (faster compile; same params/checkpoints)
 
-    # --- method (see jax_refine/losses.py) ---------------------------------------------------
+    # --- method (see jax_refine/objectives.py: one weighted sum of named terms) ---------------
+    # `name` is a preset: it sets the default term weights, alpha and normalize (objectives.PRESETS); any of
+    # these left at None takes the preset's value, a value set here or on the command line wins.
     c.method = ml_collections.ConfigDict()
     c.method.name = "clip_refine"  # clip_refine|hycd|rafa|contrastive|self_kd|feature_distill|logit_distill|m2_mix
-    c.method.alpha = 0.5  # HyCD: weight of the identity in the hybrid target
-    c.method.temperature = 1.0  # HyCD / distillation temperature
-    c.method.rafa_weight = 1.0  # lambda in L = L_hycd + lambda * L_rafa
+    # L = sum_t weights.t * L_t; None: the preset's weight (clip_refine: kd 1, rafa 1, the rest 0)
+    c.method.weights = ml_collections.ConfigDict(
+        {t: ml_collections.config_dict.placeholder(float) for t in ("contrastive", "kd", "rafa", "feature", "logit", "m2")})
+    c.method.alpha = ml_collections.config_dict.placeholder(float)  # HyCD identity weight; None: preset (0.5; self_kd 0)
+    c.method.temperature = 1.0  # HyCD / KD temperature T
     c.method.prior = "normal"  # RaFA prior: normal|uniform|precomputed|fixed
     c.method.prior_params = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})
-    c.method.contrastive_weight = 1.0  # for `rafa` (RaFA + contrastive)
-    c.method.normalize = False  # the reference works on unnormalized features
-    c.method.m2_mix_weight = 1.0
-    c.method.m2_mix_beta = 0.5  # Beta(b, b) for the m^2-mix mixing ratio
+    # L2-normalize features before every term (m2 always does); None: preset (False, as the reference; m2_mix True)
+    c.method.normalize = ml_collections.config_dict.placeholder(bool)
+    c.method.m2_beta = 0.5  # m^2-mix ratio lam ~ Beta(b, b) (Oh et al.'s scripts/m2mix.sh: beta2 0.5)
 
     # --- data (see jax_refine/data/) -----------------------------------------------------------
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # tfds (catalog by name) | coco_json (local COCO-format captions) | tfds_dir
-    c.data.name = "coco_captions"
-    # TFDS coco_captions is COCO 2014 with Karpathy splits; train+restval (~113k images) is the
-    # closest split to the paper's COCO 2017 train (~118k).
-    c.data.split = "train+restval"
-    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    # The paper's training set: COCO Captions 2017 train read in place from captions_train2017.json (our COCO-json
+    # reader), 99% / 1% of its images at random (seed 42) for train / val as the reference splits it, and each
+    # epoch a full random permutation keyed by (seed, epoch) (the last partial batch dropped). Point annotations
+    # and images at your copy. Option: TFDS's coco_captions (COCO 2014, Karpathy splits) with
+    # source="tfds", name="coco_captions", split="train+restval" (~113k images; read through a shuffle buffer).
+    c.data.source = "coco_json"  # coco_json (COCO-format captions JSON + image dir) | tfds (catalog) | tfds_dir
+    c.data.name = "coco_captions"  # source=tfds: the catalog name
+    c.data.split = "train"  # coco_json: "train" | "val" (the 1%); tfds: a TFDS split like "train+restval"
+    c.data.annotations = "data/coco/annotations/captions_train2017.json"  # coco_json: captions JSON
+    c.data.images = "data/coco/train2017"  # coco_json: image directory
+    c.data.train_fraction = 0.99  # coco_json: share of the images in "train" (the reference's train_val_split_ratio)
+    c.data.split_seed = 42  # coco_json: seed of the random train/val split
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds / tfds_dir: TFDS data directory
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)
-    c.data.annotations = ml_collections.config_dict.placeholder(str)  # coco_json: captions JSON
-    c.data.images = ml_collections.config_dict.placeholder(str)  # coco_json: image directory
     c.data.try_gcs = False
     c.data.caption_mode = "random"  # random: one random caption per image per epoch | all: every caption
-    c.data.shuffle_buffer = 10_000
+    c.data.shuffle_buffer = 10_000  # tfds / tfds_dir only (TFRecords have no random access)
     c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
     c.data.prefetch = 2
 
@@ -109,14 +117,19 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # --- evaluation (see jax_refine/evaluate.py) -----------------------------------------------
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
-    c.eval.templates = "single"  # single: "a photo of a {}." | openai: the 80-template ensemble
-    # Catalog names or "folder:<dir>" (class folders; classnames.txt optional). The paper's 12th set,
-    # FGVC Aircraft, is not in the TFDS 4.9 catalog: add "folder:<dir>" with its test images by class.
+    # reference: "a photo of {}" (the reference's prompt, no article, no period: compare with the paper) |
+    # single: "a photo of a {}." | openai: the 80-template ensemble
+    c.eval.templates = "reference"
+    # The reference's 12 zero-shot sets, in the paper's order (its average is over exactly these). TFDS catalog
+    # names; FGVC Aircraft is not in the TFDS 4.9 catalog: a class folder of its test images (variants.txt
+    # order; point the path at yours). cifar10 / cifar100 and any "folder:<dir>" can be added as options.
     c.eval.zero_shot = (
-        "imagenet2012", "cifar10", "cifar100", "food101", "oxford_flowers102", "oxford_iiit_pet",
-        "caltech101", "dtd", "eurosat", "sun397", "stanford_cars",
+        "folder:data/fgvc_aircraft/test", "caltech_birds2011", "stanford_cars", "caltech101", "dtd", "eurosat",
+        "oxford_flowers102", "food101", "imagenet2012", "oxford_iiit_pet", "sun397", "ucf101",
     )
-    c.eval.retrieval = ("coco_karpathy_test",)  # or "coco_json:<annotations.json>:<image_dir>"
+    # COCO (Karpathy 5k test), Flickr8k and Flickr30k (1k test each) as in the reference; the Flickr specs are
+    # read by jax_refine.data.retrieval's Karpathy-split readers. "coco_json:<annotations.json>:<image_dir>" too.
+    c.eval.retrieval = ("coco_karpathy_test", "flickr8k_karpathy_test", "flickr30k_karpathy_test")
     c.eval.max_examples = ml_collections.config_dict.placeholder(int)  # cut each set (quick looks)
     # npz embedding cache, keyed by (model fingerprint, dataset, split, n, templates); None: no cache
     c.eval.cache_dir = ml_collections.config_dict.placeholder(str)

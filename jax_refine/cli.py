@@ -1,4 +1,4 @@
-"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, demo.
+"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, config, demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
 `--config.SECTION.KEY=VALUE` (see configs/default.py for the keys). Errors in the input (a missing
@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--images", required=True, help="directory holding the images named in the JSON")
     d.add_argument("--out", required=True, help="TFDS data_dir to write")
     d.add_argument("--name", help="dataset config name (default: the annotations file name)")
+
+    g = add("config", "Print the fully resolved config (the method's preset weights filled in, overrides applied) "
+                      "as JSON, to see and diff exactly what a run will use.")
+    g.add_argument("spec", help="config file (configs/*.py or a bare name like clip_refine_vitb32_coco), optionally FILE:PRESET")
 
     m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
                     "photos, refine it with CLIP-Refine (normalized and unnormalized features) and with contrastive "

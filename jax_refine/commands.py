@@ -29,6 +29,20 @@ def train(args, overrides: list[str]) -> int:
     return PREEMPTED_EXIT if result["preempted"] else 0
 
 
+def resolved_config(spec: str, overrides: list[str]) -> dict:
+    """The config of `spec` with overrides applied and `method` resolved (preset weights, alpha, normalize)."""
+    from jax_refine import objectives
+
+    config = load_config(spec, overrides)
+    config.method = objectives.resolve_method(config.method)
+    return config.to_dict()
+
+
+def config(args, overrides: list[str]) -> int:
+    print(json.dumps(resolved_config(args.spec, overrides), indent=1, sort_keys=False, default=str))
+    return 0
+
+
 def evaluate(args, overrides: list[str]) -> int:
     config = load_config(args.config, overrides)
     from jax_refine import evaluate as evaluate_lib

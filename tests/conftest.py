@@ -26,12 +26,30 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 CIFAR10_DIR = SHARED_DATA / "cifar10"
 
 
+COCO_MINI_DIR = SHARED_DATA / "coco_mini"
+
+
+def require_shared_data(path: Path) -> Path:
+    """`path` under ../shared/data, or: FAIL in CI (env CI=true: missing data must not pass as skipped), skip
+    elsewhere."""
+    if not path.exists():
+        message = f"real data not found at {path} (../shared/data beside the project)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; CI=true, so this is a failure, not a skip")
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     """The real CIFAR-10 JPEGs beside the project (read-only; copy before corrupting)."""
-    if not CIFAR10_DIR.is_dir():
-        pytest.skip(f"real data not found at {CIFAR10_DIR}")
-    return CIFAR10_DIR
+    return require_shared_data(CIFAR10_DIR)
+
+
+@pytest.fixture(scope="session")
+def coco_mini_dir() -> Path:
+    """Real MS-COCO 2017 photos and captions in the original format (read-only)."""
+    return require_shared_data(COCO_MINI_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -175,3 +175,49 @@ def test_retrieval_karpathy_test_mocked(cifar10_dir):
     b = batches[0]
     assert b["image_index"].tolist() == [0, 1, 2, 3] and batches[1]["mask"].tolist() == [True, True, False, False]
     assert np.abs(b["image"][2] - _hf(paths[2])).max() <= 1e-3
+
+
+def test_ucf101_is_evaluated_on_each_video_middle_frame(tmp_path):
+    """UCF101 (a TFDS video set) enters zero-shot as its middle frame, as in the reference; a real-photo
+    frame in the middle, solid colours around it, compared with CLIPImageProcessor on that photo."""
+    from jax_refine.data.tf_runtime import tf
+
+    photo = np.array(Image.new("RGB", (256, 256), (30, 140, 220)))
+    photo[64:192, 32:96] = (250, 250, 20)  # a yellow block: the frame has structure
+    Image.fromarray(photo).save(tmp_path / "middle.png")
+    solid = lambda c: np.full((256, 256, 3), c, np.uint8)  # noqa: E731
+    videos = [[solid(0), solid(255), photo, solid(60), solid(90)], [solid(10), photo, solid(200)]]
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        features = self.info.features
+        ser = [features.serialize_example({"video": v, "label": k}) for k, v in enumerate(videos)]
+        ds = tf.data.Dataset.from_tensor_slices(ser).map(lambda s: features.deserialize_example(s, decoders=decoders))
+        return ds.enumerate().map(lambda i, ex: {**ex, "tfds_id": tf.strings.as_string(i)})
+
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_dataset_fn=as_dataset):
+        s = load_classification("ucf101", batch_size=2, image_size=SIZE)
+        (b,) = list(s.batches())
+    assert s.class_names[:2] == ["Apply Eye Makeup", "Apply Lipstick"] and len(s.class_names) == 101
+    assert b["mask"].tolist() == [True, True] and b["label"].tolist() == [0, 1]
+    want = _hf(tmp_path / "middle.png")  # TFDS's Video feature stores frames lossy: a level or so of difference
+    for got in b["image"]:
+        assert np.abs(got - want).mean() <= 0.01 and np.abs(got - want).max() <= 0.15
+
+
+def test_reference_suite_class_names_and_templates():
+    """The reference's 12 zero-shot sets all have class names; its prompt is "a photo of {c}"."""
+    from configs import default
+    from jax_refine.data.sources import CATALOG_ALIASES
+    from jax_refine.evaluate import resolve_templates
+
+    suite = default.get_config().eval.zero_shot
+    assert len(suite) == 12
+    for spec in suite:
+        if not spec.startswith("folder:"):
+            names = class_names(spec)
+            label = tfds.builder(CATALOG_ALIASES.get(spec, spec), try_gcs=False, data_dir="/nonexistent").info.features["label"]
+            assert names is not None and len(names) == label.num_classes, spec
+    birds = class_names("caltech_birds2011")
+    assert birds[0] == "Black footed Albatross" and birds[-1] == "Common Yellowthroat" and len(set(birds)) == 200
+    assert resolve_templates("reference") == ("a photo of {}",)
+    assert resolve_templates("single") == ("a photo of a {}.",) and len(resolve_templates("openai")) == 80

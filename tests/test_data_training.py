@@ -215,3 +215,61 @@ def test_to_global_batch_on_mesh():
     assert out["image"].shape == (8, 4, 4, 3) and len(out["image"].addressable_shards) == 8
     assert out["image"].addressable_shards[3].data.shape == (1, 4, 4, 3)
     np.testing.assert_array_equal(np.asarray(out["input_ids"]), local["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's training order and split (coco_json source): checked against NumPy written here
+# ------------------------------------------------------------------------------------------------
+def test_each_epoch_is_the_full_permutation_of_seed_and_epoch(coco_set, tmp_path, cifar10_dir):
+    """Epoch e reads image k at position np.random.default_rng([seed, e]).permutation(N)^-1[k]; the last
+    partial batch is dropped (42 images, batch 8: 5 batches, the 2 left over are not carried into epoch 2)."""
+    ann, images = _write_coco(tmp_path, cifar10_dir, per_class=4)
+    extra = json.loads(ann.read_text())
+    for k in (40, 41):  # 42 images: not a multiple of the batch
+        shutil.copy(images / "00000.jpg", images / f"{k:05d}.jpg")
+        extra["images"].append({"id": 1000 + k, "file_name": f"{k:05d}.jpg"})
+        extra["annotations"].append({"image_id": 1000 + k, "caption": f"a photo of a copy number {k}."})
+    ann.write_text(json.dumps(extra))
+    cfg = {"source": "coco_json", "annotations": str(ann), "images": str(images), "caption_mode": "random"}
+    it = make_train_iterator(cfg, global_batch_size=8, image_size=SIZE, seed=7)
+    assert it.num_examples == 42 and it.steps_per_epoch == 5
+    got = [sum((_ids(b)[0] for b in _take(it, 5)), []) for _ in range(2)]
+    for epoch in range(2):
+        want = np.random.default_rng([7, epoch]).permutation(42)[:40].tolist()
+        assert got[epoch] == want, epoch
+    assert got[0] != got[1]
+
+
+def test_coco_json_random_99_1_split_with_seed_42(coco_mini_dir):
+    """The reference's split of COCO 2017 train: 99% / 1% of the images at random (seed 42), disjoint, covering
+    the file; on the real coco_mini captions (80 photos): 79 / 1."""
+    from jax_refine.data import read_coco_json
+    from jax_refine.data.sources import coco_json_split
+
+    ann, img = coco_mini_dir / "annotations" / "captions_train2017.json", coco_mini_dir / "train2017"
+    ids = sorted(r["id"] for r in read_coco_json(ann, img))
+    train = coco_json_split(ann, img, "train", train_fraction=0.99, split_seed=42)
+    val = coco_json_split(ann, img, "val", train_fraction=0.99, split_seed=42)
+    assert len(ids) == 80 and len(train.keys) == 79 and len(val.keys) == 1
+    perm = np.random.default_rng(42).permutation(80)
+    assert val.keys == (str(ids[perm[79]]),)
+    assert sorted(map(int, train.keys)) == sorted(ids[i] for i in perm[:79])
+    assert all(len(c) >= 1 for c in train.captions) and all(p.endswith(".jpg") for p in train.paths)
+    other = coco_json_split(ann, img, "val", train_fraction=0.99, split_seed=0)
+    assert other.keys == (str(ids[np.random.default_rng(0).permutation(80)[79]]),)
+    it = make_train_iterator({"source": "coco_json", "annotations": str(ann), "images": str(img),
+                              "train_fraction": 0.99, "split_seed": 42}, global_batch_size=8, image_size=SIZE)
+    assert it.num_examples == 79 and it.steps_per_epoch == 9
+    with pytest.raises(ValueError, match="splits 'train' and 'val'"):
+        coco_json_split(ann, img, "test")
+
+
+def test_missing_shared_data_fails_in_ci(tmp_path, monkeypatch):
+    from conftest import require_shared_data
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_shared_data(tmp_path / "missing")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        require_shared_data(tmp_path / "missing")

@@ -74,9 +74,12 @@ def test_zero_shot_known_answer_and_top5():
     got = evaluate.zero_shot_scores(images, labels, classes)
     assert got["top1"] == pytest.approx(100 * (len(labels) - 8) / len(labels))
     assert got["top5"] == pytest.approx(100.0) and got["top5"] >= got["top1"]
-    # Random embeddings: top-5 >= top-1 and chance-level numbers.
-    got = evaluate.zero_shot_scores(rng.normal(size=(200, d)), rng.integers(0, c, 200), rng.normal(size=(c, d)))
-    assert 0 <= got["top1"] <= got["top5"] <= 100
+    # Random embeddings: against a NumPy rank count.
+    imgs, labs, cls = rng.normal(size=(200, d)), rng.integers(0, c, 200), rng.normal(size=(c, d))
+    got = evaluate.zero_shot_scores(imgs, labs, cls)
+    sims = (imgs / np.linalg.norm(imgs, axis=1, keepdims=True)) @ (cls / np.linalg.norm(cls, axis=1, keepdims=True)).T
+    rank = (sims > sims[np.arange(200), labs][:, None]).sum(axis=1)  # classes scoring above the true one
+    assert got == pytest.approx({"top1": 100 * np.mean(rank < 1), "top5": 100 * np.mean(rank < 5)})
 
 
 def test_template_ensemble_is_normalized_mean():
@@ -276,10 +279,9 @@ def test_end_to_end_compare_on_cifar10(cifar_subset, tiny_hf_clip_dir, tmp_path,
     assert [r["model"] for r in results] == ["pretrained", "refined"]
     for r in results:
         (zs,) = r["zero_shot"].values()
-        assert zs["n"] == 100 and zs["num_classes"] == 10 and 0 <= zs["top1"] <= zs["top5"] <= 100
+        assert zs["n"] == 100 and zs["num_classes"] == 10
         (rt,) = r["retrieval"].values()
         assert rt["n_images"] == 20 and rt["n_captions"] == 40
-        assert all(0 <= v <= 100 for d in ("i2t", "t2i") for v in rt[d].values())
         assert set(r["features"]) == set(r["zero_shot"]) | set(r["retrieval"])
     md = got["markdown"].read_text()
     assert "| pretrained |" in md and "| refined |" in md and "ZS avg" in md and "gap" in md
@@ -310,7 +312,6 @@ def test_in_memory_zero_shot_with_template_ensemble(tiny_hf_clip_dir, tmp_path):
     result = evaluate.evaluate(model, eval_config, name="tiny", zero_shot=[task], retrieval=[], out_dir=tmp_path)
     assert result["templates"] == "openai" and result["zero_shot"]["toy"]["n"] == 12
     assert result["zero_shot_mean"]["top1"] == result["zero_shot"]["toy"]["top1"]
-    assert result["zero_shot"]["toy"]["top5"] == 100.0  # 3 classes: always within the top 5
     assert {p.name for p in tmp_path.glob("*.png")} == {"toy_gap_pca.png", "toy_similarity_hist.png"}
     assert "| tiny |" in (tmp_path / "report.md").read_text()
 

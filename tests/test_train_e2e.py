@@ -39,7 +39,7 @@ def test_train_on_coco_format_photos_exports_hf(cifar10_dir, tmp_path):
     assert out["steps"] == 3 and np.isfinite(out["metrics"]["loss"])
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert {"loss", "hycd", "rafa", "modality_gap", "grad_norm", "lr", "examples_per_sec",
+    assert {"loss", "kd", "rafa", "modality_gap", "grad_norm", "lr", "examples_per_sec",
             "data/skipped_bad_image"} <= set(rows[-1])
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -61,9 +61,14 @@ class SyntheticIterator:
         self.index = int(state["index"])
 
 
-def torch_clip_refine_step(hf_dir, batch: dict, z: np.ndarray, *, lr: float, weight_decay: float = 0.1,
-                           alpha: float = 0.5, temperature: float = 1.0, rafa_weight: float = 1.0):
-    """One CLIP-Refine step in PyTorch from design.md's equations: returns (loss, {hf name: updated param})."""
+def torch_clip_refine_steps(hf_dir, batches: list, zs: list, *, lr: float, weight_decay: float = 0.1,
+                            betas=(0.9, 0.999), eps: float = 1e-8, alpha: float = 0.5, temperature: float = 1.0,
+                            rafa_weight: float = 1.0, eval_batch: dict | None = None):
+    """CLIP-Refine in PyTorch from design.md's equations, one AdamW step per batch (with its RaFA reference z).
+
+    Returns {"losses": [loss per step], "grads": {hf name: gradient of step 1}, "params": {hf name: final},
+    "eval_loss": the loss on `eval_batch` (with zs[0]) at the final parameters, if given}.
+    """
     import copy
 
     import torch
@@ -73,31 +78,44 @@ def torch_clip_refine_step(hf_dir, batch: dict, z: np.ndarray, *, lr: float, wei
     torch.manual_seed(0)
     student = CLIPModel.from_pretrained(hf_dir, torch_dtype=torch.float32).train()
     teacher = copy.deepcopy(student).eval()
-    pixels = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-    ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
-    mask = torch.from_numpy(batch["attention_mask"].astype(np.int64))
 
-    def feats(m):
-        fi = m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)
-        ft = m.text_projection(m.text_model(input_ids=ids, attention_mask=mask).pooler_output)
-        return fi, ft
+    def loss_of(batch, z):
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+        ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+        mask = torch.from_numpy(batch["attention_mask"].astype(np.int64))
 
-    with torch.no_grad():
-        gi, gt = feats(teacher)
-    fi, ft = feats(student)
-    eye = torch.eye(fi.shape[0])
+        def feats(m):
+            fi = m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)
+            ft = m.text_projection(m.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+            return fi, ft
 
-    def kd(s, t):
-        q = alpha * eye + (1 - alpha) * F.softmax(t / temperature, dim=1)
-        return F.kl_div(F.log_softmax(s / temperature, dim=1), q, reduction="batchmean") * temperature**2
+        with torch.no_grad():
+            gi, gt = feats(teacher)
+        fi, ft = feats(student)
+        eye = torch.eye(fi.shape[0])
 
-    s, t = fi @ ft.T, gi @ gt.T
-    hycd = (kd(s, t) + kd(s.T, t.T)) / 2
-    zt = torch.from_numpy(np.array(z, np.float32))
-    rafa = F.mse_loss(fi, zt) + F.mse_loss(ft, zt)
-    loss = hycd + rafa_weight * rafa
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.item(), {k: v.detach().numpy().copy() for k, v in student.state_dict().items()}
+        def kd(s, t):
+            q = alpha * eye + (1 - alpha) * F.softmax(t / temperature, dim=1)
+            return F.kl_div(F.log_softmax(s / temperature, dim=1), q, reduction="batchmean") * temperature**2
+
+        s, t = fi @ ft.T, gi @ gt.T
+        zt = torch.from_numpy(np.array(z, np.float32))
+        return (kd(s, t) + kd(s.T, t.T)) / 2 + rafa_weight * (F.mse_loss(fi, zt) + F.mse_loss(ft, zt))
+
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    names = {id(p): n for n, p in student.named_parameters()}
+    out = {"losses": []}
+    for i, (batch, z) in enumerate(zip(batches, zs)):
+        opt.zero_grad()
+        loss = loss_of(batch, z)
+        loss.backward()
+        if i == 0:
+            out["grads"] = {names[id(p)]: (p.grad.numpy().copy() if p.grad is not None else np.zeros(p.shape, np.float32))
+                            for p in student.parameters()}
+        opt.step()
+        out["losses"].append(loss.item())
+    if eval_batch is not None:
+        with torch.no_grad():
+            out["eval_loss"] = loss_of(eval_batch, zs[0]).item()
+    out["params"] = {k: v.detach().numpy().copy() for k, v in student.state_dict().items()}
+    return out

@@ -25,6 +25,7 @@ EVAL_SPLITS = {
     "imagenet2012": "validation", "cifar10": "test", "cifar100": "test", "food101": "validation",
     "oxford_flowers102": "test", "oxford_iiit_pet": "test", "caltech101": "test", "dtd": "test",
     "eurosat": "train", "sun397": "test", "stanford_cars": "test", "cars196": "test", "fgvc_aircraft": "test",
+    "caltech_birds2011": "test", "ucf101": "test",
 }
 
 
@@ -89,10 +90,18 @@ def _catalog_set(name, *, split, data_dir, manual_dir, try_gcs, max_examples, pr
     if names is None or len(names) != len(label_names):
         names = [n.replace("_", " ") for n in label_names]
 
+    # Video sets (ucf101) are evaluated on their middle frame, as the reference does (CoOp's UCF101 midframes).
+    image_key = "image" if "image" in builder.info.features else "video"
+    if image_key not in builder.info.features:
+        raise ValueError(f"{name} has neither an 'image' nor a 'video' feature: not an image classification set")
+
+    def frame(x):
+        return x if image_key == "image" else x[tf.shape(x)[0] // 2]
+
     def records():
-        ds = builder.as_dataset(split=splits[process_index], decoders={"image": tfds.decode.SkipDecoding()},
+        ds = builder.as_dataset(split=splits[process_index], decoders={image_key: tfds.decode.SkipDecoding()},
                                 read_config=tfds.ReadConfig(add_tfds_id=True))
-        return ds.map(lambda ex: {"image": ex["image"], "key": ex["tfds_id"], "label": ex[label_key]})
+        return ds.map(lambda ex: {"image": frame(ex[image_key]), "key": ex["tfds_id"], "label": ex[label_key]})
 
     return names, sum(sizes), max(sizes), records
 

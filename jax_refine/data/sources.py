@@ -6,7 +6,9 @@ ahead cheaply on resume and flag corrupt images itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from jax_refine.data.tf_runtime import tf, tfds
 
@@ -174,7 +176,45 @@ def caption_records(builder, split: str, *, shuffle_files: bool = False, seed: i
 
 def num_records(builder, split: str) -> int:
     """Number of records in `split` (from TFDS metadata via the dataset's cardinality)."""
-    n = int(builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()}).cardinality())
+    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "video") if k in builder.info.features}
+    n = int(builder.as_dataset(split=split, decoders=skip).cardinality())
     if n < 0:
         raise ValueError(f"{builder.name}[{split}]: number of examples unknown")
     return n
+
+
+class CaptionList(NamedTuple):
+    """Image files with their captions in a fixed order: random access, so an epoch can be any permutation.
+
+    `paths[i]` (str), `captions[i]` (tuple of str, possibly empty), `keys[i]` (the image id as str).
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    captions: tuple[tuple[str, ...], ...]
+    keys: tuple[str, ...]
+
+
+def coco_json_split(annotations: str | Path, images: str | Path, split: str = "train", *,
+                    train_fraction: float = 1.0, split_seed: int = 42) -> CaptionList:
+    """A COCO-format caption set (read by our COCO-json builder's reader), split at random as the reference
+    does: images in id order, permuted with `np.random.default_rng(split_seed)`; the first
+    `int(train_fraction * N)` are "train", the rest "val" (the paper: COCO 2017 train, 0.99, seed 42)."""
+    from jax_refine.data.coco_captions_builder import read_coco_json
+
+    if split not in ("train", "val"):
+        raise ValueError(f"data.split={split!r}: a coco_json source has the splits 'train' and 'val' "
+                         f"(data.train_fraction={train_fraction} of the images in train)")
+    if not 0.0 < float(train_fraction) <= 1.0:
+        raise ValueError(f"data.train_fraction={train_fraction!r} must be in (0, 1]")
+    records = sorted(read_coco_json(annotations, images), key=lambda r: r["id"])
+    order = np.random.default_rng(int(split_seed)).permutation(len(records))
+    n_train = int(float(train_fraction) * len(records))
+    chosen = np.sort(order[:n_train] if split == "train" else order[n_train:])
+    if not len(chosen):
+        raise ValueError(f"{annotations}: split {split!r} is empty ({len(records)} images, train_fraction "
+                         f"{train_fraction})")
+    picked = [records[i] for i in chosen]
+    return CaptionList(f"{Path(annotations).stem}[{split}]", tuple(r["path"] for r in picked),
+                       tuple(tuple(t for _, t in r["captions"]) for r in picked),
+                       tuple(str(r["id"]) for r in picked))

@@ -1,8 +1,14 @@
 """Image-caption training batches: per host, deterministic, resumable, bad examples skipped and counted.
 
-Per epoch e, this host's pipeline is (tf.data, all lazy):
-  records of this host's slice (`tfds.even_splits`) -> file order and shuffle buffer seeded by (seed, e)
-  -> caption: "random" = one caption per image drawn from (seed, e, image key); "all" = every caption
+The order of an epoch e (the first stage below):
+  - a `CaptionList` source (`data.source="coco_json"`, the paper's COCO 2017 train): a full random
+    permutation of the split's examples from `np.random.default_rng([seed, e])`, the same on every host;
+    host p reads its contiguous slice of it; "random" captions are drawn from `default_rng([seed, e, 1])`
+    per image; "all" permutes the (image, caption) pairs. Nothing but paths and captions is held in memory.
+  - a TFDS builder (catalog `coco_captions` Karpathy train+restval, a prepared directory): TFRecords have no
+    random access, so this host's slice (`tfds.even_splits`) is read in a file order and through a shuffle
+    buffer (`data.shuffle_buffer`) seeded by (seed, e): an approximation of a permutation.
+Then (tf.data, all lazy):
   -> enumerate (index within the epoch) -> skip(position) [resume: raw records, nothing decoded]
   -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, CLIPImageProcessor pixels)
   -> running counts of skipped examples (scan) -> drop skipped -> batch -> tokenize, normalize -> prefetch.
@@ -13,6 +19,7 @@ State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds e
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -35,25 +42,28 @@ class TrainIterator:
     `get_state()/set_state()`, `stats()` (skipped counts, examples seen).
     """
 
-    def __init__(self, builder, split: str, *, global_batch_size: int, image_size: int, max_length: int,
+    def __init__(self, builder, split: str | None, *, global_batch_size: int, image_size: int, max_length: int,
                  seed: int, process_index: int, process_count: int, tokenizer, caption_mode: str = "random",
                  shuffle_buffer: int = 10_000, num_parallel_calls: int = -1, prefetch: int = 2):
         if caption_mode not in ("random", "all"):
             raise ValueError(f"caption_mode={caption_mode!r}: use 'random' or 'all'")
         hosts.check_process(process_index, process_count)
-        sources.check_split(builder, split)
+        self.listed = isinstance(builder, sources.CaptionList)  # random access: a full permutation per epoch
+        if not self.listed:
+            sources.check_split(builder, split)
         self.builder, self.split = builder, split
         self.batch_size = hosts.per_host_batch_size(global_batch_size, process_count)
         self.image_size, self.max_length, self.tokenizer = image_size, max_length, tokenizer
         self.seed, self.caption_mode = int(seed), caption_mode
         self.process_index, self.process_count = process_index, process_count
         self.shuffle_buffer, self.num_parallel_calls, self.prefetch = shuffle_buffer, num_parallel_calls, prefetch
-        self.host_split = tfds.even_splits(split, process_count)[process_index] if process_count > 1 else split
+        self.host_split = (tfds.even_splits(split, process_count)[process_index]
+                           if process_count > 1 and not self.listed else split)
         self.num_examples = self._count_examples()
         self.steps_per_epoch = (self.num_examples // process_count) // self.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{builder.name}[{split}] has {self.num_examples} examples ({caption_mode} captions), fewer than one "
+                f"{builder.name}[{split or ''}] has {self.num_examples} examples ({caption_mode} captions), fewer than one "
                 f"global batch of {global_batch_size} ({self.batch_size} per host x {process_count}): lower the batch size"
             )
         self.epoch, self.position, self.batches = 0, 0, 0
@@ -66,6 +76,9 @@ class TrainIterator:
 
     # -- sizes -------------------------------------------------------------------------------------
     def _count_examples(self) -> int:
+        if self.listed:
+            return len(self.builder.paths) if self.caption_mode == "random" else sum(
+                max(len(c), 1) for c in self.builder.captions)
         if self.caption_mode == "random":
             return sources.num_records(self.builder, self.split)
         ds = sources.caption_records(self.builder, self.split)  # one pass over the records, images not decoded
@@ -73,13 +86,53 @@ class TrainIterator:
         return int(sizes.reduce(tf.constant(0, tf.int64), lambda a, n: a + n))
 
     # -- the per-epoch tf.data pipeline --------------------------------------------------------------
+    def epoch_examples(self, epoch: int) -> dict[str, np.ndarray]:
+        """A `CaptionList` epoch's order on this host: {"path", "caption", "key", "exists", "status"} (n,).
+
+        The whole split is permuted by `default_rng([seed, epoch])` (examples = images, or (image, caption)
+        pairs in "all" mode) and this host takes its contiguous slice, so the order does not depend on the
+        host layout except through the slicing.
+        """
+        src = self.builder
+        if self.caption_mode == "random":
+            draw = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**31 - 1, len(src.paths))
+            image = np.arange(len(src.paths))
+            caption = [c[d % len(c)] if c else "" for c, d in zip(src.captions, draw)]
+        else:
+            pairs = [(i, t) for i, c in enumerate(src.captions) for t in (c or ("",))]
+            image = np.asarray([i for i, _ in pairs], np.int64)
+            caption = [t for _, t in pairs]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(image))
+        start, stop = hosts.host_range(len(order), self.process_index, self.process_count)
+        order = order[start:stop]
+        img = image[order]
+        exists = np.asarray([Path(src.paths[i]).is_file() for i in img], bool)
+        status = np.asarray([decoding.OK if src.captions[i] else decoding.NO_CAPTION for i in img], np.int32)
+        return {"path": np.asarray([src.paths[i] for i in img], object).astype(str),
+                "caption": np.asarray([caption[j] for j in order], object).astype(str),
+                "key": np.asarray([src.keys[i] for i in img], object).astype(str), "exists": exists, "status": status}
+
+    def _listed_records(self, epoch: int, position: int) -> "tf.data.Dataset":
+        ex = self.epoch_examples(epoch)
+        ds = tf.data.Dataset.from_tensor_slices(ex).enumerate().skip(position)
+
+        def read(i, r):  # a missing file becomes empty bytes: skipped and counted as a bad image
+            image = tf.cond(r["exists"], lambda: tf.io.read_file(r["path"]), lambda: tf.constant(b""))
+            return {"image": image, "caption": r["caption"], "key": r["key"], "status": r["status"], "index": i}
+
+        return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     def _dataset(self, epoch: int, position: int) -> "tf.data.Dataset":
         eseed = _epoch_seed(self.seed, epoch)
-        ds = sources.caption_records(self.builder, self.host_split, shuffle_files=True, seed=eseed)
-        if self.shuffle_buffer > 1:
-            ds = ds.shuffle(self.shuffle_buffer, seed=eseed, reshuffle_each_iteration=False)
-        ds = ds.flat_map(self._pairs) if self.caption_mode == "all" else ds.map(lambda r: self._one_caption(r, eseed))
-        ds = ds.enumerate().map(lambda i, ex: {**ex, "index": i}).skip(position)
+        if self.listed:
+            ds = self._listed_records(epoch, position)
+        else:
+            ds = sources.caption_records(self.builder, self.host_split, shuffle_files=True, seed=eseed)
+            if self.shuffle_buffer > 1:
+                ds = ds.shuffle(self.shuffle_buffer, seed=eseed, reshuffle_each_iteration=False)
+            ds = (ds.flat_map(self._pairs) if self.caption_mode == "all"
+                  else ds.map(lambda r: self._one_caption(r, eseed)))
+            ds = ds.enumerate().map(lambda i, ex: {**ex, "index": i}).skip(position)
         end = {"image": tf.constant(b""), "caption": tf.constant(b""), "key": tf.constant(b"<end>"),
                "status": tf.constant(decoding.END, tf.int32), "index": tf.constant(-1, tf.int64)}
         ds = ds.concatenate(tf.data.Dataset.from_tensors(end))
@@ -191,7 +244,15 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, image_size:
 
         tokenizer = get_tokenizer()
     f = sources._field
-    builder = sources.open_caption_builder(data_config, process_count=process_count)
+    if f(data_config, "source", "tfds") == "coco_json":  # read in place: a full permutation per epoch
+        ann, images = f(data_config, "annotations"), f(data_config, "images")
+        if ann is None or images is None:
+            raise ValueError("source=coco_json needs data.annotations=<captions.json> and data.images=<image dir>")
+        builder = sources.coco_json_split(ann, images, f(data_config, "split", "train"),
+                                          train_fraction=float(f(data_config, "train_fraction", 1.0)),
+                                          split_seed=int(f(data_config, "split_seed", 42)))
+    else:
+        builder = sources.open_caption_builder(data_config, process_count=process_count)
     return TrainIterator(
         builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, image_size=image_size,
         max_length=max_length, seed=seed, process_index=process_index, process_count=process_count,

@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="TFDS data_dir to write")
     d.add_argument("--name", help="dataset config name (default: the annotations file name)")
 
-    m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
-                    "photos, refine it with CLIP-Refine and with contrastive fine-tuning, compare all three.")
+    m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on a generated synthetic "
+                    "world, refine it with CLIP-Refine and with contrastive fine-tuning, compare the models.")
     m.add_argument("--config", default="demo", help="demo config (default: configs/demo.py)")
     m.add_argument("--out", default="outputs/demo", help="where the report and pictures go (default: outputs/demo)")
     return p

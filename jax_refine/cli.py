@@ -73,9 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                       "as JSON, to see and diff exactly what a run will use.")
     g.add_argument("spec", help="config file (configs/*.py or a bare name like clip_refine_vitb32_coco), optionally FILE:PRESET")
 
-    m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
-                    "photos, refine it with CLIP-Refine (normalized and unnormalized features) and with contrastive "
-                    "fine-tuning, compare all four.")
+    m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on a generated synthetic "
+                    "world, refine it with CLIP-Refine and with contrastive fine-tuning, compare the models.")
     m.add_argument("--config", default="demo", help="demo config (default: configs/demo.py)")
     m.add_argument("--out", default="outputs/demo", help="where the report and pictures go (default: outputs/demo)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")

@@ -1,7 +1,8 @@
-"""The offline demo pipeline (`./run.sh`) on a cut-down setting: a few steps per stage, fewer eval photos.
+"""The offline demo pipeline (`./run.sh`) on a cut-down setting: a small world, a few steps per stage.
 
-It runs the real stages -- contrastive pre-training from scratch, CLIP-Refine and contrastive fine-tuning
-from the pre-trained export, the three-model comparison -- twice, and the two tables must be identical.
+It runs the real stages -- the synthetic world, contrastive pre-training from scratch, CLIP-Refine and
+contrastive fine-tuning from the pre-trained export, the four-model comparison -- twice, and the two tables
+must be identical.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ CUT_DOWN = ["--config.train.num_steps=2", "--config.train.batch_size=32", "--con
 
 
 def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
-    config = load_config("demo", CUT_DOWN)
+    world = [f"--config.world.cache_dir={tmp_path / 'world'}", "--config.world.pretrain=64",
+             "--config.world.refine=64", "--config.world.test=120",
+             '--config.world.zero_shot_tasks=("shape", "colour")']  # 2 of the 6 tasks, to keep it short
+    config = load_config("demo", CUT_DOWN + world)
     first = demo.run_demo(config, tmp_path / "a")
     second = demo.run_demo(config, tmp_path / "b")
 
@@ -30,9 +34,13 @@ def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
         assert f"| {name} |" in table
     assert len(first["pictures"]) == 2 and all(p.stat().st_size > 10_000 for p in first["pictures"])
 
-    for r in first["results"]:  # the numbers the table shows are real evaluations of 120 photos
-        (zs,) = r["zero_shot"].values()
-        assert zs["n"] == 120
+    assert first["world"] == second["world"] and "seed0" in first["world"]  # generated once, then reused
+    for r in first["results"]:  # the numbers the table shows are real evaluations of the 120 test pictures
+        assert [n.rsplit("/", 1)[1] for n in r["zero_shot"]] == ["shape", "colour"]
+        for zs in r["zero_shot"].values():
+            assert zs["n"] == 120
+        (rt,) = r["retrieval"].values()
+        assert rt["n_images"] == 120 and rt["n_captions"] == 600
     # same seed -> the same table, to the last digit
     assert json.loads((tmp_path / "a" / "report" / "report.json").read_text())["results"] == \
         json.loads((tmp_path / "b" / "report" / "report.json").read_text())["results"]

@@ -108,7 +108,7 @@ def _did_you_mean(name: str, node: ml_collections.ConfigDict) -> str:
 
 
 # Sections only some configs have (checked by their own users), and keys whose contents are free-form.
-EXTRA_SECTIONS = ("demo",)
+EXTRA_SECTIONS = ("demo", "world", "study")
 FREE_FORM = ("model.random_init", "method.prior_params")
 
 

@@ -438,7 +438,8 @@ def test_unprepared_catalog_dataset_offline_fails_fast_and_leaves_nothing(tmp_pa
     message = str(info.value)
     assert time.perf_counter() - t0 < 60 and "\n" not in message
     assert message.startswith(f"TFDS dataset 'coco_captions' is not prepared under {data_dir} and cannot be "
-                              "downloaded (offline: 127.0.0.1:9 unreachable); pass data_dir=")
+                              "downloaded (offline: 127.0.0.1:9 unreachable); point to a prepared coco_captions "
+                              "(training: --config.data.data_dir=DIR; evaluation: TFDS_DATA_DIR=DIR)")
     assert "download_and_prepare()" in message and not data_dir.exists()
 
 

@@ -35,8 +35,9 @@ def open_catalog(name: str, *, data_dir: str | None = None, manual_dir: str | No
         raise ValueError(f"unknown TFDS dataset {name!r}: pass a catalog name (e.g. coco_captions, cifar10), "
                          "or use source=tfds_dir / coco_json / folder:<dir> for local data") from None
     if not builder.is_prepared():
-        how = (f"pass data_dir=<dir with prepared {name}> (e.g. --config.data.data_dir=...), or prepare it once "
-               f"online: python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()\"")
+        how = (f"point to a prepared {name} (training: --config.data.data_dir=DIR; evaluation: TFDS_DATA_DIR=DIR), "
+               f"or prepare it once online: python -c \"import tensorflow_datasets as tfds; "
+               f"tfds.builder('{name}').download_and_prepare()\"")
         if not manual_dir and not download_reachable():
             raise ValueError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir_root} and cannot be "
                              f"downloaded (offline: {DOWNLOAD_PROBE[0]}:{DOWNLOAD_PROBE[1]} unreachable); {how}")

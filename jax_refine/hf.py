@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping

@@ -103,11 +103,12 @@ def open_directory(path: str | Path):
 
 
 def open_caption_builder(data_config: Any, *, process_count: int = 1):
-    """The builder for a training `data_config` (fields of configs/default.py `c.data`).
+    """The TFDS builder for a training `data_config` (fields of configs/default.py `c.data`).
 
-    source: "tfds" (catalog `name`), "tfds_dir" (`data_dir` is the prepared dataset dir), or "coco_json"
-    (`annotations` + `images`, prepared once into `data_dir`, default ~/tensorflow_datasets).
+    source: "tfds" (catalog `name`) or "tfds_dir" (`data_dir` is the prepared dataset dir). A "coco_json"
+    source is not a builder: `coco_json_split` reads it in place (see data/training.py).
     """
+    del process_count  # every host opens the same prepared builder and reads its own slice
     source = _field(data_config, "source", "tfds")
     if source == "tfds":
         return open_catalog(_field(data_config, "name", "coco_captions"), data_dir=_field(data_config, "data_dir"),
@@ -119,21 +120,8 @@ def open_caption_builder(data_config: Any, *, process_count: int = 1):
             raise ValueError("source=tfds_dir needs data.data_dir=<prepared TFDS dataset directory>")
         return open_directory(path)
     if source == "coco_json":
-        from jax_refine.data.coco_captions_builder import prepare_coco_json
-
-        ann, images = _field(data_config, "annotations"), _field(data_config, "images")
-        if ann is None or images is None:
-            raise ValueError("source=coco_json needs data.annotations=<captions.json> and data.images=<image dir>")
-        out = _field(data_config, "data_dir", str(Path.home() / "tensorflow_datasets"))
-        if process_count > 1:
-            from jax_refine.data.coco_captions_builder import BUILDER_NAME, CocoCaptionsJson, _config_name
-
-            path = Path(out) / BUILDER_NAME / _config_name(ann, images) / str(CocoCaptionsJson.VERSION)
-            if not (path / "dataset_info.json").is_file():
-                raise ValueError(f"multi-host run: prepare {ann} once first (prepare-data) so that {path} exists")
-            return open_directory(path)
-        return open_directory(prepare_coco_json(ann, images, out, split="train"))  # read data.split of it
-    raise ValueError(f"unknown data.source={source!r}: use tfds, tfds_dir or coco_json")
+        raise ValueError("data.source=coco_json is read in place by make_train_iterator, not opened as a builder")
+    raise ValueError(f"unknown data.source={source!r}: use coco_json, tfds or tfds_dir")
 
 
 def check_split(builder, split: str) -> None:

@@ -57,12 +57,28 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="training workdir or one of its step directories")
     x.add_argument("--out", required=True, help="output directory")
 
-    d = add("prepare-data", "Build a TFDS dataset from a COCO-format caption set on disk (an annotations JSON "
-                            "with `images` and `annotations`, plus an image directory), once, for training.")
-    d.add_argument("--annotations", required=True, help="COCO-format captions JSON")
-    d.add_argument("--images", required=True, help="directory holding the images named in the JSON")
+    d = add("prepare-data", "Build a TFDS dataset from a caption set on disk, once, for training: COCO captions "
+                            "JSON, a Flickr8k/30k token file (+ split list) or Karpathy's split JSON, plus an "
+                            "image directory. Captions of missing photos and photos without captions are "
+                            "skipped and counted.")
+    d.add_argument("--annotations", required=True, help="captions file: COCO JSON, Flickr *.token.txt or "
+                                                        "Karpathy dataset_*.json")
+    d.add_argument("--images", required=True, help="directory holding the images named in the captions file")
+    d.add_argument("--format", choices=("coco", "flickr", "karpathy"),
+                   help="caption format (default: detected from the file)")
+    d.add_argument("--split", help="which photos to take: flickr: a split-list file or train|dev|test (the "
+                                   "Flickr8k list beside the token file; default all); karpathy: "
+                                   "train|val|test|restval, joined with + (default test)")
     d.add_argument("--out", required=True, help="TFDS data_dir to write")
     d.add_argument("--name", help="dataset config name (default: the annotations file name)")
+
+    s = add("study", "The real-data study: pre-train a small CLIP on Flickr8k train, refine it with CLIP-Refine "
+                      "and the baselines (3 seeds) on Flickr8k dev, evaluate on Flickr8k test, COCO val and "
+                      "CIFAR-10 test; one table (mean +- std) and pictures (configs/study.py).")
+    s.add_argument("--data-dir", default="../shared/data", help="folder holding flickr8k/, coco_mini/, cifar10/")
+    s.add_argument("--config", default="study", help="study config (default: configs/study.py)")
+    s.add_argument("--out", default="outputs/study", help="where models, table and pictures go")
+    s.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, a few steps (minutes)")
 
     m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on bundled CIFAR-10 "
                     "photos, refine it with CLIP-Refine and with contrastive fine-tuning, compare all three.")

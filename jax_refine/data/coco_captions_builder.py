@@ -65,11 +65,16 @@ def read_coco_json(annotations: str | Path, images: str | Path) -> list[dict]:
 
 @dataclasses.dataclass(eq=False)
 class CocoJsonConfig(tfds.core.BuilderConfig):
-    """One caption set: `annotations` JSON + `images` dir, written as split `split`."""
+    """One caption set: `annotations` file + `images` dir, written as split `split`.
+
+    `format` coco|flickr|karpathy (empty: detected) and `subset` (the split read from the file: a Flickr
+    split list / train|dev|test, a Karpathy split) pick the reader (`sources.read_captions`)."""
 
     annotations: str = ""
     images: str = ""
     split: str = "train"
+    format: str = ""
+    subset: str = ""
 
 
 class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
@@ -98,7 +103,9 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager
         cfg = self.builder_config
-        records = read_coco_json(cfg.annotations, cfg.images)
+        from jax_refine.data.sources import read_captions
+
+        records = read_captions(cfg.annotations, cfg.images, format=cfg.format or None, split=cfg.subset or None)
         return {cfg.split: self._generate_examples(records)}
 
     def _generate_examples(self, records):
@@ -113,23 +120,29 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def _config_name(annotations: str | Path) -> str:
-    return re.sub(r"[^\w\-.]", "_", Path(annotations).stem) or "default"
+def _config_name(annotations: str | Path, subset: str | None = None) -> str:
+    stem = Path(annotations).stem + (f"_{Path(subset).stem}" if subset else "")
+    return re.sub(r"[^\w\-.]", "_", stem) or "default"
 
 
 def prepare_coco_json(
     annotations: str | Path, images: str | Path, out_dir: str | Path, *, name: str | None = None,
-    split: str = "train",
+    split: str = "train", format: str | None = None, subset: str | None = None,
 ) -> Path:
     """Write the caption set as a TFDS dataset under `out_dir` once; returns its dataset directory.
 
     The result (`out_dir/coco_captions_json/<name>/1.0.0`) opens with `tfds.builder_from_directory`
     (config `data.source="tfds_dir"`). `name` defaults to the annotations file's stem. A dataset already
     prepared there is reused as it is (delete the directory to re-prepare after changing the JSON).
+    `format` / `subset`: any caption format `sources.read_captions` reads (Flickr token file + split list,
+    Karpathy JSON + split); the default is a COCO JSON.
     """
-    read_coco_json(annotations, images)  # fail fast, with a clear message, before TFDS starts
-    cfg = CocoJsonConfig(name=name or _config_name(annotations), annotations=str(annotations),
-                         images=str(images), split=split)
+    from jax_refine.data.sources import read_captions
+
+    fmt = format or ""
+    read_captions(annotations, images, format=fmt or None, split=subset)  # fail fast, before TFDS starts
+    cfg = CocoJsonConfig(name=name or _config_name(annotations, subset), annotations=str(annotations),
+                         images=str(images), split=split, format=fmt, subset=subset or "")
     builder = CocoCaptionsJson(config=cfg, data_dir=str(out_dir))
     builder.download_and_prepare(download_dir=str(Path(out_dir) / "downloads"))
     return Path(builder.data_dir)

@@ -1,4 +1,5 @@
-"""Baseline: contrastive fine-tuning (symmetric InfoNCE, learnable logit scale initialised from the checkpoint), ViT-B/32, COCO."""
+"""Baseline: contrastive fine-tuning (preset `contrastive`: 1 x symmetric InfoNCE on unnormalized features,
+learnable logit scale from the checkpoint; the reference's contrastive.yaml), ViT-B/32, COCO."""
 from configs import default
 
 

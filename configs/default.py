@@ -25,18 +25,21 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.model.random_init = ml_collections.config_dict.placeholder(dict)
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
 
-    # --- method (see jax_refine/losses.py) ---------------------------------------------------
+    # --- method (see jax_refine/objectives.py: one weighted sum of named terms) ---------------
+    # `name` is a preset: it sets the default term weights, alpha and normalize (objectives.PRESETS); any of
+    # these left at None takes the preset's value, a value set here or on the command line wins.
     c.method = ml_collections.ConfigDict()
     c.method.name = "clip_refine"  # clip_refine|hycd|rafa|contrastive|self_kd|feature_distill|logit_distill|m2_mix
-    c.method.alpha = 0.5  # HyCD: weight of the identity in the hybrid target
-    c.method.temperature = 1.0  # HyCD / distillation temperature
-    c.method.rafa_weight = 1.0  # lambda in L = L_hycd + lambda * L_rafa
+    # L = sum_t weights.t * L_t; None: the preset's weight (clip_refine: kd 1, rafa 1, the rest 0)
+    c.method.weights = ml_collections.ConfigDict(
+        {t: ml_collections.config_dict.placeholder(float) for t in ("contrastive", "kd", "rafa", "feature", "logit", "m2")})
+    c.method.alpha = ml_collections.config_dict.placeholder(float)  # HyCD identity weight; None: preset (0.5; self_kd 0)
+    c.method.temperature = 1.0  # HyCD / KD temperature T
     c.method.prior = "normal"  # RaFA prior: normal|uniform|precomputed|fixed
     c.method.prior_params = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})
-    c.method.contrastive_weight = 1.0  # for `rafa` (RaFA + contrastive)
-    c.method.normalize = False  # the reference works on unnormalized features
-    c.method.m2_mix_weight = 1.0
-    c.method.m2_mix_beta = 0.5  # Beta(b, b) for the m^2-mix mixing ratio
+    # L2-normalize features before every term (m2 always does); None: preset (False, as the reference; m2_mix True)
+    c.method.normalize = ml_collections.config_dict.placeholder(bool)
+    c.method.m2_beta = 0.5  # m^2-mix ratio lam ~ Beta(b, b) (Oh et al.'s scripts/m2mix.sh: beta2 0.5)
 
     # --- data (see jax_refine/data/) -----------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
-"""Baseline: feature distillation (MSE to the frozen teacher's features), ViT-B/32, COCO."""
+"""Baseline: feature distillation (preset `feature_distill`: 1 x contrastive + 1 x MSE to the frozen teacher's
+features, as the reference's CLIPUpdater with distill_loss fd), ViT-B/32, COCO."""
 from configs import default
 
 

@@ -1,4 +1,5 @@
-"""Ablation: HyCD only (alpha 0.5, no RaFA), ViT-B/32, COCO."""
+"""Ablation: HyCD only (preset `hycd`: 1 x HyCD with alpha 0.5, no RaFA, no contrastive term: CLIP-Refine without
+RaFA), ViT-B/32, COCO."""
 from configs import default
 
 

@@ -1,4 +1,5 @@
-"""Baseline: logit distillation (MSE to the frozen teacher's logits), ViT-B/32, COCO."""
+"""Baseline: logit distillation (preset `logit_distill`: 1 x contrastive + 1 x MSE to the frozen teacher's
+logits, as the reference's CLIPUpdater with distill_loss ld), ViT-B/32, COCO."""
 from configs import default
 
 

@@ -1,4 +1,5 @@
-"""Baseline: m^2-mix (geodesic multi-modal mixup, Oh et al. NeurIPS 2023) with the contrastive loss, ViT-B/32, COCO."""
+"""Baseline: m^2-mix (preset `m2_mix`: CLIP's contrastive loss + 0.01 x m^2-mix, both on unit vectors,
+lam ~ Beta(0.5, 0.5); Oh et al. NeurIPS 2023), ViT-B/32, COCO."""
 from configs import default
 
 

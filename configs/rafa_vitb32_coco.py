@@ -1,4 +1,5 @@
-"""Ablation: RaFA with the contrastive loss (no HyCD), ViT-B/32, COCO."""
+"""Ablation: RaFA only (preset `rafa`: 1 x RaFA, no HyCD, no contrastive term: CLIP-Refine without HyCD;
+add `--config.method.weights.contrastive=1` for RaFA + contrastive), ViT-B/32, COCO."""
 from configs import default
 
 

@@ -1,19 +1,37 @@
-"""Training objectives: a method name from ``config.method`` -> a loss on the model outputs.
+"""Training objectives: every method is ONE weighted sum of named loss terms, as the reference builds it.
 
-Each objective is ``fn(out: Outputs, cfg) -> (loss, parts)`` where ``out`` holds the student features
-``fi, ft`` (B, D), the teacher features ``gi, gt`` (B, D, or None when the method has no teacher),
-the RaFA reference ``z`` (B, D, or None), the model's log logit scale and a PRNG key. The losses
-themselves live in ``jax_refine/losses.py``.
+The reference's updater (yshinya6/clip-refine, `updater/contrastive.py`) computes
+``lambda_cont * contrastive + lambda_kd * distill + lambda_rand * RaFA`` with ``lambda_cont = 1`` unless a
+method's config sets it; only CLIP-Refine (`clip-refine.yaml`) sets it to 0. Here::
 
-Normalization: `config.method.normalize` (default False) applies to every loss, the contrastive ones
-included. False is what the reference implementation computes: its model returns unnormalized features and
-its CLIP loss multiplies their dot products by a logit scale initialised at log 100. Set it True for CLIP's
-own pre-training loss on unit vectors (the demo's pre-training stage does). m^2-mix always mixes unit
-vectors (slerp needs them).
+    L = sum_t  w_t * L_t,   t in TERMS = (contrastive, kd, rafa, feature, logit, m2)
 
-Batch coupling: HyCD, Self-KD, logit distillation and the contrastive losses mix examples through the
-(B, B) logits, so with gradient accumulation each micro-batch is an independent smaller batch (the
-result equals the big batch only for the per-example losses: RaFA and feature distillation).
+| term          | loss (jax_refine/losses.py)                                  | needs            |
+|---------------|--------------------------------------------------------------|------------------|
+| `contrastive` | `contrastive_loss(fi, ft, exp(logit_scale))`                 | the logit scale  |
+| `kd`          | `hycd_loss(fi, ft, gi, gt, alpha, temperature)` (HyCD; Self-KD at alpha 0) | teacher |
+| `rafa`        | `rafa_loss(fi, ft, z)`, z from `config.method.prior`         | reference z      |
+| `feature`     | `feature_distill_loss(fi, ft, gi, gt)`                       | teacher          |
+| `logit`       | `logit_distill_loss(fi, ft, gi, gt)`                         | teacher          |
+| `m2`          | `m2_mix_loss(fi, ft, exp(logit_scale), key, beta)` (unit vectors always) | the logit scale |
+
+`config.method.name` picks a preset (`PRESETS`): the default weights, `alpha` and `normalize` of that
+method. Any `config.method.weights.<term>`, `config.method.alpha` or `config.method.normalize` left at
+None takes the preset's value; a value set in the config or on the command line wins
+(`--config.method.name=self_kd --config.method.weights.kd=2.0`). `resolve_method` gives the filled-in
+section (the `config` command prints it). A term of weight 0 is not computed.
+
+What trains: all parameters, except the logit scale, which is trainable iff a term that uses it
+(`contrastive`, `m2`) has a nonzero weight (otherwise it gets no gradient and no weight decay).
+
+Normalization: `normalize` (False by default) applies to every term but `m2`, which always mixes unit
+vectors (slerp needs them). False is what the reference computes: its model returns unnormalized features
+and its CLIP loss multiplies their dot products by a logit scale initialised at log 100. The m2-mix preset
+sets True, so its contrastive term is CLIP's own loss on unit vectors, as in Oh et al. (NeurIPS 2023).
+
+Batch coupling: `contrastive`, `kd`, `logit` and `m2` mix examples through the (B, B) logits, so with
+gradient accumulation each micro-batch is an independent smaller batch (the result equals the big batch
+only for the per-example terms `rafa` and `feature`).
 """
 from __future__ import annotations
 
@@ -22,10 +40,45 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jax_refine import losses
 
 Array = jax.Array
+
+TERMS = ("contrastive", "kd", "rafa", "feature", "logit", "m2")
+TEACHER_TERMS = ("kd", "feature", "logit")
+LOGIT_SCALE_TERMS = ("contrastive", "m2")
+
+
+class Preset(NamedTuple):
+    """A method's defaults: nonzero term weights, HyCD alpha and feature normalization."""
+
+    weights: Mapping[str, float]
+    alpha: float = 0.5
+    normalize: bool = False
+    source: str = ""
+
+
+# The m2-mix weight: Oh et al.'s script (changdaeoh/multimodal-mixup, scripts/m2mix.sh) sweeps
+# {0.05, 0.01, 0.005, 0.001} with Beta(0.5, 0.5) and tau 0.01; 0.01 is the middle of that sweep.
+M2_WEIGHT = 0.01
+
+PRESETS: Mapping[str, Preset] = {
+    "clip_refine": Preset({"kd": 1.0, "rafa": 1.0}, 0.5, False,
+                          "clip-refine.yaml: lambda_cont 0, lambda_kd 1, lambda_rand 1, kd, alpha_blending 0.5"),
+    "contrastive": Preset({"contrastive": 1.0}, 0.5, False, "contrastive.yaml: CLIPUpdater, lambda_cont 1"),
+    "self_kd": Preset({"contrastive": 1.0, "kd": 1.0}, 0.0, False,
+                      "CLIPUpdater, lambda_cont 1 (default), lambda_kd 1, kd, alpha_blending 0 (default)"),
+    "feature_distill": Preset({"contrastive": 1.0, "feature": 1.0}, 0.5, False,
+                              "CLIPUpdater, lambda_cont 1 (default), lambda_kd 1, distill_loss fd"),
+    "logit_distill": Preset({"contrastive": 1.0, "logit": 1.0}, 0.5, False,
+                            "CLIPUpdater, lambda_cont 1 (default), lambda_kd 1, distill_loss ld"),
+    "hycd": Preset({"kd": 1.0}, 0.5, False, "ablation: CLIP-Refine without RaFA (no config in the reference)"),
+    "rafa": Preset({"rafa": 1.0}, 0.5, False, "ablation: CLIP-Refine without HyCD (no config in the reference)"),
+    "m2_mix": Preset({"contrastive": 1.0, "m2": M2_WEIGHT}, 0.5, True,
+                     "Oh et al. NeurIPS 2023 (not in the reference): CLIP loss + m2 on unit vectors"),
+}
 
 
 class Outputs(NamedTuple):
@@ -35,77 +88,83 @@ class Outputs(NamedTuple):
     gt: Array | None  # teacher text features (B, D)
     z: Array | None  # RaFA reference (B, D)
     log_logit_scale: Array  # model.logit_scale (log of the scale), ()
-    key: Array  # PRNG key for stochastic losses (m2_mix)
+    key: Array  # PRNG key for stochastic losses (m2)
 
 
 class Objective(NamedTuple):
-    fn: Callable[[Outputs, Any], tuple[Array, dict[str, Array]]]
+    fn: Callable[[Outputs, Any], tuple[Array, dict[str, Array]]]  # (out, method cfg) -> (loss, {term: L_t})
+    weights: Mapping[str, float]  # the nonzero weights
     needs_teacher: bool
     needs_reference: bool
-    uses_logit_scale: bool  # False: the logit scale gets no gradient and is frozen (as in torch, no decay)
+    uses_logit_scale: bool  # False: the logit scale gets no gradient and is frozen (no weight decay)
 
 
-def _clip_refine(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    return losses.clip_refine_loss(o.fi, o.ft, o.gi, o.gt, o.z, alpha=c.alpha, temperature=c.temperature,
-                                   rafa_weight=c.rafa_weight, normalize=c.normalize)
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"config.method.name={name!r} is unknown; expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
-def _hycd(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    loss = losses.hycd_loss(o.fi, o.ft, o.gi, o.gt, alpha=c.alpha, temperature=c.temperature,
-                            normalize=c.normalize)
-    return loss, {"hycd": loss}
+def resolve_method(method_cfg: Any) -> ml_collections.ConfigDict:
+    """`config.method` with the preset of `method_cfg.name` filling every None weight, alpha, normalize.
+
+    Returns a new ConfigDict (the input is not changed); one-line errors for an unknown method, an
+    unknown term, a negative weight or all weights zero.
+    """
+    c = ml_collections.ConfigDict(method_cfg.to_dict() if hasattr(method_cfg, "to_dict") else dict(method_cfg))
+    p = _preset(c.name)
+    given = dict(c.get("weights") or {})
+    unknown = sorted(set(given) - set(TERMS))
+    if unknown:
+        raise ValueError(f"config.method.weights has unknown term(s) {unknown}; terms are {', '.join(TERMS)}")
+    weights = {}
+    for t in TERMS:
+        w = given.get(t)
+        w = float(p.weights.get(t, 0.0) if w is None else w)
+        if not w >= 0.0:
+            raise ValueError(f"config.method.weights.{t}={w!r} must be >= 0")
+        weights[t] = w
+    if not any(weights.values()):
+        raise ValueError(f"config.method.weights are all 0 for method {c.name!r}: nothing to train")
+    c.weights = ml_collections.ConfigDict(weights)
+    if c.get("alpha") is None:
+        c.alpha = p.alpha
+    if c.get("normalize") is None:
+        c.normalize = p.normalize
+    return c
 
 
-def _rafa(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    rafa = losses.rafa_loss(o.fi, o.ft, o.z, normalize=c.normalize)
-    con = losses.contrastive_loss(o.fi, o.ft, jnp.exp(o.log_logit_scale), normalize=c.normalize)
-    return c.contrastive_weight * con + c.rafa_weight * rafa, {"contrastive": con, "rafa": rafa}
+def total_loss(out: Outputs, method_cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """``sum_t w_t L_t`` over the terms of nonzero weight; returns (loss, {term: L_t}) in float32."""
+    c = resolve_method(method_cfg)
+    w, n = c.weights, bool(c.normalize)
+    parts: dict[str, Array] = {}
+    if w.contrastive:
+        parts["contrastive"] = losses.contrastive_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), normalize=n)
+    if w.kd:
+        parts["kd"] = losses.hycd_loss(out.fi, out.ft, out.gi, out.gt, alpha=c.alpha, temperature=c.temperature,
+                                       normalize=n)
+    if w.rafa:
+        parts["rafa"] = losses.rafa_loss(out.fi, out.ft, out.z, normalize=n)
+    if w.feature:
+        parts["feature"] = losses.feature_distill_loss(out.fi, out.ft, out.gi, out.gt, normalize=n)
+    if w.logit:
+        parts["logit"] = losses.logit_distill_loss(out.fi, out.ft, out.gi, out.gt, normalize=n)
+    if w.m2:
+        parts["m2"] = losses.m2_mix_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), out.key,
+                                         beta=c.m2_beta, normalize=True)
+    loss = sum(w[t] * v for t, v in parts.items())
+    return jnp.asarray(loss, jnp.float32), parts
 
 
-def _contrastive(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    loss = losses.contrastive_loss(o.fi, o.ft, jnp.exp(o.log_logit_scale), normalize=c.normalize)
-    return loss, {"contrastive": loss}
-
-
-def _self_kd(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    loss = losses.self_kd_loss(o.fi, o.ft, o.gi, o.gt, temperature=c.temperature, normalize=c.normalize)
-    return loss, {"self_kd": loss}
-
-
-def _feature_distill(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    loss = losses.feature_distill_loss(o.fi, o.ft, o.gi, o.gt, normalize=c.normalize)
-    return loss, {"feature_distill": loss}
-
-
-def _logit_distill(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    loss = losses.logit_distill_loss(o.fi, o.ft, o.gi, o.gt, normalize=c.normalize)
-    return loss, {"logit_distill": loss}
-
-
-def _m2_mix(o: Outputs, c: Any) -> tuple[Array, dict[str, Array]]:
-    scale = jnp.exp(o.log_logit_scale)
-    con = losses.contrastive_loss(o.fi, o.ft, scale, normalize=c.normalize)
-    mix = losses.m2_mix_loss(o.fi, o.ft, scale, o.key, beta=c.m2_mix_beta, normalize=True)
-    return con + c.m2_mix_weight * mix, {"contrastive": con, "m2_mix": mix}
-
-
-OBJECTIVES: Mapping[str, Objective] = {
-    "clip_refine": Objective(_clip_refine, True, True, False),
-    "hycd": Objective(_hycd, True, False, False),
-    "rafa": Objective(_rafa, False, True, True),
-    "contrastive": Objective(_contrastive, False, False, True),
-    "self_kd": Objective(_self_kd, True, False, False),
-    "feature_distill": Objective(_feature_distill, True, False, False),
-    "logit_distill": Objective(_logit_distill, True, False, False),
-    "m2_mix": Objective(_m2_mix, False, False, True),
-}
-
-
-def get_objective(name: str) -> Objective:
-    """The objective for ``config.method.name``; one-line error for an unknown name."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"config.method.name={name!r} is unknown; expected one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+def get_objective(method: Any) -> Objective:
+    """The objective for `config.method` (or a bare method name, which takes its preset's defaults)."""
+    if isinstance(method, str):
+        method = {"name": method}
+    c = resolve_method(method)
+    weights = {t: w for t, w in c.weights.items() if w}
+    return Objective(total_loss, weights, any(t in weights for t in TEACHER_TERMS), "rafa" in weights,
+                     any(t in weights for t in LOGIT_SCALE_TERMS))
 
 
 def reference(key: Array, shape: tuple[int, int], c: Any) -> Array:

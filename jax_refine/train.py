@@ -116,9 +116,8 @@ def make_train_step(setup: ModelSetup, method_cfg: Any, tx: optax.GradientTransf
     """
     from jax_refine import metrics
 
-    objective = objectives.get_objective(method_cfg.name)
-    method_cfg = method_cfg.copy_and_resolve_references() if hasattr(method_cfg, "copy_and_resolve_references") \
-        else method_cfg
+    objective = objectives.get_objective(method_cfg)
+    method_cfg = objectives.resolve_method(method_cfg)  # the preset's weights, alpha, normalize filled in
     proj_dim = int(setup.clip_config.projection_dim)
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
@@ -217,7 +216,7 @@ class Trainer:
 
 def build_trainer(config: Any, mesh: Mesh | None = None, total_steps: int | None = None) -> Trainer:
     """Mesh, shardings, optimizer and the jitted step for ``config`` (no state yet)."""
-    objective = objectives.get_objective(config.method.name)
+    objective = objectives.get_objective(config.method)
     mesh = mesh if mesh is not None else shd.make_mesh(config.mesh.shape)
     shd.check_batch_size(int(config.train.batch_size), mesh, int(config.train.grad_accum))
     setup = setup_model(config, mesh)
@@ -356,7 +355,7 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
     (``workdir``, ``checkpoint_dir``, ``hf_dir``), ``steps``, ``preempted`` (and ``state`` if ``return_state``).
     """
     distributed.initialize()
-    objectives.get_objective(config.method.name)
+    objectives.get_objective(config.method)
     workdir = Path(config.workdir).expanduser().absolute()
     if distributed.is_main():
         workdir.mkdir(parents=True, exist_ok=True)

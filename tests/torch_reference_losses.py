@@ -68,3 +68,37 @@ def m2_mix(fi, ft, scale, lam, normalize=True):
         logits = torch.where(eye, pos[:, None].expand(b, b), anchor @ m.T)
         total = total + F.cross_entropy(scale * logits, labels)
     return total
+
+
+# The reference's defaults (yshinya6/clip-refine: updater/contrastive.py, config/01_post-pre-training/*.yaml),
+# written out here independently of jax_refine.objectives.PRESETS:
+# total = lambda_cont * contrastive + lambda_kd * distill + lambda_rand * RaFA, lambda_cont = 1 unless set.
+METHOD_WEIGHTS = {
+    "clip_refine": {"kd": 1.0, "rafa": 1.0},  # clip-refine.yaml: lambda_cont 0, lambda_kd 1, lambda_rand 1
+    "contrastive": {"contrastive": 1.0},  # contrastive.yaml: CLIPUpdater, no teacher
+    "self_kd": {"contrastive": 1.0, "kd": 1.0},  # CLIPUpdater, distill_loss kd, alpha_blending 0
+    "feature_distill": {"contrastive": 1.0, "feature": 1.0},  # CLIPUpdater, distill_loss fd
+    "logit_distill": {"contrastive": 1.0, "logit": 1.0},  # CLIPUpdater, distill_loss ld
+    "hycd": {"kd": 1.0},  # ablation: CLIP-Refine without RaFA
+    "rafa": {"rafa": 1.0},  # ablation: CLIP-Refine without HyCD
+    "m2_mix": {"contrastive": 1.0, "m2": 0.01},  # Oh et al.: CLIP loss + m2 (weight from their sweep)
+}
+METHOD_ALPHA = {"self_kd": 0.0}  # HyCD alpha 0.5 otherwise (alpha_blending 0.5 in clip-refine.yaml)
+METHOD_NORMALIZE = {"m2_mix": True}  # unnormalized features otherwise (the reference's model output)
+
+
+def objective(method, fi, ft, gi, gt, z, log_scale, lam, *, weights=None, alpha=None, T=1.0, normalize=None):
+    """The whole weighted-sum objective of `method`; `weights`/`alpha`/`normalize` override its defaults."""
+    w = {**METHOD_WEIGHTS[method], **(weights or {})}
+    a = METHOD_ALPHA.get(method, 0.5) if alpha is None else alpha
+    n = METHOD_NORMALIZE.get(method, False) if normalize is None else normalize
+    scale = torch.exp(torch.as_tensor(log_scale, dtype=fi.dtype))
+    terms = {
+        "contrastive": lambda: contrastive(fi, ft, scale, n),
+        "kd": lambda: hycd(fi, ft, gi, gt, a, T, n),
+        "rafa": lambda: rafa(fi, ft, z, n),
+        "feature": lambda: feature_distill(fi, ft, gi, gt, n),
+        "logit": lambda: logit_distill(fi, ft, gi, gt, n),
+        "m2": lambda: m2_mix(fi, ft, scale, lam, True),
+    }
+    return sum(wt * terms[t]() for t, wt in w.items() if wt)

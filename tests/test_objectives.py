@@ -1,0 +1,143 @@
+"""Every method's WHOLE objective (the weighted sum of its terms, with its default weights) against an
+independent float64 PyTorch transcription (tests/torch_reference_losses.py: METHOD_WEIGHTS, objective), at the
+scales real CLIPs produce, plus which parameters each method trains and the config checks."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference_losses as ref
+from configs import default
+from jax_refine import objectives
+
+KEY = jax.random.key(11)
+LAM = float(jax.random.beta(KEY, 0.5, 0.5))  # the m2 ratio the objective draws from KEY (m2_beta 0.5)
+LOG_SCALE = float(np.log(100.0))  # CLIP's trained logit scale
+
+
+def _method(method_name: str, **overrides):
+    c = default.get_config().method
+    c.name = method_name
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _realistic(b: int = 16, d: int = 64, norm: float = 10.0, seed: int = 0) -> list[np.ndarray]:
+    """Unnormalized student/teacher features shaped like a trained CLIP's: image and text in two separate
+    directions (the modality gap), paired content, hard negatives (pair cosine ~0.45, negatives ~0.05 lower),
+    norms ~`norm` (at 10: HyCD logits ~45, contrastive logits x100 ~4500); teacher near the student; z ~ N(0, I)."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    u, v, k = unit(rng.standard_normal((3, d)))
+    content = unit(k + 0.33 * unit(rng.standard_normal((b, d))))
+    fi = unit(u + content + 0.3 * unit(rng.standard_normal((b, d))))
+    ft = unit(v + content + 0.3 * unit(rng.standard_normal((b, d))))
+    gi = unit(fi + 0.1 * unit(rng.standard_normal((b, d))))
+    gt = unit(ft + 0.1 * unit(rng.standard_normal((b, d))))
+    feats = [(norm * x * rng.uniform(0.9, 1.1, (b, 1))).astype(np.float32) for x in (fi, ft, gi, gt)]
+    return [*feats, rng.standard_normal((b, d)).astype(np.float32)]
+
+
+def _ours(c, fi, ft, gi, gt, z, dtype=jnp.float32):
+    def loss(fi_, ft_, s):
+        out = objectives.Outputs(fi_.astype(dtype), ft_.astype(dtype), jnp.asarray(gi, dtype),
+                                 jnp.asarray(gt, dtype), jnp.asarray(z), s, KEY)
+        return objectives.total_loss(out, c)[0]
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(jnp.asarray(fi), jnp.asarray(ft), jnp.float32(LOG_SCALE))
+
+
+def _torch(name, fi, ft, gi, gt, z, **kw):
+    t = [torch.tensor(np.asarray(x, np.float64), requires_grad=i in (0, 1)) for i, x in enumerate((fi, ft, gi, gt, z))]
+    s = torch.tensor(LOG_SCALE, dtype=torch.float64, requires_grad=True)
+    out = ref.objective(name, *t, s, LAM, **kw)
+    out.backward()
+    out = out.detach()
+    g_s = 0.0 if s.grad is None else float(s.grad)
+    return float(out), t[0].grad.numpy(), t[1].grad.numpy(), g_s
+
+
+def _close(ours, theirs, rtol, grad_rtol=None):
+    (v, (g_i, g_t, g_s)), (tv, t_gi, t_gt, t_gs) = ours, theirs
+    scale = max(abs(tv), 1e-3)
+    assert abs(float(v) - tv) <= rtol * scale, (float(v), tv)
+    for a, b in ((g_i, t_gi), (g_t, t_gt)):
+        err = np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-8)
+        assert err <= (grad_rtol or rtol), err
+    assert abs(float(g_s) - t_gs) <= (grad_rtol or rtol) * max(abs(t_gs), 1e-3), (float(g_s), t_gs)
+
+
+METHODS = list(ref.METHOD_WEIGHTS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("norm", [1.0, 10.0])
+def test_whole_objective_matches_torch_fp32(name, norm):
+    """Default weights, alpha and normalization of each method; features of norm 1 and 10 (HyCD logits ~100,
+    contrastive logits x100: ~1e4 on unnormalized features, as the reference computes them)."""
+    fi, ft, gi, gt, z = _realistic(norm=norm, seed=int(norm))
+    _close(_ours(_method(name), fi, ft, gi, gt, z), _torch(name, fi, ft, gi, gt, z), rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_whole_objective_bf16_inputs(name):
+    """bf16 features in: the value is computed in fp32 on the bf16-rounded values (fp32 tolerance); the
+    gradient w.r.t. bf16 features is itself bf16 (8 mantissa bits: tolerance 8e-3)."""
+    fi, ft, gi, gt, z = _realistic(norm=10.0, seed=3)
+    rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (fi, ft, gi, gt)]
+    ours = _ours(_method(name), *rounded, z, dtype=jnp.bfloat16)
+    _close(ours, _torch(name, *rounded, z), rtol=2e-5, grad_rtol=8e-3)
+
+
+@pytest.mark.parametrize("name, overrides, torch_kw", [
+    ("clip_refine", {"weights.rafa": 0.3, "weights.contrastive": 0.5},
+     dict(weights={"rafa": 0.3, "contrastive": 0.5})),
+    ("self_kd", {"weights.kd": 2.0, "alpha": 0.25}, dict(weights={"kd": 2.0}, alpha=0.25)),
+    ("contrastive", {"weights.feature": 0.7, "normalize": True}, dict(weights={"feature": 0.7}, normalize=True)),
+    ("m2_mix", {"weights.m2": 0.5, "weights.logit": 0.1}, dict(weights={"m2": 0.5, "logit": 0.1})),
+])
+def test_weights_from_config_override_the_preset(name, overrides, torch_kw):
+    fi, ft, gi, gt, z = _realistic(norm=3.0, seed=5)
+    _close(_ours(_method(name, **overrides), fi, ft, gi, gt, z), _torch(name, fi, ft, gi, gt, z, **torch_kw),
+           rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_what_each_method_trains_and_needs(name):
+    w = ref.METHOD_WEIGHTS[name]
+    o = objectives.get_objective(_method(name))
+    assert dict(o.weights) == w
+    assert o.uses_logit_scale == bool(w.get("contrastive") or w.get("m2"))
+    assert o.needs_teacher == bool(w.get("kd") or w.get("feature") or w.get("logit"))
+    assert o.needs_reference == bool(w.get("rafa"))
+
+
+def test_contrastive_weight_makes_the_logit_scale_trainable():
+    assert not objectives.get_objective(_method("clip_refine")).uses_logit_scale
+    o = objectives.get_objective(_method("clip_refine", **{"weights.contrastive": 1.0}))
+    assert o.uses_logit_scale and o.needs_teacher and o.needs_reference
+
+
+def test_resolve_method_fills_presets_and_keeps_overrides():
+    r = objectives.resolve_method(_method("self_kd"))
+    assert r.alpha == 0.0 and r.normalize is False and r.weights.to_dict() == {
+        "contrastive": 1.0, "kd": 1.0, "rafa": 0.0, "feature": 0.0, "logit": 0.0, "m2": 0.0}
+    r = objectives.resolve_method(_method("self_kd", alpha=0.3, **{"weights.contrastive": 0.0}))
+    assert r.alpha == 0.3 and r.weights.contrastive == 0.0 and r.weights.kd == 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"name": "simclr"}, r"config.method.name='simclr' is unknown"),
+    ({"weights.kd": -1.0}, r"config.method.weights.kd=-1.0 must be >= 0"),
+    ({"weights.kd": 0.0, "weights.rafa": 0.0}, r"all 0 for method 'clip_refine'"),
+])
+def test_bad_method_config_is_one_line_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        objectives.resolve_method(_method("clip_refine", **overrides))

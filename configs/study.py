@@ -22,14 +22,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = default.get_config(None if quick else arg)
     c.workdir = "outputs/study"
     c.model.name_or_path = ""
-    c.model.random_init = {  # ViT with 8x8 patches on 64x64 photos (64 tokens), 4 layers, width 128
+    c.model.random_init = {  # ViT with 8x8 patches on 48x48 photos (36 tokens), 3 layers, width 128
         "projection_dim": 128,
-        "vision_config": {"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
-                          "num_hidden_layers": 4, "num_attention_heads": 4},
-        "text_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                        "num_attention_heads": 4, "max_position_embeddings": 32},
+        "vision_config": {"image_size": 48, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
+                          "num_hidden_layers": 3, "num_attention_heads": 4},
+        "text_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
+                        "num_attention_heads": 4, "max_position_embeddings": 24},
     }
-    c.method.normalize = False  # the reference's form
+    # method.normalize / weights / alpha: each method's preset (objectives.PRESETS; the reference's forms)
     c.data.source = "coco_json"  # the study writes each caption set as a COCO JSON under out/data
     c.data.split = "train"
     c.data.shuffle_buffer = 8192
@@ -46,14 +46,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study = ml_collections.ConfigDict()
     s = c.study
     s.flickr_photos = 0  # cut Flickr8k train/dev/test to their first N photos (0: all)
-    s.cifar_per_class = 300  # CIFAR-10 train photos per class mixed into pre-training (0: none)
-    s.cifar_test_examples = 2000  # CIFAR-10 test photos for zero-shot (a fixed subset, every class; 0: all)
+    s.cifar_per_class = 200  # CIFAR-10 train photos per class mixed into pre-training (0: none)
+    s.cifar_test_examples = 1000  # CIFAR-10 test photos for zero-shot (a fixed subset, every class; 0: all)
     s.coco_images = 0  # coco_mini val photos for retrieval (0: all 79)
-    s.pretrain = ml_collections.ConfigDict(dict(epochs=8, batch_size=128, lr=1e-3, weight_decay=0.1,
+    s.pretrain = ml_collections.ConfigDict(dict(epochs=4, batch_size=128, lr=1e-3, weight_decay=0.1,
                                                 schedule="warmup_cosine", warmup_steps=50))
-    s.refine = ml_collections.ConfigDict(dict(epochs=5, batch_size=64, weight_decay=0.1))
+    s.refine = ml_collections.ConfigDict(dict(epochs=2, batch_size=64, weight_decay=0.1))
     s.val_photos = 200  # the last N Flickr8k dev photos: the lr-selection slice
-    s.select = ml_collections.ConfigDict(dict(lrs=(1e-5, 3e-5, 1e-4), methods=("clip_refine", "contrastive")))
+    s.select = ml_collections.ConfigDict(dict(lrs=(3e-5, 1e-4, 3e-4), methods=("clip_refine", "contrastive")))
     s.methods = METHODS
     s.seeds = (0, 1, 2)
     s.picture_methods = ("clip_refine", "contrastive")  # drawn beside the pre-trained model (seed 0)
@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         s.pretrain.update(dict(epochs=1, batch_size=16, warmup_steps=1))
         s.refine.update(dict(epochs=1, batch_size=16))
         s.select.update(dict(lrs=(1e-4, 1e-3), methods=("clip_refine",)))
+        s.methods = ("clip_refine", "contrastive")
         s.seeds = (0,)
         c.eval.batch_size = 64
     return c

@@ -49,9 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.cifar_per_class = 200  # CIFAR-10 train photos per class mixed into pre-training (0: none)
     s.cifar_test_examples = 1000  # CIFAR-10 test photos for zero-shot (a fixed subset, every class; 0: all)
     s.coco_images = 0  # coco_mini val photos for retrieval (0: all 79)
-    s.pretrain = ml_collections.ConfigDict(dict(epochs=4, batch_size=128, lr=1e-3, weight_decay=0.1,
-                                                schedule="warmup_cosine", warmup_steps=50))
-    s.refine = ml_collections.ConfigDict(dict(epochs=2, batch_size=64, weight_decay=0.1))
+    # CLIP's own pre-training loss: InfoNCE on L2-normalized features times a learned scale
+    s.pretrain = ml_collections.ConfigDict(dict(epochs=6, batch_size=128, lr=1e-3, weight_decay=0.1,
+                                                schedule="warmup_cosine", warmup_steps=50, normalize=True))
+    # normalize=True for every method: this CLIP learned its features through normalized similarities only,
+    # so the norms of its unnormalized features are arbitrary (the reference's unnormalized form assumes
+    # OpenAI CLIP's); the methods' weights and alpha are their presets
+    s.refine = ml_collections.ConfigDict(dict(epochs=2, batch_size=64, weight_decay=0.1, normalize=True))
+    s.resize_images = True  # decode + resize the photos once into out/data/<set>_<size>px (PNG, same pixels)
     s.val_photos = 200  # the last N Flickr8k dev photos: the lr-selection slice
     s.select = ml_collections.ConfigDict(dict(lrs=(3e-5, 1e-4, 3e-4), methods=("clip_refine", "contrastive")))
     s.methods = METHODS

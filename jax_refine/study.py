@@ -78,6 +78,30 @@ def _cifar_records(cifar_train: Path, per_class: int) -> list[dict]:
     return records
 
 
+def _resized(records: Sequence[Mapping], size: int, cache: Path, counts: dict) -> list[dict]:
+    """`records` with each photo decoded, resized and center-cropped once to `size` (the pipeline's own
+    `resize_crop`, so the pixels are those it would compute) and stored losslessly as PNG under `cache`;
+    a photo that does not decode is dropped and counted in `counts["skipped_bad_image"]`."""
+    from PIL import Image
+
+    from jax_refine import preprocess
+
+    cache.mkdir(parents=True, exist_ok=True)
+    out = []
+    for r in records:
+        dst = cache / (Path(r["path"]).stem + ".png")
+        if not dst.is_file():
+            try:
+                pixels = preprocess.decode_resize_crop(Path(r["path"]).read_bytes(), size)
+            except (OSError, ValueError) as e:
+                counts["skipped_bad_image"] = counts.get("skipped_bad_image", 0) + 1
+                log.warning("skipping %s: %s", r["path"], e)
+                continue
+            Image.fromarray(pixels).save(dst)
+        out.append({**r, "path": str(dst)})
+    return out
+
+
 def prepare_data(config: ml_collections.ConfigDict, data_dir: Path, out: Path) -> StudyData:
     """Read Flickr8k / coco_mini / CIFAR-10 under `data_dir`; write the training sets under `out/data`."""
     from jax_refine.data import sources
@@ -98,7 +122,15 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path, out: Path) -
         counts[f"flickr8k_{name}"] = {"photos": len(recs), "captions": sum(len(r["captions"]) for r in recs), **c}
         return recs
 
-    train, dev = split("train"), split("dev")
+    train, dev, test = split("train"), split("dev"), split("test")
+    coco_ann = data_dir / "coco_mini" / "annotations" / "captions_val2017.json"
+    coco = sources.read_captions(coco_ann, data_dir / "coco_mini" / "val2017", format="coco")
+    coco = [r for r in coco if r["captions"]][: int(s.coco_images) or None]
+    size = int(config.model.random_init["vision_config"]["image_size"])
+    if s.resize_images:
+        _say(f"  decoding and resizing the Flickr8k and COCO photos to {size} px once (cached)")
+        train, dev, test = (_resized(x, size, out / "data" / f"flickr8k_{size}px", counts) for x in (train, dev, test))
+        coco = _resized(coco, size, out / "data" / f"coco_val_{size}px", counts)
     cifar = _cifar_records(data_dir / "cifar10" / "train", int(s.cifar_per_class)) if s.cifar_per_class else []
     counts["cifar10_train_mixed_in"] = len(cifar)
     n_val = int(s.val_photos)
@@ -111,9 +143,8 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path, out: Path) -
         pretrain=_write_coco(train + cifar, d / f"{name}.json"),
         refine=_write_coco(dev[:-n_val], d / f"flickr8k_dev_refine_{len(dev) - n_val}.json"),
         val=_write_coco(dev[-n_val:], d / f"flickr8k_dev_val_{n_val}.json"),
-        flickr_test=f"flickr:{token}:test:{images}",
-        coco_val=f"coco_json:{data_dir / 'coco_mini/annotations/captions_val2017.json'}:"
-                 f"{data_dir / 'coco_mini/val2017'}",
+        flickr_test=f"coco_json:{_write_coco(test, d / f'flickr8k_test_{len(test)}.json')}:/",
+        coco_val=f"coco_json:{_write_coco(coco, d / f'coco_val_{len(coco)}.json')}:/",
         cifar_test=f"folder:{data_dir / 'cifar10/test'}", counts=counts)
 
 
@@ -134,6 +165,8 @@ def _train_config(config: ml_collections.ConfigDict, workdir: Path, annotations:
     c.optimizer.weight_decay = float(stage["weight_decay"])
     c.optimizer.schedule = stage.get("schedule", "constant")
     c.optimizer.warmup_steps = int(stage.get("warmup_steps", 0))
+    if stage.get("normalize") is not None:
+        c.method.normalize = bool(stage["normalize"])
     if start:
         c.model.random_init = None
         c.model.name_or_path = start
@@ -160,14 +193,13 @@ def _tasks(config: ml_collections.ConfigDict, data: StudyData) -> dict[str, Any]
     from jax_refine import evaluate
 
     s, e = config.study, config.eval
-    cut = int(s.flickr_photos) or None
 
     def task(builder, spec, name, limit):
         t = builder(spec, {**e.to_dict(), "max_examples": limit or None})
         return dataclasses.replace(t, name=name)
 
-    return {"flickr": task(evaluate.retrieval_task, data.flickr_test, FLICKR, cut),
-            "coco": task(evaluate.retrieval_task, data.coco_val, COCO, int(s.coco_images)),
+    return {"flickr": task(evaluate.retrieval_task, data.flickr_test, FLICKR, None),
+            "coco": task(evaluate.retrieval_task, data.coco_val, COCO, None),
             "cifar": task(evaluate.zero_shot_task, data.cifar_test, CIFAR, int(s.cifar_test_examples))}
 
 

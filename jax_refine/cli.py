@@ -1,4 +1,4 @@
-"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, demo.
+"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, study, demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
 `--config.SECTION.KEY=VALUE` (see configs/default.py for the keys). Errors in the input (a missing

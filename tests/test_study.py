@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import pytest
 
@@ -51,9 +50,7 @@ def test_study_quick_end_to_end(tmp_path, capsys):
     assert len(list(report.glob("flickr8k_test_*.png"))) == 2
     # a rerun trains nothing again (every stage is cached) and writes the same table
     capsys.readouterr()
-    t0 = time.perf_counter()
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "training (" not in out and out.count(": cached (") == 3  # pre-train, clip_refine, contrastive
     assert json.loads((report / "study.json").read_text())["methods"] == doc["methods"]
-    assert time.perf_counter() - t0 < 60

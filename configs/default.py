@@ -127,9 +127,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "folder:data/fgvc_aircraft/test", "caltech_birds2011", "stanford_cars", "caltech101", "dtd", "eurosat",
         "oxford_flowers102", "food101", "imagenet2012", "oxford_iiit_pet", "sun397", "ucf101",
     )
-    # COCO (Karpathy 5k test), Flickr8k and Flickr30k (1k test each) as in the reference; the Flickr specs are
-    # read by jax_refine.data.retrieval's Karpathy-split readers. "coco_json:<annotations.json>:<image_dir>" too.
-    c.eval.retrieval = ("coco_karpathy_test", "flickr8k_karpathy_test", "flickr30k_karpathy_test")
+    # COCO (Karpathy 5k test, TFDS catalog), Flickr8k and Flickr30k (1k test each, Karpathy's split JSON and the
+    # photos: point the paths at yours) as in the reference. Also "coco_json:<annotations.json>:<image_dir>" and
+    # "flickr:<Flickr8k.token.txt>:<split list|train|dev|test>:<image_dir>" (jax_refine/data/retrieval.py).
+    c.eval.retrieval = ("coco_karpathy_test",
+                        "karpathy:data/dataset_flickr8k.json:test:data/flickr8k/images",
+                        "karpathy:data/dataset_flickr30k.json:test:data/flickr30k/images")
     c.eval.max_examples = ml_collections.config_dict.placeholder(int)  # cut each set (quick looks)
     # npz embedding cache, keyed by (model fingerprint, dataset, split, n, templates); None: no cache
     c.eval.cache_dir = ml_collections.config_dict.placeholder(str)

@@ -1,4 +1,4 @@
-"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, config, demo.
+"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, config, study, demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
 `--config.SECTION.KEY=VALUE` (see configs/default.py for the keys). Errors in the input (a missing
@@ -62,10 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
-    d = add("prepare-data", "Build a TFDS dataset from a COCO-format caption set on disk (an annotations JSON "
-                            "with `images` and `annotations`, plus an image directory), once, for training.")
-    d.add_argument("--annotations", required=True, help="COCO-format captions JSON")
-    d.add_argument("--images", required=True, help="directory holding the images named in the JSON")
+    d = add("prepare-data", "Build a TFDS dataset from a caption set on disk, once, for training: COCO captions "
+                            "JSON, a Flickr8k/30k token file (+ split list) or Karpathy's split JSON, plus an "
+                            "image directory. Captions of missing photos and photos without captions are "
+                            "skipped and counted.")
+    d.add_argument("--annotations", required=True, help="captions file: COCO JSON, Flickr *.token.txt or "
+                                                        "Karpathy dataset_*.json")
+    d.add_argument("--images", required=True, help="directory holding the images named in the captions file")
+    d.add_argument("--format", choices=("coco", "flickr", "karpathy"),
+                   help="caption format (default: detected from the file)")
+    d.add_argument("--split", help="which photos to take: flickr: a split-list file or train|dev|test (the "
+                                   "Flickr8k list beside the token file; default all); karpathy: "
+                                   "train|val|test|restval, joined with + (default test)")
     d.add_argument("--out", required=True, help="TFDS data_dir to write")
     d.add_argument("--name", help="dataset config name (default: the annotations file name)")
 
@@ -73,8 +81,17 @@ def _parser() -> argparse.ArgumentParser:
                       "as JSON, to see and diff exactly what a run will use.")
     g.add_argument("spec", help="config file (configs/*.py or a bare name like clip_refine_vitb32_coco), optionally FILE:PRESET")
 
-    m = add("demo", "The offline demo (the default of ./run.sh): pre-train a small CLIP on a generated synthetic "
-                    "world, refine it with CLIP-Refine and with contrastive fine-tuning, compare the models.")
+    s = add("study", "The real-data study: pre-train a small CLIP on Flickr8k train, refine it with CLIP-Refine "
+                      "and the baselines (3 seeds) on Flickr8k dev, evaluate on Flickr8k test, COCO val and "
+                      "CIFAR-10 test; one table (mean +- std) and pictures (configs/study.py).")
+    s.add_argument("--data-dir", default="../shared/data", help="folder holding flickr8k/, coco_mini/, cifar10/")
+    s.add_argument("--config", default="study", help="study config (default: configs/study.py)")
+    s.add_argument("--out", default="outputs/study", help="where models, table and pictures go")
+    s.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, a few steps (minutes)")
+
+    m = add("demo", "The offline demo (the default of ./run.sh): generate a synthetic world of shapes with captions, "
+                    "pre-train a small CLIP on it, refine it with CLIP-Refine (normalized and unnormalized features) "
+                    "and with contrastive fine-tuning, compare all four.")
     m.add_argument("--config", default="demo", help="demo config (default: configs/demo.py)")
     m.add_argument("--out", default="outputs/demo", help="where the report and pictures go (default: outputs/demo)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")

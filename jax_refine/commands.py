@@ -88,7 +88,8 @@ def prepare_data(args, overrides: list[str]) -> int:
 
     if overrides:
         raise ValueError(f"prepare-data takes no config overrides, got {' '.join(overrides)}")
-    out = data.prepare_coco_json(args.annotations, args.images, args.out, name=args.name)
+    out = data.prepare_coco_json(args.annotations, args.images, args.out, name=args.name,
+                                 format=getattr(args, "format", None), subset=getattr(args, "split", None))
     print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out} "
           "--config.data.split=train")
     return 0
@@ -106,4 +107,14 @@ def demo(args, overrides: list[str]) -> int:
     print(f"report: {result['markdown']}")
     for picture in result.get("pictures", []):
         print(f"picture: {picture}")
+    return 0
+
+
+def study(args, overrides: list[str]) -> int:
+    config = load_config(args.config + (":quick" if args.quick else ""), overrides)
+    from jax_refine import study as study_lib
+
+    result = study_lib.run_study(config, args.data_dir, args.out)
+    print("\n" + Path(result["markdown"]).read_text())
+    print(f"report: {result['markdown']}")
     return 0

@@ -32,7 +32,8 @@ PAPER = {
              "zero_shot": ["folder:data/fgvc_aircraft/test", "caltech_birds2011", "stanford_cars", "caltech101", "dtd",
                            "eurosat", "oxford_flowers102", "food101", "imagenet2012", "oxford_iiit_pet", "sun397",
                            "ucf101"],
-             "retrieval": ["coco_karpathy_test", "flickr8k_karpathy_test", "flickr30k_karpathy_test"]},
+             "retrieval": ["coco_karpathy_test", "karpathy:data/dataset_flickr8k.json:test:data/flickr8k/images",
+                           "karpathy:data/dataset_flickr30k.json:test:data/flickr30k/images"]},
 }
 MODELS = {"clip_refine_vitb32_coco": "openai/clip-vit-base-patch32",
           "clip_refine_vitb16_coco": "openai/clip-vit-base-patch16",

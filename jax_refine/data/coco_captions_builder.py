@@ -94,11 +94,16 @@ def content_key(annotations: str | Path, images: str | Path) -> str:
 
 @dataclasses.dataclass(eq=False)
 class CocoJsonConfig(tfds.core.BuilderConfig):
-    """One caption set: `annotations` JSON + `images` dir, written as split `split`."""
+    """One caption set: `annotations` file + `images` dir, written as split `split`.
+
+    `format` coco|flickr|karpathy (empty: detected) and `subset` (the split read from the file: a Flickr
+    split list / train|dev|test, a Karpathy split) pick the reader (`sources.read_captions`)."""
 
     annotations: str = ""
     images: str = ""
     split: str = "train"
+    format: str = ""
+    subset: str = ""
 
 
 class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
@@ -127,7 +132,9 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager
         cfg = self.builder_config
-        records = read_coco_json(cfg.annotations, cfg.images)
+        from jax_refine.data.sources import read_captions
+
+        records = read_captions(cfg.annotations, cfg.images, format=cfg.format or None, split=cfg.subset or None)
         return {cfg.split: self._generate_examples(records)}
 
     def _generate_examples(self, records):
@@ -147,15 +154,17 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def _config_name(annotations: str | Path, images: str | Path, name: str | None = None) -> str:
-    """`<name or annotations stem>-<content_key>`: one prepared dataset per content."""
-    base = re.sub(r"[^\w\-.]", "_", name or Path(annotations).stem) or "default"
+def _config_name(annotations: str | Path, images: str | Path, name: str | None = None,
+                 subset: str | None = None) -> str:
+    """`<name or annotations stem[_subset]>-<content_key>`: one prepared dataset per content."""
+    stem = name or (Path(annotations).stem + (f"_{Path(subset).stem}" if subset else ""))
+    base = re.sub(r"[^\w\-.]", "_", stem) or "default"
     return f"{base}-{content_key(annotations, images)}"
 
 
 def prepare_coco_json(
     annotations: str | Path, images: str | Path, out_dir: str | Path, *, name: str | None = None,
-    split: str = "train",
+    split: str = "train", format: str | None = None, subset: str | None = None,
 ) -> Path:
     """Write the caption set as a TFDS dataset under `out_dir` once; returns its dataset directory.
 
@@ -163,11 +172,18 @@ def prepare_coco_json(
     (config `data.source="tfds_dir"`). `name` defaults to the annotations file's stem. A dataset already
     prepared there is reused only when it was prepared from the same content: the config name is
     `<name>-<content_key>` (hash of the annotations file and the image listing) under the builder's version,
-    so a changed JSON or image set with the same file name is prepared anew (and the log says so).
+    so a changed file or image set with the same file name is prepared anew (and the log says so).
+    `format` / `subset`: any caption format `sources.read_captions` reads (Flickr token file + split list,
+    Karpathy JSON + split); the default is detected from the file.
     """
-    check_trainable(read_coco_json(annotations, images), annotations)  # fail fast, before TFDS starts
-    config_name = _config_name(annotations, images, name)
-    cfg = CocoJsonConfig(name=config_name, annotations=str(annotations), images=str(images), split=split)
+    from jax_refine.data.sources import read_captions
+
+    fmt = format or ""
+    records = read_captions(annotations, images, format=fmt or None, split=subset)  # fail fast, before TFDS
+    check_trainable(records, annotations)
+    config_name = _config_name(annotations, images, name, subset)
+    cfg = CocoJsonConfig(name=config_name, annotations=str(annotations), images=str(images), split=split,
+                         format=fmt, subset=subset or "")
     out_dir = Path(out_dir).absolute()  # relative to the caller's directory, printed in full
     builder = CocoCaptionsJson(config=cfg, data_dir=str(out_dir))
     if not builder.is_prepared():

@@ -2,8 +2,10 @@
 
 Specs: "coco_karpathy_test" (the TFDS catalog's `coco_captions` 'test' split = the Karpathy 5k test
 images), "tfds:<name>:<split>" (a catalog caption set), "tfds_dir:<dataset dir>[:<split>]" (a prepared
-caption set, e.g. from `prepare_coco_json`), or "coco_json:<annotations.json>:<image dir>" (read directly,
-nothing prepared).
+caption set, e.g. from `prepare_coco_json`), "coco_json:<annotations.json>:<image dir>",
+"flickr:<token.txt>:<split list or train|dev|test>:<image dir>" (Flickr8k/30k token format) or
+"karpathy:<dataset_*.json>:<split>:<image dir>" (Karpathy's split JSON); the last three are read directly,
+nothing prepared (captions of missing photos and photos without captions skipped and counted).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import numpy as np
 
 from jax_refine import preprocess
 from jax_refine.data import decoding, hosts, sources
-from jax_refine.data.coco_captions_builder import read_coco_json
 from jax_refine.data.tf_runtime import tf, tfds
 
 
@@ -70,8 +71,8 @@ def _from_tfds(builder, split, *, max_examples, process_index, process_count):
     return len(keys), captions, owner, per_host, records
 
 
-def _from_coco_json(annotations, images, *, max_examples, process_index, process_count):
-    recs = read_coco_json(annotations, images)[: max_examples or None]
+def _from_records(recs, *, max_examples, process_index, process_count):
+    recs = recs[: max_examples or None]
     captions = [t for r in recs for _, t in r["captions"]]
     owner = [i for i, r in enumerate(recs) for _ in r["captions"]]
     bounds = [hosts.host_range(len(recs), i, process_count) for i in range(process_count)]
@@ -104,10 +105,14 @@ def load_retrieval(spec: str, *, batch_size: int, image_size: int = 224, max_len
         parts = _from_tfds(sources.open_directory(path), split or "train", **kw)
     elif kind == "coco_json" and rest.count(":") == 1:
         ann, images = rest.split(":")
-        parts = _from_coco_json(ann, images, **kw)
+        parts = _from_records(sources.read_captions(ann, images, format="coco"), **kw)
+    elif kind in ("flickr", "karpathy") and rest.count(":") == 2:
+        ann, split, images = rest.split(":")
+        parts = _from_records(sources.read_captions(ann, images, format=kind, split=split), **kw)
     else:
         raise ValueError(f"unknown retrieval spec {spec!r}: use coco_karpathy_test, tfds:<name>:<split>, "
-                         "tfds_dir:<dir>[:<split>] or coco_json:<annotations.json>:<image dir>")
+                         "tfds_dir:<dir>[:<split>], coco_json:<annotations.json>:<image dir>, "
+                         "flickr:<token.txt>:<split list>:<image dir> or karpathy:<json>:<split>:<image dir>")
     num_images, captions, owner, per_host, records = parts
     if not captions:
         raise ValueError(f"retrieval set {spec!r} has no captions")

@@ -207,3 +207,54 @@ def coco_json_split(annotations: str | Path, images: str | Path, split: str = "t
     return CaptionList(f"{Path(annotations).stem}[{split}]", tuple(r["path"] for r in picked),
                        tuple(tuple(t for _, t in r["captions"]) for r in picked),
                        tuple(str(r["id"]) for r in picked))
+
+
+# ------------------------------------------------------------------------------ caption files on disk
+CAPTION_FORMATS = ("coco", "flickr", "karpathy")
+
+
+def detect_format(annotations: str | Path) -> str:
+    """The caption format of a file: "flickr" (token text), "karpathy" (JSON whose images carry
+    "sentences") or "coco" (JSON with "annotations"). Raises ValueError naming the file otherwise."""
+    import json
+
+    path = Path(annotations)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file not found: {path}")
+    if path.suffix.lower() != ".json":
+        return "flickr"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(doc, dict) and "annotations" in doc:
+        return "coco"
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+        return "karpathy"
+    raise ValueError(f"{path}: neither COCO captions (images + annotations) nor Karpathy split JSON "
+                     "(images with sentences); pass --format")
+
+
+def read_captions(annotations: str | Path, images: str | Path, *, format: str | None = None,
+                  split: str | None = None, counts: dict[str, int] | None = None) -> list[dict]:
+    """Records {"id", "file_name", "path", "captions": [(id, text)]} of a caption file in any format.
+
+    `format`: coco | flickr | karpathy (None: `detect_format`). `split`: flickr: a split-list file or
+    train|dev|test (the Flickr8k list beside the token file), None for every photo; karpathy: the split
+    ("test", "train+restval"; default test); coco: must be None. `counts` receives the skip counts.
+    """
+    from jax_refine.data import flickr, karpathy
+    from jax_refine.data.coco_captions_builder import read_coco_json
+
+    fmt = format or detect_format(annotations)
+    if fmt == "coco":
+        if split:
+            raise ValueError(f"format coco takes no split (got {split!r}): a COCO JSON is one split")
+        return read_coco_json(annotations, images)
+    if fmt == "flickr":
+        return flickr.read_flickr_tokens(annotations, images, flickr.resolve_split_list(annotations, split),
+                                         counts=counts)
+    if fmt == "karpathy":
+        return karpathy.read_karpathy_json(annotations, images, split or "test", counts=counts)
+    raise ValueError(f"unknown caption format {fmt!r}: use one of {', '.join(CAPTION_FORMATS)}")

@@ -36,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_refine.sharding import constrain
+
 Array = jax.Array
+ACT = ("batch", None, None)  # logical names of the (B, T, D) residual stream (constraints only under a mesh)
 LogicalNames = tuple[str | None, ...]
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -83,15 +86,16 @@ def apply_layers(layers: nnx.List, x: Array, *, remat: str = "none", scan: bool 
 
     `kwargs` (mask, is_causal) go to every block. Without remat and scan this is the plain Python loop.
     """
+    x = constrain(x, ACT)
     if remat == "none" and not scan:
         for layer in layers:
-            x = layer(x, **kwargs)
+            x = constrain(layer(x, **kwargs), ACT)
         return x
     graphdef, _ = nnx.split(layers[0])
     states = [nnx.state(layer) for layer in layers]
 
     def one(state: nnx.State, h: Array) -> Array:
-        return nnx.merge(graphdef, state)(h, **kwargs)
+        return constrain(nnx.merge(graphdef, state)(h, **kwargs), ACT)
 
     if remat != "none":
         one = jax.checkpoint(one, policy=REMAT_POLICIES[remat], prevent_cse=not scan)

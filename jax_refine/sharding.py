@@ -6,8 +6,10 @@ One table (``config.mesh.rules``) maps the model's logical axis names (``embed``
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -132,3 +134,29 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     """Assemble each process's local batch slice into global arrays sharded over ``('data','fsdp')``."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------ activations
+# The model marks its activations with logical names (`("batch", None, None)` for the (B, T, D) residual
+# stream); inside `activation_sharding(mesh, rules)` they become sharding constraints, elsewhere no-ops.
+# Without them GSPMD may follow the FSDP-sharded weights and replicate the batch on every device.
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("activations", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain(x, names)` pins activations to ``mesh`` by ``rules``."""
+    token = _ACTIVATIONS.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` to its logical names under `activation_sharding`; else ``x``."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, logical_to_sharding(tuple(logical), mesh, rules, x.shape))

@@ -48,6 +48,7 @@ class ModelSetup:
     param_shardings: PyTree
     load: Callable[[], PyTree]  # -> start params, each created/loaded directly into its sharding
     dtype: Any
+    rules: Any = ()  # config.mesh.rules: also pins the model's activations (sharding.activation_sharding)
 
 
 def compute_dtype(config: Any) -> Any:
@@ -93,7 +94,7 @@ def setup_model(config: Any, mesh: Mesh) -> ModelSetup:
         def load():
             model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path)
             return ts.split_model(model)[1]
-    return ModelSetup(clip_config, graphdef, rest, abstract_params, params_sh, load, dtype)
+    return ModelSetup(clip_config, graphdef, rest, abstract_params, params_sh, load, dtype, tuple(config.mesh.rules))
 
 
 # ------------------------------------------------------------------------------------------ train step
@@ -131,7 +132,8 @@ def make_train_step(setup: ModelSetup, method_cfg: Any, tx: optax.GradientTransf
 
     def features(params: PyTree, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(setup.graphdef, params, setup.rest)
-        fi, ft = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        with shd.activation_sharding(mesh, setup.rules):
+            fi, ft = model(batch["image"], batch["input_ids"], batch["attention_mask"])
         return fi.astype(jnp.float32), ft.astype(jnp.float32)
 
     def loss_fn(params, teacher, batch, z, key):

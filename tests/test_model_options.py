@@ -101,3 +101,24 @@ def test_scanned_train_step_same_update(tmp_path):
 def test_bad_options_fail_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_clip(hf_clip_config("tiny"), **kwargs)
+
+
+def test_activation_names_become_batch_constraints():
+    """Inside `activation_sharding` the residual stream is pinned to the batch axes; outside it is untouched."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from configs.default import get_config
+    from jax_refine.model import ACT
+
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    x = jax.device_put(jnp.ones((8, 5, 12)), NamedSharding(mesh, P(None, None, "fsdp")))  # FSDP-like layout
+
+    def f(x):
+        return shd.constrain(x * 2, ACT)
+
+    # the context acts at trace time (as inside the train step), so each case traces a fresh function
+    assert jax.jit(lambda x: f(x))(x).sharding.is_equivalent_to(x.sharding, 3)
+    with shd.activation_sharding(mesh, get_config().mesh.rules):
+        y = jax.jit(lambda x: f(x))(x)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+    np.testing.assert_array_equal(np.asarray(y), 2.0)

@@ -177,6 +177,7 @@ def test_retrieval_karpathy_test_mocked(cifar10_dir):
     assert np.abs(b["image"][2] - _hf(paths[2])).max() <= 1e-3
 
 
+@pytest.mark.usefixtures("tfds_online")
 def test_ucf101_is_evaluated_on_each_video_middle_frame(tmp_path):
     """UCF101 (a TFDS video set) enters zero-shot as its middle frame, as in the reference; a real-photo
     frame in the middle, solid colours around it, compared with CLIPImageProcessor on that photo."""

@@ -189,7 +189,7 @@ def coco_json_split(annotations: str | Path, images: str | Path, split: str = "t
     """A COCO-format caption set (read by our COCO-json builder's reader), split at random as the reference
     does: images in id order, permuted with `np.random.default_rng(split_seed)`; the first
     `int(train_fraction * N)` are "train", the rest "val" (the paper: COCO 2017 train, 0.99, seed 42)."""
-    from jax_refine.data.coco_captions_builder import read_coco_json
+    from jax_refine.data.coco_captions_builder import check_trainable, read_coco_json
 
     if split not in ("train", "val"):
         raise ValueError(f"data.split={split!r}: a coco_json source has the splits 'train' and 'val' "
@@ -197,6 +197,7 @@ def coco_json_split(annotations: str | Path, images: str | Path, split: str = "t
     if not 0.0 < float(train_fraction) <= 1.0:
         raise ValueError(f"data.train_fraction={train_fraction!r} must be in (0, 1]")
     records = sorted(read_coco_json(annotations, images), key=lambda r: r["id"])
+    check_trainable(records, annotations)  # no usable image-caption pair: an error now, not an endless epoch
     order = np.random.default_rng(int(split_seed)).permutation(len(records))
     n_train = int(float(train_fraction) * len(records))
     chosen = np.sort(order[:n_train] if split == "train" else order[n_train:])

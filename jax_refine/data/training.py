@@ -197,7 +197,7 @@ class TrainIterator:
                         f"{self.builder.name}[{self.split}] cannot make one batch of {self.batch_size}: a whole "
                         f"epoch skipped {self.last_epoch['skipped_no_caption']} examples without a caption and "
                         f"{self.last_epoch['skipped_bad_image']} with a missing or unreadable image "
-                        f"(data dir {self.builder.data_dir})")
+                        f"(from {getattr(self.builder, 'data_dir', None) or self.builder.name})")
                 self._epoch_batches = self.batches
                 log.info("epoch %d done on process %d (%d batches in total): skipped %s", self.epoch,
                          self.process_index, self.batches, self.last_epoch)

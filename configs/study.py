@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # method.normalize / weights / alpha: each method's preset (objectives.PRESETS; the reference's forms)
     c.data.source = "coco_json"  # the study writes each caption set as a COCO JSON under out/data
     c.data.split = "train"
-    c.data.shuffle_buffer = 8192
+    c.data.train_fraction = 1.0  # the study's caption sets are disjoint files already: train on all of each
     c.train.export_hf = True
     c.checkpoint.every_steps = 10_000  # one checkpoint at the end of each run
     c.checkpoint.max_to_keep = 1

@@ -205,6 +205,9 @@ def coco_json_split(annotations: str | Path, images: str | Path, split: str = "t
         raise ValueError(f"{annotations}: split {split!r} is empty ({len(records)} images, train_fraction "
                          f"{train_fraction})")
     picked = [records[i] for i in chosen]
+    if n_train < len(records):  # the other split's images are left out of this one: say how many
+        print(f"[data] {annotations}: {len(picked)} of {len(records)} images in split {split!r} "
+              f"(data.train_fraction={train_fraction}, data.split_seed={split_seed})", flush=True)
     return CaptionList(f"{Path(annotations).stem}[{split}]", tuple(r["path"] for r in picked),
                        tuple(tuple(t for _, t in r["captions"]) for r in picked),
                        tuple(str(r["id"]) for r in picked))

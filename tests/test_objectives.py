@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torch_reference_losses as ref
+from train_helpers import set_dotted
 from configs import default
 from jax_refine import objectives
 
@@ -21,13 +22,7 @@ LOG_SCALE = float(np.log(100.0))  # CLIP's trained logit scale
 def _method(method_name: str, **overrides):
     c = default.get_config().method
     c.name = method_name
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return set_dotted(c, overrides)
 
 
 def _realistic(b: int = 16, d: int = 64, norm: float = 10.0, seed: int = 0) -> list[np.ndarray]:

@@ -6,19 +6,24 @@ import numpy as np
 EOS, BOS = 49407, 49406
 
 
+def set_dotted(config, overrides: dict):
+    """Set ``{"a.b.c": value}`` entries on a ConfigDict in place (test set-up, no validation); returns it."""
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
 def tiny_config(workdir, **overrides):
     """configs/tiny_test.py with dotted-key overrides, e.g. ``**{"train.batch_size": 16}``."""
     from configs.tiny_test import get_config
 
     c = get_config()
     c.workdir = str(workdir)
-    for key, value in overrides.items():
-        node = c
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_dotted(c, overrides)
 
 
 def synthetic_batch(index: int, batch: int, image_size: int = 32, length: int = 16, seed: int = 0) -> dict:

@@ -153,8 +153,6 @@ VALUE_CHECKS = (
     ("train.clip_norm", lambda v: v is None or v > 0, "None or > 0"),
     ("method.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("method.temperature", lambda v: v > 0, "> 0"),
-    *((f"method.weights.{t}", lambda v: v >= 0, ">= 0")
-      for t in ("contrastive", "kd", "rafa", "feature", "logit", "m2")),
     ("method.m2_beta", lambda v: v > 0, "> 0"),
     ("model.dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     ("data.caption_mode", lambda v: v in ("random", "all"), "random or all"),

@@ -8,6 +8,7 @@ CLIP mean/std) runs in TensorFlow on whole batches.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import numpy as np
@@ -50,8 +51,6 @@ def read_image_files(paths: list[str], extra: dict[str, np.ndarray]) -> "tf.data
     A missing photo is then skipped and counted by `decode_images` (a warning names its path) instead of
     stopping the pipeline with TensorFlow's NotFoundError. `extra`: per-path int arrays (labels, indices).
     """
-    import os
-
     exists = np.array([os.path.isfile(p) for p in paths], bool)
     ds = tf.data.Dataset.from_tensor_slices({"key": tf.constant(paths, tf.string), "exists": exists, **extra})
 

@@ -5,6 +5,8 @@ ahead cheaply on resume and flag corrupt images itself.
 """
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,8 +63,6 @@ DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
 
 def download_reachable(timeout: float = 3.0) -> bool:
     """Whether DOWNLOAD_PROBE accepts a TCP connection within `timeout` seconds (False offline)."""
-    import socket
-
     try:
         with socket.create_connection(DOWNLOAD_PROBE, timeout=timeout):
             return True
@@ -72,16 +72,12 @@ def download_reachable(timeout: float = 3.0) -> bool:
 
 def _tree(root: str | Path) -> set[str]:
     """Every directory path under `root` (and root itself if it exists)."""
-    import os
-
     root = str(root)
     return {d for d, _, _ in os.walk(root)} if os.path.isdir(root) else set()
 
 
 def _remove_new_empty_dirs(root: str | Path, before: set[str]) -> None:
     """Remove directories under `root` that a failed prepare created and left empty (deepest first)."""
-    import os
-
     for d in sorted(_tree(root) - before, key=len, reverse=True):
         try:
             os.rmdir(d)

@@ -1,0 +1,5 @@
+"""SigLIP (Zhai et al. 2023) in Flax NNX with the numerics of transformers' `SiglipModel`.
+
+`modeling.SigLIP` (the module), `params.load_pretrained` / `save_pretrained` (HF checkpoints),
+`tokenizer.get_tokenizer` / `tokenize` (SigLIP's SentencePiece tokenizer, max-length padding).
+"""

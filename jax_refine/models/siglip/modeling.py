@@ -1,0 +1,223 @@
+"""SigLIP in Flax NNX with the architecture and numerics of transformers' `SiglipModel`.
+
+Image tower: patch conv (with bias) -> learned positions (no class token) -> pre-norm blocks ->
+`post_layernorm` -> attention-pooling head (MAP: a learned probe attends over the patches, then
+LayerNorm + MLP with a residual) -> `(B, D_vision)`; there is no separate projection.
+Text tower: token + position embeddings -> pre-norm blocks without a causal mask (padding keys masked
+when an attention mask is given) -> `final_layer_norm` -> the LAST position's state (SigLIP pads every
+text to the model's length, so this is a pad token) -> `head` linear (with bias) -> `(B, D)`.
+`logit_scale` (log scale) and `logit_bias` are scalars: logits = exp(logit_scale) <x, y> + logit_bias on
+L2-normalized features.
+
+The blocks, LayerNorm (float32), attention (`jax.nn.dot_product_attention`), activations and the
+speed/memory options (`attention`, `remat`, `scan_layers`) are those of `jax_refine.model`, so the
+conventions match our CLIP: float32 parameters cast to the compute `dtype`, fused `qkv` kernels
+`(D, 3, heads, head_dim)`, dense kernels `(in, out)`, the patch kernel `(patch*patch*C, D)` in
+`(kh, kw, c)` order, and logical axis names on every parameter from the same vocabulary (`embed`,
+`mlp`, `heads`, `vocab`, `proj`, `norm`, `patch`, `pos`). The attention-pooling head always uses XLA
+attention (one query; cuDNN buys nothing there).
+
+Random init (`SigLIP(config, rngs=...)`) draws CLIP's init scheme (as `jax_refine.model` does), not
+SigLIP's lecun/xavier one: it is for tests and shapes; real use loads a checkpoint (`params.py`).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_refine.model import MLP, Block, LayerNorm, _param, apply_layers, check_options
+
+Array = jax.Array
+PIXEL_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalizes pixels in [0, 1] to [-1, 1]
+PIXEL_STD = (0.5, 0.5, 0.5)
+
+
+@functools.lru_cache(maxsize=16)
+def _config_from_json(text: str):
+    from transformers import SiglipConfig
+
+    return SiglipConfig.from_dict(json.loads(text))
+
+
+def square_image_size(value: Any, what: str = "vision_config.image_size") -> int:
+    """`image_size` / `patch_size` as one int (SigLIP configs allow an int or a square pair)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{what}={value!r}: only square sizes are supported")
+        value = value[0]
+    return int(value)
+
+
+class PoolingHead(nnx.Module):
+    """Multihead attention pooling (HF `SiglipMultiheadAttentionPoolingHead`, torch `nn.MultiheadAttention`).
+
+    `h = MHA(probe, x, x)`; `h + mlp(layernorm(h))`; `(B, T, D) -> (B, D)`.
+    """
+
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, heads = cfg.hidden_size, cfg.num_attention_heads
+        if d % heads:
+            raise ValueError(f"hidden_size={d} is not divisible by num_attention_heads={heads}")
+        self.heads, self.head_dim, self.dtype = heads, d // heads, dtype
+        std = d**-0.5 * factor
+        self.probe = _param(rngs, (d,), ("embed",), std, param_dtype)
+        self.qkv = _param(rngs, (d, 3, heads, self.head_dim), ("embed", None, "heads", None), std, param_dtype)
+        self.qkv_bias = _param(None, (3, heads, self.head_dim), (None, "heads", None), None, param_dtype)
+        self.out = _param(rngs, (heads, self.head_dim, d), ("heads", None, "embed"), std, param_dtype)
+        self.out_bias = _param(None, (d,), ("embed",), None, param_dtype)
+        self.ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, cfg.num_hidden_layers, factor, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """`x (B, T, D)` -> pooled `(B, D)`."""
+        w = self.qkv[...].astype(self.dtype)
+        bias = self.qkv_bias[...].astype(self.dtype)
+        q = jnp.einsum("d,dhe->he", self.probe[...].astype(self.dtype), w[:, 0]) + bias[0]
+        q = jnp.broadcast_to(q, (x.shape[0], 1, *q.shape))
+        k = jnp.einsum("btd,dhe->bthe", x, w[:, 1]) + bias[1]
+        v = jnp.einsum("btd,dhe->bthe", x, w[:, 2]) + bias[2]
+        y = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        h = jnp.einsum("bthe,hed->btd", y, self.out[...].astype(self.dtype)) + self.out_bias[...].astype(self.dtype)
+        h = h + self.mlp(self.ln(h))
+        return h[:, 0]
+
+
+class VisionTower(nnx.Module):
+    """`(B, H, W, C)` normalized pixels -> attention-pooled features `(B, D_vision)`."""
+
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 attention: str = "xla", remat: str = "none", scan_layers: bool = False):
+        if not getattr(cfg, "vision_use_head", True):
+            raise ValueError("vision_config.vision_use_head=False: SiglipModel's image features need the "
+                             "attention-pooling head")
+        d, c = cfg.hidden_size, cfg.num_channels
+        p = square_image_size(cfg.patch_size, "vision_config.patch_size")
+        self.image_size, self.patch_size, self.channels, self.dtype = square_image_size(cfg.image_size), p, c, dtype
+        self.remat, self.scan_layers = remat, scan_layers
+        std = cfg.hidden_size**-0.5 * factor
+        self.patch = _param(rngs, (p * p * c, d), ("patch", "embed"), std, param_dtype)
+        self.patch_bias = _param(None, (d,), ("embed",), None, param_dtype)
+        self.position = _param(rngs, (num_patches(self.image_size, p), d), ("pos", "embed"), std, param_dtype)
+        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                      attention=attention) for _ in range(cfg.num_hidden_layers)])
+        self.post_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.head = PoolingHead(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, pixel_values: Array) -> Array:
+        b, h, w, c = pixel_values.shape
+        if (h, w, c) != (self.image_size, self.image_size, self.channels):
+            raise ValueError(f"pixel_values have shape {pixel_values.shape}; this model takes "
+                             f"(B, {self.image_size}, {self.image_size}, {self.channels}) NHWC")
+        p = self.patch_size
+        kernel = self.patch[...].astype(self.dtype).reshape(p, p, c, -1)
+        x = jax.lax.conv_general_dilated(pixel_values.astype(self.dtype), kernel, (p, p), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = x.reshape(b, -1, x.shape[-1]) + self.patch_bias[...].astype(self.dtype)
+        x = x + self.position[...].astype(self.dtype)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers)
+        return self.head(self.post_ln(x))
+
+
+def num_patches(image_size: int, patch_size: int) -> int:
+    """Patches per image (= vision positions; SigLIP has no class token)."""
+    return (image_size // patch_size) ** 2
+
+
+class TextTower(nnx.Module):
+    """Bidirectional text transformer: `(B, L)` ids -> `head(final_ln(x)[:, -1])` `(B, D)`."""
+
+    def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 attention: str = "xla", remat: str = "none", scan_layers: bool = False):
+        d = cfg.hidden_size
+        self.remat, self.scan_layers, self.dtype = remat, scan_layers, dtype
+        self.token = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 0.02 * factor, param_dtype)
+        self.position = _param(rngs, (cfg.max_position_embeddings, d), ("pos", "embed"), 0.02 * factor, param_dtype)
+        self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                      attention=attention) for _ in range(cfg.num_hidden_layers)])
+        self.final_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.head = _param(rngs, (d, cfg.projection_size), ("embed", "proj"), d**-0.5 * factor, param_dtype)
+        self.head_bias = _param(None, (cfg.projection_size,), ("proj",), None, param_dtype)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        b, length = input_ids.shape
+        if length > self.position.shape[0]:
+            raise ValueError(f"input_ids have length {length} > max_position_embeddings={self.position.shape[0]}")
+        x = jnp.take(self.token[...], input_ids, axis=0) + self.position[...][:length]
+        x = x.astype(self.dtype)
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=False)
+        pooled = self.final_ln(x)[:, -1]
+        return pooled @ self.head[...].astype(self.dtype) + self.head_bias[...].astype(self.dtype)
+
+
+class SigLIP(nnx.Module):
+    """HF `SiglipModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32);
+    `attention` ("xla" | "cudnn"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: as in
+    `jax_refine.model.CLIP`. `config` returns a copy of the `transformers.SiglipConfig`.
+    """
+
+    def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs, attention: str = "xla", remat: str = "none", scan_layers: bool = False):
+        from transformers import SiglipConfig
+
+        if not isinstance(config, SiglipConfig):
+            raise TypeError(f"SigLIP needs a transformers.SiglipConfig, got {type(config).__name__}")
+        check_options(attention, remat, dtype)
+        text_dim, image_dim = config.text_config.projection_size, config.vision_config.hidden_size
+        if text_dim != image_dim:
+            raise ValueError(f"text_config.projection_size={text_dim} != vision_config.hidden_size={image_dim}: "
+                             "SigLIP compares text and image features of one width")
+        opts = dict(attention=attention, remat=remat, scan_layers=bool(scan_layers))
+        self._config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        self.dtype = dtype
+        factor = config.initializer_factor
+        self.vision = VisionTower(config.vision_config, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                  **opts)
+        self.text = TextTower(config.text_config, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **opts)
+        self.logit_scale = _param(None, (), (), None, param_dtype, fill=0.0)
+        self.logit_bias = _param(None, (), (), None, param_dtype, fill=0.0)
+
+    @property
+    def config(self):
+        """The `transformers.SiglipConfig` this model was built from (a fresh copy)."""
+        return copy.deepcopy(_config_from_json(self._config_json))
+
+    @property
+    def image_size(self) -> int:
+        """Square input side in pixels (`vision_config.image_size`)."""
+        return self.vision.image_size
+
+    @property
+    def text_length(self) -> int:
+        """Token length every text is padded to (`text_config.max_position_embeddings`, 64 for SigLIP)."""
+        return int(self.text.position.shape[0])
+
+    @property
+    def pixel_mean(self) -> tuple[float, float, float]:
+        return PIXEL_MEAN
+
+    @property
+    def pixel_std(self) -> tuple[float, float, float]:
+        return PIXEL_STD
+
+    def encode_image(self, pixel_values: Array) -> Array:
+        """`pixel_values (B, H, W, 3)` normalized NHWC -> pooled, unnormalized features `(B, D)`."""
+        return self.vision(pixel_values)
+
+    def encode_text(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """`input_ids (B, L)` int, `attention_mask (B, L)` (1 = token, 0 = pad; None = attend to all, as SigLIP
+        is trained and as HF runs it without a mask) -> `(B, D)`."""
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        return self.text(jnp.asarray(input_ids), mask)
+
+    def __call__(self, pixel_values: Array, input_ids: Array, attention_mask: Array | None = None
+                 ) -> tuple[Array, Array]:
+        """-> `(image_features (B, D), text_features (B, D))`, unnormalized."""
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)

@@ -397,3 +397,50 @@ def sharded(loss_fn: Callable[..., Any], mesh: Mesh, batch_axes: str | Sequence[
         return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
 
     return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP's sigmoid loss
+# --------------------------------------------------------------------------------------------
+def sigmoid_loss(image_features: Array, text_features: Array, logit_scale: Array | float,
+                 logit_bias: Array | float, *, normalize: bool = True, text_chunk: int | None = None,
+                 axis_name: AxisName = None) -> Array:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023; big_vision's `sigmoid_loss`).
+
+    With x_i, y_j the (B, D) image/text features (L2-normalized when `normalize`, the default: the loss is
+    defined on unit vectors), t the *exponentiated* scale (`exp(model.logit_scale)`, as `contrastive_loss`
+    takes it), b the bias, z_ij = +1 for i == j and -1 otherwise:
+      L = -1/B sum_i sum_j log sigmoid(z_ij (t <x_i, y_j> + b)).
+    Gradients flow into t and b. `text_chunk` computes the (b_local, B) logits block by block over
+    `text_chunk` texts at a time (a `lax.scan`; must divide B), so no (B, B) or (b, B) array is
+    materialized; with `axis_name` each device computes only its rows against all texts (all-gathered).
+    """
+    fn = "sigmoid_loss"
+    b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
+    ctx = _batch(fn, b, axis_name, 1)
+    t = _logit_scale(fn, logit_scale)
+    bias = jnp.asarray(logit_bias)
+    if bias.size != 1:
+        raise ValueError(f"{fn}: logit_bias must be a scalar, got shape {bias.shape}")
+    bias = bias.astype(jnp.float32).reshape(())
+    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    texts = ctx.gather(ft)
+    rows = ctx.offset + jnp.arange(b)
+
+    def block_sum(cols: Array, start: Array | int) -> Array:
+        logits = t * _dot(fi, cols) + bias
+        sign = jnp.where(rows[:, None] == start + jnp.arange(cols.shape[0])[None, :], 1.0, -1.0)
+        return -jnp.sum(jax.nn.log_sigmoid(sign * logits))
+
+    if text_chunk is None:
+        total = block_sum(texts, 0)
+    else:
+        chunk = int(text_chunk)
+        if chunk < 1 or ctx.size % chunk:
+            raise ValueError(f"{fn}: text_chunk={text_chunk!r} must be a positive divisor of the batch size "
+                             f"B={ctx.size}")
+        blocks = texts.reshape(ctx.size // chunk, chunk, texts.shape[-1])
+        starts = jnp.arange(ctx.size // chunk) * chunk
+        _, sums = jax.lax.scan(lambda carry, xs: (carry, block_sum(*xs)), None, (blocks, starts))
+        total = jnp.sum(sums)
+    return ctx.total(total) / ctx.size

@@ -130,6 +130,26 @@ def test_options_and_logical_names(tiny):
     assert plain.pixel_mean == plain.pixel_std == (0.5, 0.5, 0.5)
 
 
+def test_sharded_load_uses_the_project_rules(tiny):
+    """Each tensor goes straight into the sharding its logical names give under configs/default.py's rules
+    on a (data 2, fsdp 2, tensor 2) mesh; features and the exported tensors equal the one-device load."""
+    from configs.default import get_config
+    from jax_refine.sharding import logical_to_sharding, make_mesh
+
+    directory, _ = tiny
+    mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), tuple(get_config().mesh.rules)
+    sharded = params.load_pretrained(directory, shardings=lambda path, names: logical_to_sharding(names, mesh, rules))
+    plain = params.load_pretrained(directory)
+    head_qkv = sharded.vision.head.qkv[...]
+    assert head_qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
+    assert head_qkv.addressable_shards[0].data.shape == (24, 3, 2, 12)
+    assert sharded.text.head[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    pixels, (ids, _) = _pixels(2, 32), _ids_and_mask(2, 16, 64)
+    np.testing.assert_allclose(nnx.jit(lambda m: m(pixels, ids))(sharded), plain(pixels, ids), atol=1e-5)
+    got, want = params.hf_state_dict(sharded), params.hf_state_dict(plain)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_save_then_transformers_from_pretrained(tiny, tmp_path):
     from transformers import SiglipImageProcessor, SiglipModel
 

@@ -252,6 +252,26 @@ def test_save_copies_the_tokenizer(tiny, spm_dir, tmp_path):
     np.testing.assert_array_equal(ids, _big_vision_ids(spm_dir / "spiece.model", TEXTS, 16))
 
 
+# ------------------------------------------------------------------------------------------ images
+def test_image_preprocessing_matches_siglip_image_processor(coco_mini_dir):
+    """Real non-square COCO photos (and a grey-scale one): equal to transformers' SiglipImageProcessor."""
+    from PIL import Image
+    from transformers import SiglipImageProcessorPil
+
+    from jax_refine.models.siglip.image import preprocess_image
+
+    processor = SiglipImageProcessorPil(size={"height": 64, "width": 64})
+    photos = sorted((coco_mini_dir / "val2017").glob("*.jpg"))[:3]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    images.append(images[0].convert("L"))
+    assert len({im.size for im in images}) > 1 and all(im.size[0] != im.size[1] for im in images)
+    for im in images:
+        want = processor(images=im, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        got = preprocess_image(im, 64)
+        assert got.shape == (64, 64, 3) and got.dtype == np.float32
+        assert _max_err(got, want) <= 1e-6
+
+
 # ------------------------------------------------------------------------- one CLIP-Refine step
 def test_clip_refine_step_on_siglip_features(tiny):
     directory, _ = tiny

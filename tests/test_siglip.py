@@ -240,9 +240,27 @@ def test_tokenizer_follows_the_checkpoint_lowercase_setting(spm_dir, tmp_path):
     assert not np.array_equal(ours, _big_vision_ids(spm_dir / "spiece.model", TEXTS, 16, lower=True))
 
 
-def test_tokenizer_missing_file_is_a_one_line_error(tiny):
+def test_tokenizer_missing_file_is_a_one_line_error(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no spiece\.model .*found \['config\.json', 'model\.safetensors'\]"):
         tokenizer.get_tokenizer(tiny[0])
+    with pytest.raises(FileNotFoundError, match="no such tokenizer directory"):
+        tokenizer.get_tokenizer(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=r"^no-such-org/siglip: not a local directory.*hub") as err:
+        tokenizer.get_tokenizer("no-such-org/siglip")  # offline in tests (HF_HUB_OFFLINE=1)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_configs_are_one_line_errors():
+    from transformers import SiglipConfig
+
+    no_head = SiglipConfig(**{**TINY, "vision_config": {**TINY["vision_config"], "vision_use_head": False}})
+    with pytest.raises(ValueError, match="vision_use_head=False"):
+        nnx.eval_shape(lambda: modeling.SigLIP(no_head, rngs=nnx.Rngs(0)))
+    widths = SiglipConfig(**{**TINY, "text_config": {**TINY["text_config"], "projection_size": 24}})
+    with pytest.raises(ValueError, match=r"projection_size=24 != vision_config.hidden_size=48"):
+        nnx.eval_shape(lambda: modeling.SigLIP(widths, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="needs a transformers.SiglipConfig, got dict"):
+        modeling.SigLIP(TINY, rngs=nnx.Rngs(0))
 
 
 def test_save_copies_the_tokenizer(tiny, spm_dir, tmp_path):

@@ -108,6 +108,31 @@ def test_features_match_transformers(spec, tiny, tmp_path):
     np.testing.assert_allclose(float(ours.logit_bias[...]), torch_model.logit_bias.item(), rtol=0, atol=0)
 
 
+SO400M_14_384 = dict(  # google/siglip-so400m-patch14-384's config.json
+    text_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     max_position_embeddings=64, vocab_size=32000),
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=384, patch_size=14),
+)
+
+
+def test_so400m_names_and_shapes_match_transformers():
+    """The full SO400M/14-384: our parameters map one to one onto the tensors of transformers' SiglipModel
+    (built on torch's meta device, no memory), same names and shapes, so a real checkpoint loads."""
+    from transformers import SiglipConfig, SiglipModel
+
+    config = SiglipConfig(**SO400M_14_384)
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in SiglipModel(config).state_dict().items()}
+    abstract = nnx.eval_shape(lambda: modeling.SigLIP(config, rngs=nnx.Rngs(0)))
+    got = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        got.update(params.hf_shapes("/".join(map(str, path)), tuple(var.shape), 3))
+    assert got == want
+    assert abstract.image_size == 384 and abstract.text_length == 64
+    assert abstract.vision.position.shape == (729, 1152)  # 27 x 27 patches, no class token
+
+
 def test_sigmoid_loss_matches_siglip_model_loss(tiny):
     """Our loss on our features equals `SiglipModel(..., return_loss=True).loss` (HF's own implementation)."""
     directory, torch_model = tiny

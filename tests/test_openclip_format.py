@@ -1,0 +1,262 @@
+"""open_clip's checkpoint format -> our CLIP, against open_clip's own PyTorch model on the same weights.
+
+Each test draws a small `open_clip.model.CLIP` in torch, saves its state dict the way the hub ships it
+(`open_clip_model.safetensors` / `open_clip_pytorch_model.bin` + `open_clip_config.json`) and compares our
+features with open_clip's `encode_image` / `encode_text` (texts padded with 0 after the EOT token, pooled
+by argmax as open_clip does).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_refine import hf
+from jax_refine.models.openclip import config as oc_config
+from jax_refine.models.openclip import params as oc_params
+
+TOL = 1e-4
+
+
+def _import_open_clip():
+    """`import open_clip` (test-only dependency, with torchvision).
+
+    PyPI's torchvision wheel is a CUDA build: beside a CPU-only torch its C++ ops do not load, and
+    torchvision 0.28 then fails at import registering fake kernels for the missing `nms`/`qnms` ops. Only in
+    that case, declare those two op schemas first (never called: open_clip's CLIP does not use them).
+    """
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        pytest.fail("torchvision is not installed (./run.sh test installs it beside open-clip-torch)")
+    libs = glob.glob(str(Path(spec.submodule_search_locations[0]) / "_C*.so"))
+    try:
+        torch.ops.load_library(libs[0])
+    except (IndexError, OSError):
+        if not hasattr(_import_open_clip, "lib"):
+            _import_open_clip.lib = torch.library.Library("torchvision", "DEF")
+            for op in ("nms", "qnms"):
+                _import_open_clip.lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import open_clip
+
+    return open_clip
+
+
+def _tiny_cfg(quick_gelu: bool, **vision) -> dict:
+    return {"embed_dim": 24, "quick_gelu": quick_gelu,
+            "vision_cfg": {"image_size": 16, "patch_size": 8, "layers": 2, "width": 32, "head_width": 8,
+                           "mlp_ratio": 2.5, **vision},
+            "text_cfg": {"context_length": 12, "vocab_size": 64, "width": 48, "heads": 4, "layers": 2}}
+
+
+REAL_WIDTH_CFG = {"embed_dim": 1024, "quick_gelu": True,
+                  "vision_cfg": {"image_size": 28, "patch_size": 14, "layers": 1, "width": 1280, "head_width": 80},
+                  "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 1024, "heads": 16, "layers": 1}}
+
+
+def _open_clip_model(model_cfg: dict, seed: int = 0):
+    """A random open_clip CLIP in eval mode; LayerNorms and biases (constant at init) are perturbed."""
+    import torch
+
+    open_clip = _import_open_clip()
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**model_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _save(model, model_cfg: dict, out: Path, fmt: str) -> Path:
+    """The hub layout: weights + `open_clip_config.json` with `model_cfg` and `preprocess_cfg`."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, out / oc_params.SAFETENSORS)
+    else:
+        torch.save(state, out / oc_params.TORCH_BIN)
+    config = {"model_cfg": model_cfg,
+              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "std": [0.26862954, 0.26130258, 0.27577711]}}
+    (out / oc_config.OPEN_CLIP_CONFIG).write_text(json.dumps(config))
+    return out
+
+
+def _inputs(model_cfg: dict, n: int = 4, seed: int = 1):
+    """Pixels `(n, H, W, 3)`, open_clip-style texts `(n, L)` (EOT = vocab-1, the highest id, then 0s) and
+    their attention mask."""
+    rng = np.random.default_rng(seed)
+    size, t = model_cfg["vision_cfg"]["image_size"], model_cfg["text_cfg"]
+    pixels = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+    length, eot = t["context_length"], t["vocab_size"] - 1
+    ids = np.zeros((n, length), np.int64)
+    mask = np.zeros((n, length), np.int32)
+    for i, last in enumerate(np.linspace(1, length - 1, n).astype(int)):  # EOT at 1 ... the last slot
+        ids[i, :last] = rng.integers(1, eot, size=last)
+        ids[i, last] = eot
+        mask[i, : last + 1] = 1
+    return pixels, ids, mask
+
+
+def _open_clip_features(model, pixels: np.ndarray, ids: np.ndarray):
+    import torch
+
+    with torch.no_grad():
+        fi = model.encode_image(torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+        ft = model.encode_text(torch.from_numpy(ids))
+    return fi.numpy(), ft.numpy()
+
+
+def _max_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.mark.parametrize("quick_gelu,fmt", [(True, "safetensors"), (False, "safetensors"), (False, "bin")])
+def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
+    cfg = _tiny_cfg(quick_gelu)
+    ref = _open_clip_model(cfg)
+    ckpt = _save(ref, cfg, tmp_path / "ckpt", fmt)
+    model = oc_params.load_openclip(ckpt)
+    assert model.config.vision_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    pixels, ids, mask = _inputs(cfg)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    assert _max_err(model.logit_scale[...], ref.logit_scale.item()) == 0.0
+
+
+def test_real_width_layer_matches_open_clip(tmp_path):
+    """Width 1280 / head_width 80 (ViT-H's and DFN's vision layer), width 1024 / 16 heads text layer."""
+    ref = _open_clip_model(REAL_WIDTH_CFG)
+    model = oc_params.load_openclip(_save(ref, REAL_WIDTH_CFG, tmp_path / "ckpt", "safetensors"))
+    assert model.config.vision_config.num_attention_heads == 16
+    pixels, ids, mask = _inputs(REAL_WIDTH_CFG, n=3)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+
+
+def test_export_to_hf_opens_in_transformers_with_the_same_features(tmp_path):
+    import torch
+    from transformers import CLIPModel
+
+    cfg = _tiny_cfg(True)
+    ref = _open_clip_model(cfg, seed=3)
+    model = oc_params.load_openclip(_save(ref, cfg, tmp_path / "ckpt", "bin"))
+    out = hf.save_pretrained(model, tmp_path / "hf")
+    exported = CLIPModel.from_pretrained(out).eval()
+    pixels, ids, mask = _inputs(cfg, seed=4)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    with torch.no_grad():
+        hi = exported.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+        ht = exported.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    assert _max_err(hi.pooler_output.numpy(), fi) <= TOL
+    assert _max_err(ht.pooler_output.numpy(), ft) <= TOL
+
+
+def test_custom_text_and_ddp_prefixes_load(tmp_path):
+    """`CustomTextCLIP` keeps the text tower under `text.`; DDP training saves add `module.`."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = _tiny_cfg(False)
+    ref = _open_clip_model(cfg, seed=5)
+    ckpt = _save(ref, cfg, tmp_path / "ckpt", "safetensors")
+    state = load_file(ckpt / oc_params.SAFETENSORS)
+    renamed = {("module." if k.startswith("visual.") else "text.") + k if k != "logit_scale" else k: v
+               for k, v in state.items()}
+    save_file(renamed, ckpt / oc_params.SAFETENSORS)
+    model = oc_params.load_openclip(ckpt)
+    pixels, ids, mask = _inputs(cfg)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("vision_cfg", "attentional_pool", True),
+    ("vision_cfg", "no_ln_pre", True),
+    ("vision_cfg", "pool_type", "avg"),
+    ("vision_cfg", "ls_init_value", 1e-5),
+    ("vision_cfg", "layers", [3, 4, 6, 3]),
+    ("vision_cfg", "image_size", [224, 160]),
+    ("text_cfg", "no_causal_mask", True),
+    ("text_cfg", "hf_tokenizer_name", "timm/ViT-B-16-SigLIP"),
+    ("text_cfg", "pool_type", "last"),
+    ("text_cfg", "proj_bias", True),
+    ("text_cfg", "embed_cls", True),
+    (None, "init_logit_bias", -10.0),
+    (None, "some_future_option", 1),
+])
+def test_unsupported_config_is_a_one_line_error_naming_the_key(tmp_path, section, key, value):
+    cfg = _tiny_cfg(False)
+    (cfg[section] if section else cfg)[key] = value
+    path = tmp_path / oc_config.OPEN_CLIP_CONFIG
+    path.write_text(json.dumps({"model_cfg": cfg}))
+    with pytest.raises(oc_config.UnsupportedConfig) as err:
+        oc_config.clip_config(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert f"{section + '.' if section else ''}{key}={value!r}" in message
+
+
+def test_directory_without_open_clip_weights_names_what_it_found(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError) as err:
+        oc_params.open_checkpoint(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and oc_params.SAFETENSORS in message and oc_params.TORCH_BIN in message
+    assert "config.json, model.safetensors, notes.txt" in message and "jax_refine.hf.load_pretrained" in message
+
+
+def test_tensor_without_a_place_in_our_clip_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    cfg = _tiny_cfg(False)
+    ckpt = _save(_open_clip_model(cfg), cfg, tmp_path / "ckpt", "safetensors")
+    state = load_file(ckpt / oc_params.SAFETENSORS)
+    state["visual.attn_pool.query"] = np.zeros((4, 24), np.float32)
+    save_file(state, ckpt / oc_params.SAFETENSORS)
+    with pytest.raises(ValueError, match=r"1 tensors jax_refine's CLIP has no place for: visual\.attn_pool\.query$"):
+        oc_params.open_checkpoint(ckpt)
+
+
+def _count_ours(clip_config) -> int:
+    import jax
+    from flax import nnx
+
+    from jax_refine.model import CLIP
+
+    abstract = nnx.eval_shape(lambda: CLIP(clip_config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+@pytest.mark.parametrize("name,billions", [("ViT-H-14", 0.99), ("ViT-bigG-14", 2.54),
+                                           ("ViT-H-14-378-quickgelu", 0.99)])
+def test_known_configs_match_open_clip_and_transformers_shapes(name, billions):
+    """Our shipped copy equals open_clip's packaged model config; the CLIPConfig made from it gives the
+    parameter count of open_clip's model and of transformers' CLIPModel (both built on the meta device)."""
+    import torch
+    from transformers import CLIPModel
+
+    open_clip = _import_open_clip()
+    packaged = open_clip.get_model_config(name)
+    assert oc_config.known_model_config(name) == packaged
+    clip_config = oc_config.clip_config(packaged)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in open_clip.model.CLIP(**packaged).parameters())
+        hf_count = sum(p.numel() for p in CLIPModel(clip_config).parameters())
+    assert _count_ours(clip_config) == theirs == hf_count
+    assert abs(theirs / 1e9 - billions) < 0.01
+    assert clip_config.vision_config.hidden_act == ("quick_gelu" if "quickgelu" in name else "gelu")

@@ -7,7 +7,6 @@ by argmax as open_clip does).
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 from pathlib import Path
@@ -22,28 +21,49 @@ from jax_refine.models.openclip import params as oc_params
 TOL = 1e-4
 
 
+class _Unavailable(type):
+    """A torchvision name open_clip imports but its CLIP never uses: any attribute is another such name,
+    calling one fails loudly (so a reference that did need torchvision could not pass silently)."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Unavailable(f"{cls.__name__}.{name}", (), {})
+
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(f"{cls.__name__}: torchvision is not installed (stand-in for importing open_clip)")
+
+
 def _import_open_clip():
-    """`import open_clip` (test-only dependency, with torchvision).
+    """`import open_clip` (a test-only dependency, installed --no-deps by run.sh).
 
-    PyPI's torchvision wheel is a CUDA build: beside a CPU-only torch its C++ ops do not load, and
-    torchvision 0.28 then fails at import registering fake kernels for the missing `nms`/`qnms` ops. Only in
-    that case, declare those two op schemas first (never called: open_clip's CLIP does not use them).
+    open_clip's package imports torchvision (its image transforms and a ResNet batch-norm helper; its ViT
+    CLIP uses neither). We do not install torchvision: PyPI's wheels are CUDA builds whose C++ ops do not
+    load beside our CPU torch, and transformers then fails to import `CLIPImageProcessor` everywhere. When
+    torchvision is absent, stand-in modules are put in `sys.modules` for the import only and removed after,
+    so nothing else (transformers' backend checks) ever sees them.
     """
-    import torch
+    import sys
+    import types
 
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        pytest.fail("torchvision is not installed (./run.sh test installs it beside open-clip-torch)")
-    libs = glob.glob(str(Path(spec.submodule_search_locations[0]) / "_C*.so"))
+    if "open_clip" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        import open_clip
+
+        return open_clip
+    from transformers.utils import import_utils
+
+    import_utils.is_torchvision_available()  # transformers' cached answer (False) is settled before the stand-in
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
+             "torchvision.ops.misc")
+    for name in names:
+        module = types.ModuleType(name)
+        module.__getattr__ = lambda attr, _n=name: getattr(_Unavailable(_n, (), {}), attr)
+        sys.modules[name] = module
     try:
-        torch.ops.load_library(libs[0])
-    except (IndexError, OSError):
-        if not hasattr(_import_open_clip, "lib"):
-            _import_open_clip.lib = torch.library.Library("torchvision", "DEF")
-            for op in ("nms", "qnms"):
-                _import_open_clip.lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import open_clip
-
+        import open_clip
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
     return open_clip
 
 

@@ -280,3 +280,24 @@ def test_known_configs_match_open_clip_and_transformers_shapes(name, billions):
     assert _count_ours(clip_config) == theirs == hf_count
     assert abs(theirs / 1e9 - billions) < 0.01
     assert clip_config.vision_config.hidden_act == ("quick_gelu" if "quickgelu" in name else "gelu")
+
+
+def test_loads_straight_into_shardings(tmp_path):
+    """`shardings` goes through to the HF loader: each tensor lands in its FSDP sharding over 8 devices."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    cfg = _tiny_cfg(False)
+    ref = _open_clip_model(cfg, seed=6)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+
+    def shardings(path, names):
+        return NamedSharding(mesh, PartitionSpec(*("fsdp" if n == "embed" else None for n in names)))
+
+    model = oc_params.load_openclip(_save(ref, cfg, tmp_path / "ckpt", "safetensors"), shardings=shardings)
+    qkv = model.vision.layers[0].attn.qkv[...]
+    assert qkv.sharding.spec[0] == "fsdp" and {s.data.shape for s in qkv.addressable_shards} == {(4, 3, 4, 8)}
+    pixels, ids, mask = _inputs(cfg)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL

@@ -112,17 +112,20 @@ def _save(model, model_cfg: dict, out: Path, fmt: str) -> Path:
     return out
 
 
-def _inputs(model_cfg: dict, n: int = 4, seed: int = 1):
-    """Pixels `(n, H, W, 3)`, open_clip-style texts `(n, L)` (EOT = vocab-1, the highest id, then 0s) and
-    their attention mask."""
+def _inputs(model_cfg: dict, n: int = 4, seed: int = 1, eot: int | None = None):
+    """Pixels `(n, H, W, 3)`, open_clip-style texts `(n, L)` and their attention mask. The texts end with
+    `eot` (default vocab-1, the highest id, as CLIP's tokenizer) followed by 0s; with another `eot` the other
+    tokens are drawn above it, so argmax pooling would pick a wrong position."""
     rng = np.random.default_rng(seed)
     size, t = model_cfg["vision_cfg"]["image_size"], model_cfg["text_cfg"]
     pixels = rng.normal(size=(n, size, size, 3)).astype(np.float32)
-    length, eot = t["context_length"], t["vocab_size"] - 1
+    length, vocab = t["context_length"], t["vocab_size"]
+    eot = vocab - 1 if eot is None else eot
+    low, high = (1, eot) if eot == vocab - 1 else (eot + 1, vocab)
     ids = np.zeros((n, length), np.int64)
     mask = np.zeros((n, length), np.int32)
     for i, last in enumerate(np.linspace(1, length - 1, n).astype(int)):  # EOT at 1 ... the last slot
-        ids[i, :last] = rng.integers(1, eot, size=last)
+        ids[i, :last] = rng.integers(low, high, size=last)
         ids[i, last] = eot
         mask[i, : last + 1] = 1
     return pixels, ids, mask
@@ -153,6 +156,40 @@ def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
     assert _max_err(model.encode_image(pixels), fi) <= TOL
     assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
     assert _max_err(model.logit_scale[...], ref.logit_scale.item()) == 0.0
+
+
+def test_eos_pooling_and_layer_norm_eps_match_open_clip(tmp_path):
+    """text_cfg pool_type 'eos' (the first `eos_id`, not the highest id) and a LayerNorm eps from norm_kwargs."""
+    cfg = _tiny_cfg(False)
+    cfg["text_cfg"].update(pool_type="eos", eos_id=5, norm_kwargs={"eps": 1e-3})
+    cfg["vision_cfg"]["norm_kwargs"] = {"eps": 1e-3}
+    ref = _open_clip_model(cfg, seed=7)
+    model = oc_params.load_openclip(_save(ref, cfg, tmp_path / "ckpt", "safetensors"))
+    assert model.config.text_config.eos_token_id == 5 and model.config.vision_config.layer_norm_eps == 1e-3
+    pixels, ids, mask = _inputs(cfg, eot=5)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_load(tmp_path, dtype):
+    """fp16 / bf16 open_clip files (bf16 has no numpy dtype in safetensors' reader) against open_clip run in
+    float32 on the same rounded weights."""
+    import torch
+
+    cfg = _tiny_cfg(True)
+    ref = _open_clip_model(cfg, seed=8)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(getattr(torch, dtype)).float())
+    ckpt = _save(ref.to(getattr(torch, dtype)), cfg, tmp_path / "ckpt", "safetensors")
+    model = oc_params.load_openclip(ckpt)
+    ref = ref.float()
+    pixels, ids, mask = _inputs(cfg)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
 
 
 def test_real_width_layer_matches_open_clip(tmp_path):

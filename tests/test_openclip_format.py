@@ -338,3 +338,29 @@ def test_loads_straight_into_shardings(tmp_path):
     fi, ft = _open_clip_features(ref, pixels, ids)
     assert _max_err(model.encode_image(pixels), fi) <= TOL
     assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+
+
+def test_weights_file_with_a_bare_model_config(tmp_path):
+    """A lone weights file: the bare model config comes from `config=`; without it the error says so."""
+    cfg = _tiny_cfg(False)
+    ref = _open_clip_model(cfg, seed=9)
+    ckpt = _save(ref, cfg, tmp_path / "ckpt", "bin")
+    (ckpt / oc_config.OPEN_CLIP_CONFIG).unlink()
+    weights = ckpt / oc_params.TORCH_BIN
+    with pytest.raises(FileNotFoundError, match=f"no {oc_config.OPEN_CLIP_CONFIG} beside {oc_params.TORCH_BIN}"):
+        oc_params.open_checkpoint(weights)
+    model = oc_params.load_openclip(weights, config=cfg)
+    pixels, ids, mask = _inputs(cfg)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+
+
+def test_preprocess_that_differs_from_ours_is_named():
+    """DFN5B's hub config resizes by 'squash'; other means/stds or interpolations are named too."""
+    clip = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    assert oc_params.preprocess_differences({}) == []
+    assert oc_params.preprocess_differences({**clip, "interpolation": "bicubic", "resize_mode": "shortest"}) == []
+    got = oc_params.preprocess_differences({**clip, "std": [0.5, 0.5, 0.5], "resize_mode": "squash",
+                                            "interpolation": "bilinear"})
+    assert got == ["std=[0.5, 0.5, 0.5]", "interpolation='bilinear'", "resize_mode='squash'"]

@@ -187,19 +187,27 @@ def open_checkpoint(path: str | os.PathLike, *, config: Any = None) -> OpenClipC
         reader = hf._Safetensors([weights_file])
     else:
         reader = hf._TorchBin(weights_file)
-    _warn_if_other_normalization(preprocess_cfg, weights_file)
+    if differences := preprocess_differences(preprocess_cfg):
+        log.warning("%s: trained with preprocess_cfg %s; jax_refine's image pipeline uses CLIP's mean/std, "
+                    "bicubic shortest-side resize and center crop", weights_file, ", ".join(differences))
     return OpenClipCheckpoint(clip_config, OpenClipWeights(reader, weights_file), preprocess_cfg, weights_file)
 
 
-def _warn_if_other_normalization(preprocess_cfg: dict, source: Path) -> None:
-    """Our pipeline normalizes with CLIP's mean/std; say so when the checkpoint was trained with others."""
+def preprocess_differences(preprocess_cfg: dict) -> list[str]:
+    """The settings of open_clip's `preprocess_cfg` that differ from the image pipeline jax_refine uses
+    (`jax_refine.preprocess`: CLIP mean/std, bicubic resize of the shortest side, center crop), as
+    `key=value` strings; `[]` when the checkpoint was trained with ours (or says nothing)."""
     from jax_refine.preprocess import CLIP_MEAN, CLIP_STD
 
+    out = []
     for key, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
         theirs = preprocess_cfg.get(key)
         if theirs is not None and not np.allclose(np.asarray(theirs, np.float64), np.asarray(ours), atol=1e-6):
-            log.warning("%s: preprocess_cfg.%s=%s differs from CLIP's %s that jax_refine's image pipeline uses",
-                        source, key, list(theirs), list(ours))
+            out.append(f"{key}={list(theirs)}")
+    for key, ours in (("interpolation", "bicubic"), ("resize_mode", "shortest")):
+        if preprocess_cfg.get(key, ours) != ours:
+            out.append(f"{key}={preprocess_cfg[key]!r}")
+    return out
 
 
 def write_hf_checkpoint(checkpoint: OpenClipCheckpoint, out_dir: str | os.PathLike) -> Path:

@@ -364,3 +364,19 @@ def test_preprocess_that_differs_from_ours_is_named():
     got = oc_params.preprocess_differences({**clip, "std": [0.5, 0.5, 0.5], "resize_mode": "squash",
                                             "interpolation": "bilinear"})
     assert got == ["std=[0.5, 0.5, 0.5]", "interpolation='bilinear'", "resize_mode='squash'"]
+
+
+def test_missing_or_misshaped_tensors_name_the_checkpoint(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    cfg = _tiny_cfg(False)
+    ckpt = _save(_open_clip_model(cfg), cfg, tmp_path / "ckpt", "safetensors")
+    state = load_file(ckpt / oc_params.SAFETENSORS)
+    del state["visual.proj"]
+    save_file(state, ckpt / oc_params.SAFETENSORS)
+    source = ckpt / oc_params.SAFETENSORS
+    with pytest.raises(ValueError, match=f"^{source} .*1 missing keys: visual_projection.weight$"):
+        oc_params.load_openclip(ckpt)
+    wider = dict(cfg, text_cfg=dict(cfg["text_cfg"], width=64))
+    with pytest.raises(ValueError, match=f"^{source} .*shape mismatches: text_model\\S+ \\(48,\\) != \\(64,\\)"):
+        oc_params.load_openclip(ckpt, config=wider)

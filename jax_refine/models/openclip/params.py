@@ -65,7 +65,7 @@ def _canonical(key: str) -> str:
     return key.removeprefix("text.")
 
 
-def hf_names(key: str) -> tuple[str, list[str]]:
+def hf_names_for(key: str) -> tuple[str, list[str]]:
     """open_clip tensor name -> (layout, HF `CLIPModel` names: three for a fused q/k/v tensor, else one).
 
     KeyError for a name with no HF counterpart (e.g. `visual.attn_pool.*`, `text.cls_emb`)."""
@@ -118,7 +118,7 @@ class OpenClipWeights:
         unknown, bad = [], []
         for key, shape in reader.shapes.items():
             try:
-                kind, names = hf_names(key)
+                kind, names = hf_names_for(key)
             except KeyError:
                 unknown.append(key)
                 continue
@@ -239,4 +239,7 @@ def load_openclip(path: str | os.PathLike, dtype: Any = jnp.float32, *, config: 
     checkpoint = open_checkpoint(path, config=config)
     with tempfile.TemporaryDirectory(prefix="openclip-hf-", dir=work_dir) as tmp:
         write_hf_checkpoint(checkpoint, tmp)
-        return hf.load_pretrained(tmp, dtype, shardings=shardings, param_dtype=param_dtype)
+        try:
+            return hf.load_pretrained(tmp, dtype, shardings=shardings, param_dtype=param_dtype)
+        except ValueError as e:  # missing / mis-shaped tensors: name the user's file, not the temporary copy
+            raise ValueError(str(e).replace(tmp, f"{checkpoint.source} (read as HF names)")) from None

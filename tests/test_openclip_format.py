@@ -380,3 +380,45 @@ def test_missing_or_misshaped_tensors_name_the_checkpoint(tmp_path):
     wider = dict(cfg, text_cfg=dict(cfg["text_cfg"], width=64))
     with pytest.raises(ValueError, match=f"^{source} .*shape mismatches: text_model\\S+ \\(48,\\) != \\(64,\\)"):
         oc_params.load_openclip(ckpt, config=wider)
+
+
+def test_one_clip_refine_step_on_open_clip_weights(tmp_path):
+    """The CLIP-Refine loss (HyCD + RaFA) and its gradients on a loaded open_clip student and teacher equal
+    those of open_clip's own models run in float64 with the PyTorch transcription of the equations."""
+    import torch
+    import torch_reference_losses as reference
+    from flax import nnx
+
+    from jax_refine import losses
+
+    cfg = _tiny_cfg(True)
+    student_ref, teacher_ref = _open_clip_model(cfg, seed=10), _open_clip_model(cfg, seed=11)
+    student = oc_params.load_openclip(_save(student_ref, cfg, tmp_path / "student", "safetensors"))
+    teacher = oc_params.load_openclip(_save(teacher_ref, cfg, tmp_path / "teacher", "safetensors"))
+    pixels, ids, mask = _inputs(cfg)
+    z = np.random.default_rng(0).normal(size=(len(ids), cfg["embed_dim"])).astype(np.float32)
+    gi, gt = teacher.encode_image(pixels), teacher.encode_text(ids.astype(np.int32), mask)
+
+    def loss_fn(model):
+        fi, ft = model.encode_image(pixels), model.encode_text(ids.astype(np.int32), mask)
+        return losses.clip_refine_loss(fi, ft, gi, gt, z)[0]
+
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(student)
+    grads = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+
+    s64, t64 = student_ref.double(), teacher_ref.double()
+    px, tid = torch.from_numpy(pixels.transpose(0, 3, 1, 2)).double(), torch.from_numpy(ids)
+    with torch.no_grad():
+        gi_ref, gt_ref = t64.encode_image(px), t64.encode_text(tid)
+    fi_ref, ft_ref = s64.encode_image(px), s64.encode_text(tid)
+    loss_ref = (reference.hycd(fi_ref, ft_ref, gi_ref, gt_ref)
+                + reference.rafa(fi_ref, ft_ref, torch.from_numpy(z).double()))
+    loss_ref.backward()
+    assert abs(float(loss) - loss_ref.item()) <= 1e-5 * max(1.0, abs(loss_ref.item()))
+    block = s64.visual.transformer.resblocks[0]
+    pairs = {"visual_projection": s64.visual.proj.grad, "text_projection": s64.text_projection.grad,
+             "text/token": s64.token_embedding.weight.grad, "vision/layers/0/mlp/fc1": block.mlp.c_fc.weight.grad.T,
+             "vision/class_embedding": s64.visual.class_embedding.grad}
+    for name, want in pairs.items():
+        want = want.numpy()
+        assert _max_err(grads[name], want) <= 1e-4 * np.abs(want).max(), name

@@ -312,9 +312,14 @@ def test_known_configs_match_open_clip_and_transformers_shapes(name, billions):
     assert oc_config.known_model_config(name) == packaged
     clip_config = oc_config.clip_config(packaged)
     with torch.device("meta"):
-        theirs = sum(p.numel() for p in open_clip.model.CLIP(**packaged).parameters())
-        hf_count = sum(p.numel() for p in CLIPModel(clip_config).parameters())
-    assert _count_ours(clip_config) == theirs == hf_count
+        open_clip_model, hf_model = open_clip.model.CLIP(**packaged), CLIPModel(clip_config)
+    theirs = sum(p.numel() for p in open_clip_model.parameters())
+    assert _count_ours(clip_config) == theirs == sum(p.numel() for p in hf_model.parameters())
+    # The name map at full size: open_clip's state dict read as HF names is transformers' state dict.
+    open_clip_shapes = {k: tuple(v.shape) for k, v in open_clip_model.state_dict().items()}
+    shapes_only = type("ShapesOnly", (), {"shapes": open_clip_shapes})
+    as_hf = oc_params.OpenClipWeights(shapes_only, Path(name)).shapes
+    assert as_hf == {k: tuple(v.shape) for k, v in hf_model.state_dict().items() if not k.endswith("position_ids")}
     assert abs(theirs / 1e9 - billions) < 0.01
     assert clip_config.vision_config.hidden_act == ("quick_gelu" if "quickgelu" in name else "gelu")
 

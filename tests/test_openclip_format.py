@@ -427,3 +427,16 @@ def test_one_clip_refine_step_on_open_clip_weights(tmp_path):
     for name, want in pairs.items():
         want = want.numpy()
         assert _max_err(grads[name], want) <= 1e-4 * np.abs(want).max(), name
+
+
+def test_a_tensor_present_twice_is_an_error(tmp_path):
+    """`x` and `module.x` name the same parameter: refused, not one silently chosen."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = _tiny_cfg(False)
+    ckpt = _save(_open_clip_model(cfg), cfg, tmp_path / "ckpt", "safetensors")
+    state = load_file(ckpt / oc_params.SAFETENSORS)
+    state["module.visual.proj"] = state["visual.proj"]
+    save_file(state, ckpt / oc_params.SAFETENSORS)
+    with pytest.raises(ValueError, match=r"doubled: (module\.)?visual\.proj \(the same tensor as (module\.)?visual"):
+        oc_params.open_checkpoint(ckpt)

@@ -124,12 +124,14 @@ class OpenClipWeights:
                 continue
             if (kind == "split" and shape[0] % 3) or (kind == "scalar" and int(np.prod(shape)) != 1):
                 bad.append(f"{key} {tuple(shape)}")
+            if names[0] in self.pieces:  # e.g. `x` and `module.x` both present
+                bad.append(f"{key} (the same tensor as {self.pieces[names[0]][0]})")
             for i, name in enumerate(names):
                 self.pieces[name] = (key, kind, i)
                 self.shapes[name] = hf_shape(kind, tuple(shape))
         if unknown or bad:
             what = [f"{len(v)} {w}: {_short(v)}" for w, v in (("tensors jax_refine's CLIP has no place for", unknown),
-                                                            ("tensors of an unexpected shape", bad)) if v]
+                                                            ("tensors of an unexpected shape or doubled", bad)) if v]
             raise ValueError(f"{source}: not a plain open_clip ViT CLIP checkpoint; " + "; ".join(what))
 
     def get(self, hf_name: str) -> np.ndarray:
@@ -181,7 +183,7 @@ def open_checkpoint(path: str | os.PathLike, *, config: Any = None) -> OpenClipC
         if not config.is_file():
             raise FileNotFoundError(f"{weights_file.parent}: no {oc_config.OPEN_CLIP_CONFIG} beside "
                                     f"{weights_file.name}; pass the open_clip model config (config=)")
-    model_cfg, preprocess_cfg, _ = oc_config.read_open_clip_config(config)
+    _, preprocess_cfg, _ = oc_config.read_open_clip_config(config)
     clip_config = oc_config.clip_config(config)
     if weights_file.suffix == ".safetensors":
         reader = hf._Safetensors([weights_file])

@@ -144,6 +144,14 @@ def _max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def _assert_same_features(model, ref, cfg: dict, **inputs) -> None:
+    """Our image and text features within TOL of open_clip's on `_inputs(cfg, **inputs)`."""
+    pixels, ids, mask = _inputs(cfg, **inputs)
+    fi, ft = _open_clip_features(ref, pixels, ids)
+    assert _max_err(model.encode_image(pixels), fi) <= TOL
+    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+
+
 @pytest.mark.parametrize("quick_gelu,fmt", [(True, "safetensors"), (False, "safetensors"), (False, "bin")])
 def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
     cfg = _tiny_cfg(quick_gelu)
@@ -151,10 +159,7 @@ def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
     ckpt = _save(ref, cfg, tmp_path / "ckpt", fmt)
     model = oc_params.load_openclip(ckpt)
     assert model.config.vision_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
-    pixels, ids, mask = _inputs(cfg)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, cfg)
     assert _max_err(model.logit_scale[...], ref.logit_scale.item()) == 0.0
 
 
@@ -166,10 +171,7 @@ def test_eos_pooling_and_layer_norm_eps_match_open_clip(tmp_path):
     ref = _open_clip_model(cfg, seed=7)
     model = oc_params.load_openclip(_save(ref, cfg, tmp_path / "ckpt", "safetensors"))
     assert model.config.text_config.eos_token_id == 5 and model.config.vision_config.layer_norm_eps == 1e-3
-    pixels, ids, mask = _inputs(cfg, eot=5)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, cfg, eot=5)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -186,10 +188,7 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
     ckpt = _save(ref.to(getattr(torch, dtype)), cfg, tmp_path / "ckpt", "safetensors")
     model = oc_params.load_openclip(ckpt)
     ref = ref.float()
-    pixels, ids, mask = _inputs(cfg)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, cfg)
 
 
 def test_real_width_layer_matches_open_clip(tmp_path):
@@ -197,10 +196,7 @@ def test_real_width_layer_matches_open_clip(tmp_path):
     ref = _open_clip_model(REAL_WIDTH_CFG)
     model = oc_params.load_openclip(_save(ref, REAL_WIDTH_CFG, tmp_path / "ckpt", "safetensors"))
     assert model.config.vision_config.num_attention_heads == 16
-    pixels, ids, mask = _inputs(REAL_WIDTH_CFG, n=3)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, REAL_WIDTH_CFG, n=3)
 
 
 def test_export_to_hf_opens_in_transformers_with_the_same_features(tmp_path):
@@ -233,10 +229,7 @@ def test_custom_text_and_ddp_prefixes_load(tmp_path):
                for k, v in state.items()}
     save_file(renamed, ckpt / oc_params.SAFETENSORS)
     model = oc_params.load_openclip(ckpt)
-    pixels, ids, mask = _inputs(cfg)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, cfg)
 
 
 @pytest.mark.parametrize("section,key,value", [
@@ -339,10 +332,7 @@ def test_loads_straight_into_shardings(tmp_path):
     model = oc_params.load_openclip(_save(ref, cfg, tmp_path / "ckpt", "safetensors"), shardings=shardings)
     qkv = model.vision.layers[0].attn.qkv[...]
     assert qkv.sharding.spec[0] == "fsdp" and {s.data.shape for s in qkv.addressable_shards} == {(4, 3, 4, 8)}
-    pixels, ids, mask = _inputs(cfg)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, cfg)
 
 
 def test_weights_file_with_a_bare_model_config(tmp_path):
@@ -355,10 +345,7 @@ def test_weights_file_with_a_bare_model_config(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no {oc_config.OPEN_CLIP_CONFIG} beside {oc_params.TORCH_BIN}"):
         oc_params.open_checkpoint(weights)
     model = oc_params.load_openclip(weights, config=cfg)
-    pixels, ids, mask = _inputs(cfg)
-    fi, ft = _open_clip_features(ref, pixels, ids)
-    assert _max_err(model.encode_image(pixels), fi) <= TOL
-    assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
+    _assert_same_features(model, ref, cfg)
 
 
 def test_preprocess_that_differs_from_ours_is_named():

@@ -69,14 +69,6 @@ def test_eval_every_n_steps_logs_the_suite_of_that_steps_checkpoint(tmp_path, ci
     assert evals[2][f"features/{rt}/modality_gap"] != evals[5][f"features/{rt}/modality_gap"]
 
 
-def test_eval_off_by_default_writes_no_eval_rows(tmp_path):
-    config = tiny_config(tmp_path, **{"train.num_steps": 2})
-    assert config.eval.every_steps == 0
-    train.train(config, data_iter=SyntheticIterator(8), mesh=shd.make_mesh(ONE, jax.devices()[:1]))
-    kinds = [json.loads(x)["kind"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert kinds == ["train", "train"]
-
-
 def test_flatten_result_keeps_numbers_only():
     result = {"model": "m", "templates": "single", "zero_shot": {"c": {"top1": 50.0, "top5": 90.0, "n": 4}},
               "zero_shot_mean": None, "retrieval": {"r": {"i2t": {"R@1": 25.0}, "n_images": 4}},

@@ -54,8 +54,8 @@ def measure(model: str, preset: str, devices: int, remat: str, scan: bool, batch
     trainer = train.build_trainer(c, mesh, total_steps=1)
     saved = trainer.abstract_saved()
     teacher = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           trainer.setup.abstract_params, trainer.state_sh["teacher"])
-    state = {**saved, "teacher": teacher}
+                           trainer.setup.abstract_params, trainer.state_sh.teacher)
+    state = saved.replace(teacher=teacher)
     size, length = spec["vision_config"]["image_size"], 77
     batch_in = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=shd.batch_sharding(mesh, 4)),
                 "input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shd.batch_sharding(mesh, 2)),

@@ -203,7 +203,7 @@ def _breakdown(trainer, state, batch, steps: int) -> dict:
         o = objectives.Outputs(fi, ft, gi, gt, z, p["logit_scale"], jax.random.key(1))
         return objectives.get_objective("clip_refine").fn(o, trainer.config.method)[0]
 
-    p, t = state["params"], state["teacher"]
+    p, t = state.params, state.teacher
     fwd = jax.jit(lambda p: feats(p))
     both = jax.jit(lambda p, t: loss(p, t))
     grad = jax.jit(jax.value_and_grad(loss))
@@ -212,7 +212,7 @@ def _breakdown(trainer, state, batch, steps: int) -> dict:
     return {"student forward": timed(lambda: jax.block_until_ready(fwd(p))),
             "student + teacher forward": timed(lambda: jax.block_until_ready(both(p, t))),
             "forward + backward": timed(lambda: jax.block_until_ready(grad(p, t))),
-            "optimizer update": timed(lambda: jax.block_until_ready(upd(grads, state["opt_state"], p)))}
+            "optimizer update": timed(lambda: jax.block_until_ready(upd(grads, state.opt_state, p)))}
 
 
 # ------------------------------------------------------------------------------------------------ torch

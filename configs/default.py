@@ -138,4 +138,5 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.eval.cache_dir = ml_collections.config_dict.placeholder(str)
     c.eval.plots = True  # PCA (and UMAP if umap-learn is installed) + similarity histogram PNGs
     c.eval.progress = True  # tqdm bars during embedding extraction
+    c.eval.every_steps = 0  # during training: the suite every N steps and at the end (0: off), kind "eval" rows
     return presets.apply_preset(c, preset)

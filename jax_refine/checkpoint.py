@@ -1,12 +1,16 @@
-"""Orbax checkpoints of the train state, the data position and the RNG.
+"""Orbax checkpoints of the train state, the data position and the RNG; the one model loader.
 
 Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,train,data,meta}``
   params, opt_state: ``StandardSave`` pytrees (restored into the current mesh's shardings, so a run on 8
-  devices restores on 1 and vice versa); train: ``{"step", "rng"}``; data: the data iterators' states
-  (JSON, one per process); meta: the ``CLIPConfig`` dict and the method name (``load_model`` needs them).
-The teacher is never saved: it is the start weights, re-derived on resume.
+  devices restores on 1 and vice versa); train: every other saved field of the ``TrainState`` (``step``,
+  ``rng`` and the fields a subclass adds); data: the data iterators' states (JSON, one per process); meta:
+  the ``CLIPConfig`` dict and the method name (``load_model`` needs them).
+The teacher is never saved (``TrainState.NOT_SAVED``): it is the start weights, re-derived on resume.
 Orbax writes each step into a temporary directory and renames it when complete, so a save killed half
 way is never listed by ``all_steps``/``latest_step`` (and is removed at the next start).
+
+``load_model(source)`` is the one way to get a model for evaluation, export and the commands: an in-memory
+model, a training workdir, a step directory, a Hugging Face export directory or a hub id.
 """
 from __future__ import annotations
 
@@ -16,14 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jax_refine import hf, model as model_lib
+from jax_refine.train_state import TrainState, path_str, split_model
 
 PyTree = Any
 CHECKPOINT_SUBDIR = "checkpoints"
 SKIPPED_SUBDIR = "checkpoints.skipped"  # damaged steps are moved here (kept, never deleted)
 # The files every finished step holds, per item (Orbax's StandardSave / JsonSave layouts).
 ARRAY_ITEMS, JSON_ITEMS = ("params", "opt_state", "train"), ("data", "meta")
+OWN_ITEMS = ("params", "opt_state")  # state fields saved as items of their own; the others go into "train"
 
 
 class CheckpointError(ValueError):
@@ -107,8 +118,6 @@ def _gather_json(obj: Mapping[str, Any]) -> list[Any]:
     """Every process's JSON-able ``obj``, in process order (all processes must call it)."""
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
     padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -117,17 +126,18 @@ def _gather_json(obj: Mapping[str, Any]) -> list[Any]:
     return [json.loads(bytes(r[:int(n)]).decode()) for r, n in zip(np.asarray(rows), np.asarray(sizes).ravel())]
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Mapping[str, Any], data_state: Mapping[str, Any],
+def _split_items(state: TrainState) -> dict[str, Any]:
+    """``state``'s saved fields as checkpoint items: params, opt_state, and the rest together as train."""
+    fields = state.saved()
+    return {**{k: fields.pop(k) for k in OWN_ITEMS}, "train": fields}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: TrainState, data_state: Mapping[str, Any],
          meta: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Start an (async) save of ``state`` (without its teacher) at ``step``; all processes call it."""
+    """Start an (async) save of ``state``'s saved fields at ``step``; all processes call it."""
     data = {"processes": _gather_json(dict(data_state))}
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
-        train=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
-        data=ocp.args.JsonSave(data),
-        meta=ocp.args.JsonSave(dict(meta)),
-    )
+    items = {k: ocp.args.StandardSave(v) for k, v in _split_items(state).items()}
+    args = ocp.args.Composite(**items, data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(dict(meta)))
     return mngr.save(step, args=args, force=force)
 
 
@@ -139,9 +149,7 @@ def _shape_of(meta: Any) -> tuple[int, ...] | None:
 def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_params: PyTree) -> None:
     """One-line ValueError when the checkpoint's params differ in structure or shape from the model's."""
     where = f"{mngr.directory}/{step}"
-    saved = mngr.item_metadata(step)["params"]
-    from jax_refine.train_state import path_str  # orbax stores int keys (layer indices) as strings
-
+    saved = mngr.item_metadata(step)["params"]  # orbax stores int keys (layer indices) as strings
     saved_flat = {path_str(p): _shape_of(m) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
     ours = {path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
     missing = sorted(set(ours) - set(saved_flat))
@@ -154,27 +162,22 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_params: Py
                          "checkpoint vs model)")
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Restore ``{"step","params","opt_state","rng"}`` into the shardings of ``abstract``
-    (``ShapeDtypeStruct``s) and this process's data state."""
-    check_compatible(mngr, step, abstract["params"])
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract["params"]),
-        opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
-        train=ocp.args.StandardRestore({"step": abstract["step"], "rng": abstract["rng"]}),
-        data=ocp.args.JsonRestore(),
-    ))
+def restore(mngr: ocp.CheckpointManager, step: int, abstract: TrainState) -> tuple[TrainState, dict]:
+    """Restore the saved fields of ``abstract`` (a ``TrainState``, or a subclass, of ``ShapeDtypeStruct``s
+    with shardings; ``NOT_SAVED`` fields None) into those shardings, and this process's data state."""
+    check_compatible(mngr, step, abstract.params)
+    items = {k: ocp.args.StandardRestore(v) for k, v in _split_items(abstract).items()}
+    out = mngr.restore(step, args=ocp.args.Composite(**items, data=ocp.args.JsonRestore()))
     states = out["data"]["processes"]
     if len(states) != jax.process_count():
         raise ValueError(f"checkpoint {mngr.directory}/{step} holds data positions of {len(states)} processes, "
                          f"this run has {jax.process_count()}")
-    state = {"step": out["train"]["step"], "params": out["params"], "opt_state": out["opt_state"],
-             "rng": out["train"]["rng"]}
+    state = abstract.replace(**{k: out[k] for k in OWN_ITEMS}, **out["train"])
     return state, states[jax.process_index()]
 
 
-def restore_latest_good(directory: str | Path, abstract: Mapping[str, Any], make: Any
-                        ) -> tuple[ocp.CheckpointManager, int | None, dict | None, dict | None]:
+def restore_latest_good(directory: str | Path, abstract: TrainState, make: Any
+                        ) -> tuple[ocp.CheckpointManager, int | None, TrainState | None, dict | None]:
     """Restore the newest step of ``directory`` that is intact, moving damaged newer ones aside.
 
     ``make(directory) -> CheckpointManager``. Each step that fails (``check_step_files`` or the restore
@@ -216,8 +219,6 @@ def restore_latest_good(directory: str | Path, abstract: Mapping[str, Any], make
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 (directory / str(step)).rename(dest)
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
                 multihost_utils.sync_global_devices(f"skip_checkpoint_{step}")
             mngr = make(directory)
 
@@ -242,17 +243,31 @@ def _resolve(path: str | Path) -> tuple[Path, int]:
     raise CheckpointError(f"{root}: every checkpoint step is damaged ({', '.join(map(str, steps))})")
 
 
-def load_model(workdir_or_step_dir: str | Path, *, dtype: Any = None, shardings: Any = None):
-    """The student ``CLIP`` of a checkpoint (a workdir -> its latest step, or a step dir).
+def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings: Any = None) -> nnx.Module:
+    """The one model loader: a ``CLIP`` from ``source``.
 
-    ``shardings``: optional ``(path, logical_names) -> Sharding`` callable; default one device.
+    ``source``: an in-memory ``nnx.Module`` (returned as is); a training workdir (its newest intact step), its
+    ``checkpoints`` dir or one step dir (the student params); a Hugging Face directory with ``config.json``
+    (``hf.load_pretrained``); or a hub id ``org/name``. ``dtype``: compute dtype (default: the checkpoint's
+    ``meta`` dtype, float32 for Hugging Face weights). ``shardings``: optional ``(path, logical_names) ->
+    Sharding`` callable (default one device).
     """
-    import jax.numpy as jnp
-    from flax import nnx
+    if isinstance(source, nnx.Module):
+        return source
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        if (path / "config.json").is_file():
+            return hf.load_pretrained(str(path), jnp.dtype(dtype or "float32"), shardings=shardings)
+        if path.is_dir():
+            return _load_checkpoint(path, dtype, shardings)
+        raise ValueError(f"model {source}: not a Hugging Face directory (no config.json) or a checkpoint directory")
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
+    return hf.load_pretrained(str(source), jnp.dtype(dtype or "float32"), shardings=shardings)
 
-    from jax_refine import hf, model as model_lib
-    from jax_refine.train_state import path_str, split_model
 
+def _load_checkpoint(workdir_or_step_dir: Path, dtype: Any, shardings: Any) -> nnx.Module:
+    """The student ``CLIP`` of an Orbax checkpoint (a workdir -> its newest intact step, or a step dir)."""
     root, step = _resolve(workdir_or_step_dir)
     check_step_files(root / str(step))
     mngr = make_manager(root, read_only=True, async_save=False)
@@ -274,7 +289,7 @@ def load_model(workdir_or_step_dir: str | Path, *, dtype: Any = None, shardings:
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - a damaged step: one line naming it instead of a long traceback
+    except Exception as e:  # noqa: BLE001 - a damaged step: one line naming it, the cause chained below
         raise CheckpointError(f"checkpoint {root}/{step} cannot be read: {one_line(e, root / str(step))}") from e
     finally:
         mngr.close()

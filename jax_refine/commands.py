@@ -45,13 +45,13 @@ def config(args, overrides: list[str]) -> int:
 
 def evaluate(args, overrides: list[str]) -> int:
     config = load_config(args.config, overrides)
-    from jax_refine import evaluate as evaluate_lib
+    from jax_refine import checkpoint, evaluate as evaluate_lib
 
     source = args.model or config.model.name_or_path
     if not source:
         raise ValueError("evaluate: no model given; pass --model PATH (or set --config.model.name_or_path)")
     out = outputs.check_target(args.out or Path(config.workdir) / "eval", kind="report", overwrite=args.overwrite)
-    model = evaluate_lib.load_model(source, config)
+    model = checkpoint.load_model(source, dtype=evaluate_lib.config_dtype(config))
     with outputs.output_dir(out, kind="report", overwrite=args.overwrite) as tmp:
         evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=tmp)
     print((out / "report.md").read_text())

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jax_refine import checkpoint
 from jax_refine import embeddings as emb_lib
 
 log = logging.getLogger(__name__)
@@ -480,30 +481,10 @@ def model_name(source: str) -> str:
     return p.name or source
 
 
-def load_model(source: str | Path | nnx.Module, config: Any) -> nnx.Module:
-    """A model from an in-memory model, a HF directory (config.json), a training workdir / Orbax step
-    directory, or a hub id. Compute dtype from `config.model.dtype` (default float32)."""
-    import jax.numpy as jnp
-
-    if isinstance(source, nnx.Module):
-        return source
-    dtype = jnp.dtype(config.get("model", {}).get("dtype", "float32") if hasattr(config, "get") else "float32")
-    path = Path(str(source))
-    if path.exists():
-        if (path / "config.json").is_file():
-            from jax_refine import hf
-
-            return hf.load_pretrained(str(path), dtype=dtype)
-        if path.is_dir():
-            from jax_refine import checkpoint
-
-            return checkpoint.load_model(str(path), dtype=dtype)
-        raise ValueError(f"model {source}: not a Hugging Face directory (no config.json) or a checkpoint directory")
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
-    from jax_refine import hf
-
-    return hf.load_pretrained(str(source), dtype=dtype)
+def config_dtype(config: Any) -> str:
+    """The compute dtype a config asks for (`config.model.dtype`, default float32), for `checkpoint.load_model`."""
+    model_cfg = config.get("model", {}) if hasattr(config, "get") else {}
+    return str(model_cfg.get("dtype", "float32") or "float32")
 
 
 def compare(checkpoints: Sequence[Any] | Mapping[str, Any], config: Any, out_dir: str | Path, *,
@@ -533,7 +514,7 @@ def compare(checkpoints: Sequence[Any] | Mapping[str, Any], config: Any, out_dir
         retrieval = [retrieval_task(s, eval_config) for s in eval_config.get("retrieval", ())]
     results, pairs_by_model = [], {}
     for name, source in named:
-        model = load_model(source, config)
+        model = checkpoint.load_model(source, dtype=config_dtype(config))
         result, pairs = run_suite(model, eval_config, name=name, mesh=mesh, tokenizer=tokenizer,
                                   zero_shot=zero_shot, retrieval=retrieval)
         results.append(result)

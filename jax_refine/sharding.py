@@ -2,7 +2,7 @@
 
 One table (``config.mesh.rules``) maps the model's logical axis names (``embed``, ``mlp``, ``heads``,
 ``vocab``, ...; see docs/architecture.md) to mesh axes; parameters and batches get their
-``NamedSharding`` from it. The mesh uses Auto axis types (GSPMD-style annotations, design.md).
+``NamedSharding`` from it. The mesh uses Auto axis types (GSPMD-style sharding annotations).
 """
 from __future__ import annotations
 

@@ -207,11 +207,11 @@ def _evaluate(model_dir: str, config: ml_collections.ConfigDict, tasks: Mapping[
               with_pairs: bool = False) -> tuple[dict, dict]:
     """Scores of one model: CIFAR zero-shot (single prompt and the 80-template ensemble), retrieval and
     feature metrics on Flickr8k test and COCO val. Cached in `cache` (JSON) unless `with_pairs`."""
-    from jax_refine import evaluate
+    from jax_refine import checkpoint, evaluate
 
     if cache.is_file() and not with_pairs:
         return json.loads(cache.read_text()), {}
-    model = evaluate.load_model(model_dir, config)
+    model = checkpoint.load_model(model_dir, dtype=evaluate.config_dtype(config))
     e = ml_collections.ConfigDict({**config.eval.to_dict(), "max_examples": None,
                                    "cache_dir": str(cache.parent / "embeddings")})
     res, pairs = evaluate.run_suite(model, e, name=model_dir, zero_shot=[tasks["cifar"]],
@@ -316,7 +316,7 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     if sel_path.is_file():
         selection = json.loads(sel_path.read_text())
     else:
-        from jax_refine import evaluate
+        from jax_refine import checkpoint, evaluate
 
         val_task = dataclasses.replace(evaluate.retrieval_task(f"coco_json:{data.val}:/", config.eval),
                                        name="flickr8k_dev_val")
@@ -325,7 +325,8 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
         for lr in lrs:
             vals = []
             for method in s.select.methods:
-                model = evaluate.load_model(refine(method, lr, 0, data.refine), config)
+                model = checkpoint.load_model(refine(method, lr, 0, data.refine),
+                                              dtype=evaluate.config_dtype(config))
                 e = ml_collections.ConfigDict({**config.eval.to_dict(), "max_examples": None, "cache_dir": None})
                 r = evaluate.run_suite(model, e, retrieval=[val_task], zero_shot=[])[0]["retrieval"]["flickr8k_dev_val"]
                 vals.append((r["i2t"]["R@1"] + r["t2i"]["R@1"]) / 2)

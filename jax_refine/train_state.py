@@ -1,28 +1,50 @@
 """Train state, optimizer and sharded initialisation.
 
-The state is a plain dict (a pytree) with explicit shardings:
-  ``{"step": int32 (), "params": student params, "opt_state": optax state, "rng": uint32 (2,) key data,
-     "teacher": frozen start params or None}``
-Params are the model's ``nnx.Param`` values as a pure nested dict (``nnx.State.to_pure_dict``); the model
-is rebuilt inside the step with ``nnx.merge(graphdef, params)``. The teacher is a copy of the starting
-weights; checkpoints leave it out (it is re-derived from the start weights on resume).
+The state is a ``TrainState`` dataclass pytree: ``step`` int32 (), ``params`` (the student's ``nnx.Param``
+values as a pure nested dict, ``nnx.State.to_pure_dict``; the model is rebuilt inside the step with
+``nnx.merge(graphdef, params)``), ``opt_state`` (optax), ``rng`` uint32 (2,) key data and ``teacher`` (the
+frozen start params, or None). Its shardings are a ``TrainState`` of ``NamedSharding``s. A method that needs
+more state subclasses it and adds fields; checkpoints save every field except those in ``NOT_SAVED``
+(the teacher, re-derived from the start weights on resume).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from jax_refine import sharding as shd
 
 PyTree = Any
 TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+@struct.dataclass
+class TrainState:
+    """The train state (a pytree). Subclass it to add fields (each needs a default, e.g. None); the step
+    carries extra fields through unchanged and checkpoints save and restore them like the others."""
+    step: jax.Array  # int32 (): optimizer steps done
+    params: PyTree  # the student's params (pure nested dict)
+    opt_state: PyTree  # optax state
+    rng: jax.Array  # uint32 (2,): key data of the run's base key (fold in the step for a per-step key)
+    teacher: PyTree = None  # frozen start params, None when the method needs no teacher
+
+    NOT_SAVED: ClassVar[tuple[str, ...]] = ("teacher",)
+
+    def saved(self) -> dict[str, Any]:
+        """The fields a checkpoint holds, by name (every field but ``NOT_SAVED``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.NOT_SAVED}
+
+    def without_unsaved(self) -> "TrainState":
+        """This state with the ``NOT_SAVED`` fields set to None (what a restore gives back)."""
+        return self.replace(**{name: None for name in self.NOT_SAVED})
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -104,7 +126,7 @@ def logical_specs(abstract_model: nnx.Module) -> dict:
 
 
 def state_shardings(tx: optax.GradientTransformation, abstract_params: PyTree, params_sh: PyTree, mesh: Mesh,
-                    with_teacher: bool) -> dict:
+                    with_teacher: bool) -> TrainState:
     """Shardings of the train state: optimizer moments follow their params, everything else replicated."""
     rep = shd.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -112,29 +134,26 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: PyTree, p
     opt_sh = optax.tree_map_params(tx, lambda v, s: v if isinstance(v, masked) else s, abstract_opt, params_sh,
                                    transform_non_params=lambda _: rep,
                                    is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
-    return {"step": rep, "params": params_sh, "opt_state": opt_sh, "rng": rep,
-            "teacher": params_sh if with_teacher else None}
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep,
+                      teacher=params_sh if with_teacher else None)
 
 
-def init_state(params: PyTree, tx: optax.GradientTransformation, shardings: dict, seed: int,
-               with_teacher: bool) -> dict:
-    """Build the train state from start params already placed in their shardings (jitted, sharded outputs).
-
-    The teacher is a fresh copy of ``params`` (params are donated to the step, so they must not alias).
-    """
-    def make(p):
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                "rng": jax.random.key_data(jax.random.key(seed)),
-                "teacher": jax.tree.map(jnp.copy, p) if with_teacher else None}
-
-    return jax.jit(make, out_shardings=shardings)(params)
+def new_state(params: PyTree, tx: optax.GradientTransformation, seed: int, with_teacher: bool) -> TrainState:
+    """The state at step 0 (traceable: ``jax.jit`` or ``jax.eval_shape`` it). The teacher is a fresh copy of
+    ``params`` (params are donated to the step, so they must not alias)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      teacher=jax.tree.map(jnp.copy, params) if with_teacher else None)
 
 
-def abstract_state(shardings: dict, tx: optax.GradientTransformation, abstract_params: PyTree) -> dict:
-    """``ShapeDtypeStruct``s with shardings for the saved part of the state (restore targets)."""
-    def sds(a, s):
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+def init_state(params: PyTree, tx: optax.GradientTransformation, shardings: TrainState, seed: int,
+               with_teacher: bool) -> TrainState:
+    """Build the train state from start params already placed in their shardings (jitted, sharded outputs)."""
+    return jax.jit(lambda p: new_state(p, tx, seed, with_teacher), out_shardings=shardings)(params)
 
-    shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                                       "rng": jax.random.key_data(jax.random.key(0))}, abstract_params)
-    return jax.tree.map(sds, shapes, {k: shardings[k] for k in shapes})
+
+def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:
+    """``ShapeDtypeStruct``s with shardings for the saved fields of ``shapes`` (a state or its
+    ``jax.eval_shape``), the ``NOT_SAVED`` ones None: the restore target. ``shardings``: the same class."""
+    shapes, shardings = shapes.without_unsaved(), shardings.without_unsaved()
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)

@@ -37,7 +37,7 @@ def _assert_trees_equal(a, b, atol=0.0):
 def test_checkpoint_restores_across_meshes_and_loads_model(tmp_path):
     config = tiny_config(tmp_path / "run", **{"train.num_steps": 2})
     eight = train.train(config, data_iter=SyntheticIterator(8), mesh=shd.make_mesh(EIGHT), return_state=True)
-    saved8 = {k: v for k, v in eight["state"].items() if k != "teacher"}
+    saved8 = eight["state"].without_unsaved()
 
     # 8 devices -> 1 device
     one = train.build_trainer(config, shd.make_mesh(ONE, jax.devices()[:1]), total_steps=2)
@@ -56,13 +56,13 @@ def test_checkpoint_restores_across_meshes_and_loads_model(tmp_path):
     restored8, _ = ckpt.restore(mngr1, 2, eight_tr.abstract_saved())
     mngr1.close()
     _assert_trees_equal(restored8, saved8)
-    fc1 = restored8["params"]["vision"]["layers"][0]["mlp"]["fc1"]
+    fc1 = restored8.params["vision"]["layers"][0]["mlp"]["fc1"]
     assert fc1.sharding.spec[0] == "fsdp" and len(fc1.sharding.device_set) == 8
 
     # the evaluation entry point: a CLIP with the student params, from the workdir or a step dir
     for where in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "2"):
         model = ckpt.load_model(where)
-        _assert_trees_equal(nnx.state(model, nnx.Param).to_pure_dict(), saved8["params"])
+        _assert_trees_equal(nnx.state(model, nnx.Param).to_pure_dict(), saved8.params)
 
 
 def test_checkpoint_of_another_model_size_is_a_clear_error(tmp_path):
@@ -120,4 +120,4 @@ def test_kill_9_mid_save_then_resume_equals_uninterrupted(tmp_path):
     straight = train.train(config, data_iter=SyntheticIterator(8), mesh=shd.make_mesh(ONE, jax.devices()[:1]),
                            return_state=True)
     resumed = nnx.state(ckpt.load_model(work), nnx.Param).to_pure_dict()
-    _assert_trees_equal(resumed, straight["state"]["params"], atol=1e-6)
+    _assert_trees_equal(resumed, straight["state"].params, atol=1e-6)

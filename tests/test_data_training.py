@@ -203,20 +203,6 @@ def test_catalog_coco_captions_mocked(cifar10_dir):
             assert np.abs(b["image"][row] - ref).max() <= 1e-3
 
 
-def test_to_global_batch_on_mesh():
-    import jax
-    from jax.sharding import Mesh, PartitionSpec
-
-    from jax_refine.data import to_global_batch
-
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
-    local = {"image": np.random.rand(8, 4, 4, 3).astype(np.float32), "input_ids": np.arange(8 * 5).reshape(8, 5)}
-    out = to_global_batch(local, mesh, PartitionSpec(("data", "fsdp")))
-    assert out["image"].shape == (8, 4, 4, 3) and len(out["image"].addressable_shards) == 8
-    assert out["image"].addressable_shards[3].data.shape == (1, 4, 4, 3)
-    np.testing.assert_array_equal(np.asarray(out["input_ids"]), local["input_ids"])
-
-
 # ------------------------------------------------------------------------------------------------
 # the paper's training order and split (coco_json source): checked against NumPy written here
 # ------------------------------------------------------------------------------------------------

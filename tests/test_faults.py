@@ -304,7 +304,7 @@ def test_each_damaged_file_kind_falls_back_to_the_previous_step(trained, tmp_pat
         return ckpt.make_manager(d, async_save=False)
 
     reference = ckpt.make_manager(trained / "checkpoints", read_only=True, async_save=False)
-    step2 = reference.restore(2, args=ckpt.ocp.args.Composite(params=ckpt.ocp.args.StandardRestore(abstract["params"])))
+    step2 = reference.restore(2, args=ckpt.ocp.args.Composite(params=ckpt.ocp.args.StandardRestore(abstract.params)))
     reference.close()
     for name, (damage, names) in DAMAGES.items():
         run = tmp_path / name.replace(" ", "_")
@@ -317,7 +317,7 @@ def test_each_damaged_file_kind_falls_back_to_the_previous_step(trained, tmp_pat
         line = next(ln for ln in said.splitlines() if ln.startswith("[train] skipping damaged checkpoint step 4: "))
         assert names in line, (name, line)
         assert (run / ckpt.SKIPPED_SUBDIR / "4").is_dir() and not (run / "checkpoints" / "4").exists()  # kept aside
-        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(step2["params"])):
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(step2["params"])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

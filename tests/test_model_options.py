@@ -83,10 +83,10 @@ def test_scanned_train_step_same_update(tmp_path):
         trainer = train.build_trainer(config, shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
                                       total_steps=1)
         state = trainer.init_state()
-        start = jax.tree.map(np.asarray, state["params"])
+        start = jax.tree.map(np.asarray, state.params)
         state, metrics = trainer.step_fn(state, shd.host_to_global(synthetic_batch(1, 8), trainer.mesh),
                                          jax.random.key(7))
-        out[name] = (float(metrics["loss"]), jax.tree.map(np.asarray, state["params"]), start)
+        out[name] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params), start)
     (loss, params, start), (sloss, sparams, sstart) = out["plain"], out["scan"]
     assert jax.tree.all(jax.tree.map(np.array_equal, sstart, start))  # same start weights
     assert sloss == pytest.approx(loss, rel=1e-5)

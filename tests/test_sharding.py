@@ -54,10 +54,15 @@ def test_batch_divisibility_errors():
 def test_host_batch_becomes_a_global_array_split_over_data_axes():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
-    g = shd.host_to_global({"x": x}, mesh)["x"]
+    image = np.random.default_rng(0).random((16, 4, 4, 3), dtype=np.float32)
+    out = shd.host_to_global({"x": x, "image": image}, mesh)
+    g = out["x"]
     assert g.sharding.spec == P(("data", "fsdp"), None)
     assert {tuple(s.data.shape) for s in g.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(g), x)
+    assert out["image"].sharding.spec == P(("data", "fsdp"), None, None, None)
+    assert len(out["image"].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(out["image"]), image)
 
 
 def test_pretrained_params_are_loaded_directly_into_fsdp_shardings(tiny_hf_clip_dir, tmp_path):

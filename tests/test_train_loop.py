@@ -12,7 +12,7 @@ import pytest
 
 from train_helpers import SyntheticIterator, synthetic_batch, tiny_config
 
-from jax_refine import checkpoint as ckpt, objectives, sharding as shd, train
+from jax_refine import checkpoint as ckpt, hooks, objectives, sharding as shd, train
 
 
 def _mesh():
@@ -47,7 +47,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(tmp_path, **{"train.num_steps": 8, "checkpoint.every_steps": 2, "log.every_steps": 100})
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4; .*last good checkpoint is step 2"):
+    with pytest.raises(hooks.NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4; .*last good checkpoint is step 2"):
         train.train(config, data_iter=SyntheticIterator(8, nan_at=3), mesh=_mesh())
     mngr = ckpt.make_manager(tmp_path / "checkpoints", read_only=True)
     assert mngr.all_steps() == [2]
@@ -74,7 +74,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, override, message):
 def _one_step(config, batch_size=4, key=0):
     trainer = train.build_trainer(config, _mesh(), total_steps=2)
     state = trainer.init_state()
-    start = jax.tree.map(np.asarray, state["params"])
+    start = jax.tree.map(np.asarray, state.params)
     batch = shd.host_to_global(synthetic_batch(0, batch_size), trainer.mesh)
     state, metrics = trainer.step_fn(state, batch, jax.random.key(key))
     return start, state, {k: float(v) for k, v in metrics.items()}
@@ -93,9 +93,9 @@ def test_every_method_trains_one_step(tmp_path, method, parts):
     assert parts == set(m) & set(objectives.TERMS) and {"loss", "grad_norm", "lr", "modality_gap"} <= set(m)
     assert all(np.isfinite(v) for v in m.values())
     assert m["lr"] == pytest.approx(1e-3)
-    moved = float(jnp.max(jnp.abs(state["params"]["text_projection"] - start["text_projection"])))
+    moved = float(jnp.max(jnp.abs(state.params["text_projection"] - start["text_projection"])))
     assert moved > 0
-    scale_moved = float(state["params"]["logit_scale"]) != float(start["logit_scale"])
+    scale_moved = float(state.params["logit_scale"]) != float(start["logit_scale"])
     assert scale_moved == ("contrastive" in parts)  # learnable only with a term that uses it
     if method == "feature_distill":  # student == teacher at step 0: the distillation term is exactly 0
         assert m["feature"] == 0.0 and m["loss"] == pytest.approx(m["contrastive"])
@@ -103,7 +103,7 @@ def test_every_method_trains_one_step(tmp_path, method, parts):
 
 def test_freeze_by_regex_keeps_params_exactly(tmp_path):
     start, state, _ = _one_step(tiny_config(tmp_path, **{"train.freeze": ("^vision/", "^visual_projection$")}))
-    after = jax.tree.map(np.asarray, state["params"])
+    after = jax.tree.map(np.asarray, state.params)
     for p, a in jax.tree_util.tree_leaves_with_path(after["vision"]):
         np.testing.assert_array_equal(a, _get(start["vision"], p))
     np.testing.assert_array_equal(after["visual_projection"], start["visual_projection"])
@@ -129,7 +129,7 @@ def test_grad_accumulation_equals_big_batch_for_per_example_losses(tmp_path):
         for _ in range(3):  # one batch and one reference z: the losses are comparable step to step
             state, m = trainer.step_fn(state, batch, jax.random.key(0))
             losses.append(float(m["loss"]))
-        runs[accum] = (losses, jax.tree.map(np.asarray, state["params"]))
+        runs[accum] = (losses, jax.tree.map(np.asarray, state.params))
     assert runs[1][0][2] < runs[1][0][0]  # it trains: the same batch's loss, before and after
     np.testing.assert_allclose(runs[4][0], runs[1][0], rtol=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(runs[4][1]), jax.tree.leaves(runs[1][1])):
@@ -141,6 +141,6 @@ def test_grad_accumulation_equals_big_batch_for_per_example_losses(tmp_path):
 def test_bfloat16_compute_is_close_to_float32(tmp_path):
     _, _, m32 = _one_step(tiny_config(tmp_path / "f32"))
     _, s16, m16 = _one_step(tiny_config(tmp_path / "bf16", **{"model.dtype": "bfloat16"}))
-    assert s16["params"]["text_projection"].dtype == jnp.float32  # params stay fp32
+    assert s16.params["text_projection"].dtype == jnp.float32  # params stay fp32
     assert m16["loss"] == pytest.approx(m32["loss"], rel=5e-2)
     assert m16["loss"] != m32["loss"]

@@ -10,7 +10,7 @@ from flax import nnx
 
 from train_helpers import SyntheticIterator, synthetic_batch, tiny_config, torch_clip_refine_steps
 
-from jax_refine import hf, sharding as shd, train
+from jax_refine import hf, sharding as shd, step as step_lib, train
 
 
 def _one_device_mesh():
@@ -37,19 +37,19 @@ def test_clip_refine_gradients_and_three_adamw_steps_match_pytorch(tiny_hf_clip_
     trainer = train.build_trainer(config, _one_device_mesh(), total_steps=3)
     batches = [synthetic_batch(i, 8) for i in range(3)]
     keys = [jax.random.key(42 + i) for i in range(3)]
-    zs = [np.asarray(train.step_reference(k, (8, 24), config.method)) for k in keys]
+    zs = [np.asarray(step_lib.step_reference(k, (8, 24), config.method)) for k in keys]
     ref = torch_clip_refine_steps(tiny_hf_clip_dir, batches, zs, lr=1e-3, weight_decay=0.1, eval_batch=batches[0])
 
     # 1. the gradient of the real step (same loss_fn, labels and teacher), captured instead of applied
     state = trainer.init_state()
-    start = _hf(trainer, state["params"])
+    start = _hf(trainer, state.params)
     capture = _capture_grads_tx()
-    grad_step = jax.jit(train.make_train_step(trainer.setup, config.method, capture, trainer.schedule,
+    grad_step = jax.jit(step_lib.make_train_step(trainer.setup, config.method, capture, trainer.schedule,
                                               trainer.labels, trainer.mesh))
-    probe = {**state, "opt_state": capture.init(state["params"])}
+    probe = state.replace(opt_state=capture.init(state.params))
     glob = lambda b: shd.host_to_global(b, trainer.mesh)  # noqa: E731
     after_grad, m0 = grad_step(probe, glob(batches[0]), keys[0])
-    grads = _hf(trainer, after_grad["opt_state"])
+    grads = _hf(trainer, after_grad.opt_state)
     assert float(m0["loss"]) == pytest.approx(ref["losses"][0], rel=1e-5)
     scale = max(float(np.max(np.abs(g))) for g in ref["grads"].values())
     for k, g in grads.items():
@@ -65,7 +65,7 @@ def test_clip_refine_gradients_and_three_adamw_steps_match_pytorch(tiny_hf_clip_
         state, m = trainer.step_fn(state, glob(b), k)
         losses.append(float(m["loss"]))
     np.testing.assert_allclose(losses, ref["losses"], rtol=1e-5)
-    ours = _hf(trainer, state["params"])
+    ours = _hf(trainer, state.params)
     # The key bias has an exactly zero gradient (softmax is invariant to q.b_k): float noise ~1e-10 that Adam
     # divides by |g| + eps, so only its weight decay is determined.
     noise_only = [k for k in ours if k.endswith("self_attn.k_proj.bias")]
@@ -77,7 +77,7 @@ def test_clip_refine_gradients_and_three_adamw_steps_match_pytorch(tiny_hf_clip_
     assert ours["logit_scale"] == start["logit_scale"]  # frozen: no gradient, no weight decay
 
     # 3. it trains: the first batch's loss (with its reference z) at the end, against its loss at the start
-    _, m_end = grad_step({**state, "opt_state": capture.init(state["params"])}, glob(batches[0]), keys[0])
+    _, m_end = grad_step(state.replace(opt_state=capture.init(state.params)), glob(batches[0]), keys[0])
     assert float(m_end["loss"]) == pytest.approx(ref["eval_loss"], rel=1e-5)
     assert float(m_end["loss"]) < losses[0]
 
@@ -96,7 +96,7 @@ def test_sharded_8_devices_match_1_device(tmp_path):
         config = tiny_config(tmp_path / name, **{"train.num_steps": 5, "checkpoint.every_steps": 100})
         mesh = shd.make_mesh(shape, devices)
         out = train.train(config, data_iter=SyntheticIterator(8), mesh=mesh, return_state=True)
-        kernel = out["state"]["params"]["vision"]["layers"][0]["mlp"]["fc1"]
+        kernel = out["state"].params["vision"]["layers"][0]["mlp"]["fc1"]
         results[name] = (_losses(tmp_path / name), kernel)
     (one, k1), (eight, k8) = results["one"], results["eight"]
     assert len(one) == len(eight) == 5

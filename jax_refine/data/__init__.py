@@ -11,7 +11,7 @@ Training (trainer):
         b = global_batch_size // process_count. Attributes: num_examples, steps_per_epoch (global
         batches per epoch). get_state() -> JSON-able dict; set_state(dict); stats() -> {"skipped_no_caption",
         "skipped_bad_image", "batches", "epoch"}.
-    to_global_batch(batch, mesh, pspec=None) -> dict of global jax.Array (make_array_from_process_local_data).
+    (per-host batches become global arrays with sharding.host_to_global(batch, mesh)).
     prepare_coco_json(annotations, images, out_dir, *, name=None, split="train") -> Path of the TFDS dataset dir.
 
 Evaluation (evaluator):
@@ -30,11 +30,10 @@ Every host yields the same number of eval batches (padding rows have mask False)
 """
 from jax_refine.data.classification import ClassificationSet, class_names, load_classification, prompt_templates
 from jax_refine.data.coco_captions_builder import prepare_coco_json, read_coco_json
-from jax_refine.data.hosts import to_global_batch
 from jax_refine.data.retrieval import RetrievalSet, load_retrieval
 from jax_refine.data.training import TrainIterator, make_train_iterator
 
 __all__ = [
     "ClassificationSet", "RetrievalSet", "TrainIterator", "class_names", "load_classification", "load_retrieval",
-    "make_train_iterator", "prepare_coco_json", "prompt_templates", "read_coco_json", "to_global_batch",
+    "make_train_iterator", "prepare_coco_json", "prompt_templates", "read_coco_json",
 ]

@@ -1,11 +1,8 @@
-"""Multi-host helpers: which slice of a split this process reads, and per-host batches -> global arrays."""
+"""Multi-host helpers: which slice of a split this process reads (``sharding.host_to_global`` then assembles
+the per-host batches into global arrays)."""
 from __future__ import annotations
 
-from typing import Any
-
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def check_process(process_index: int, process_count: int) -> None:
@@ -26,17 +23,3 @@ def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by process_count={process_count}")
     return global_batch_size // process_count
-
-
-def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, pspec: Any = None) -> dict[str, jax.Array]:
-    """Per-host numpy batch (b, ...) -> global `jax.Array`s (b * process_count, ...) sharded on `mesh`.
-
-    `pspec`: a `PartitionSpec` for the leading (batch) axis of every leaf, or a dict of them per key;
-    default shards the batch axis over all mesh axes. Uses `jax.make_array_from_process_local_data`.
-    """
-    default = PartitionSpec(tuple(mesh.axis_names))
-    out = {}
-    for key, value in batch.items():
-        spec = pspec.get(key, default) if isinstance(pspec, dict) else (pspec or default)
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(value))
-    return out

@@ -1,0 +1,240 @@
+"""What the training loop does after each step, as hooks.
+
+A hook is a callable ``hook(ctx: StepContext) -> None``; the loop calls its list of hooks in order after
+every step, and calls ``close()`` on those that have one when the loop ends (normally or not). A hook asks
+the loop to stop by setting ``ctx.stop``; later hooks in the list see it (the checkpoint hook then saves).
+Adding behaviour (a profiler, an EMA, an early stop) is a new entry in the list, not an edit of the loop.
+
+The hooks here: ``Preemption`` (SIGTERM or Orbax's multi-host preemption notice -> stop),
+``LogMetrics`` (tqdm, ``metrics.jsonl``, TensorBoard), ``Evaluate`` (the evaluation suite every N steps and
+at the end) and ``SaveCheckpoint`` (Orbax, every N steps, at the end and when stopping). Metrics are read
+on the host only when a hook asks (``ctx.values()``), which also stops training on a non-finite loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from jax_refine import checkpoint as ckpt
+from jax_refine import distributed, evaluate
+from jax_refine.train_state import TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; training stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a hook sees after one train step. ``state`` is donated to the next step: read it, don't keep it."""
+    step: int  # steps done, counting this one (1-based)
+    total_steps: int
+    state: TrainState
+    metrics: Mapping[str, jax.Array]  # this step's metrics, still on device
+    data_iter: Any  # the training iterator (``get_state``, optional ``stats``)
+    checkpoints: ocp.CheckpointManager
+    batch_size: int  # global batch (examples per step)
+    stop: bool = False  # set by a hook: the loop ends after this step's hooks
+    _values: dict[str, float] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def last(self) -> bool:
+        """True on the run's final step."""
+        return self.step == self.total_steps
+
+    def values(self) -> dict[str, float]:
+        """This step's metrics as floats (one device->host copy, cached); NonFiniteLossError if the loss is
+        NaN/Inf, naming the last good checkpoint (pending saves are finished first)."""
+        if self._values is None:
+            values = {k: float(v) for k, v in jax.device_get(dict(self.metrics)).items()}
+            if not math.isfinite(values["loss"]):
+                self.checkpoints.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"non-finite loss ({values['loss']}) at step {self.step}; training stopped, the last good "
+                    f"checkpoint is step {self.checkpoints.latest_step()} in {self.checkpoints.directory}")
+            self._values = values
+        return self._values
+
+
+Hook = Callable[[StepContext], None]
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    """Whether a periodic hook runs at ``step``: every ``every`` steps (0 or less: never) and on the last."""
+    return (every > 0 and step % every == 0) or last
+
+
+# ------------------------------------------------------------------------------------------ preemption
+class Preemption:
+    """Stops the loop on SIGTERM (one process) or Orbax's preemption notice (several processes); the
+    checkpoint hook after it saves that step. Use as a context manager around the loop (installs the
+    SIGTERM handler; outside the main thread none is installed)."""
+
+    def __init__(self, checkpoints: ocp.CheckpointManager):
+        self.checkpoints = checkpoints
+        self.flag = False  # SIGTERM received
+        self.preempted = False  # the loop was stopped by this hook
+        self._old = None
+
+    def __enter__(self) -> "Preemption":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def __call__(self, ctx: StepContext) -> None:
+        stop = self.flag if jax.process_count() == 1 else self.checkpoints.reached_preemption(ctx.step)
+        if stop:
+            ctx.stop = self.preempted = True
+
+
+# -------------------------------------------------------------------------------------------- logging
+class MetricWriter:
+    """``metrics.jsonl`` rows and TensorBoard scalars on process 0 (silent elsewhere).
+
+    A row is ``{"step": N, "kind": KIND, name: value, ...}``; TensorBoard tags are ``KIND/name``.
+    """
+
+    def __init__(self, workdir: Path, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = self.tb = None
+        if not enabled:
+            return
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # optional: only when TensorBoard logging is on
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, kind: str, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        for obj in (self.jsonl, self.tb):
+            if obj is not None:
+                obj.close()
+
+
+class LogMetrics:
+    """Every ``every`` steps and at the end: the step's metrics, ``examples_per_sec`` since the last row and
+    the data iterator's ``stats()`` (skipped examples, epoch) as a ``kind: "train"`` row; a tqdm bar."""
+
+    def __init__(self, writer: MetricWriter, every: int, total: int, start: int):
+        self.writer, self.every = writer, max(1, every)
+        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True) if writer.enabled else None
+        self.t0, self.seen = time.perf_counter(), 0
+        self.last: dict[str, float] = {}  # the last row written
+
+    def __call__(self, ctx: StepContext) -> None:
+        self.seen += ctx.batch_size
+        if self.bar is not None:
+            self.bar.update(1)
+        if not due(ctx.step, self.every, ctx.last):
+            return
+        values = dict(ctx.values())
+        dt = time.perf_counter() - self.t0
+        values["examples_per_sec"] = self.seen / dt if dt > 0 else 0.0
+        if hasattr(ctx.data_iter, "stats"):  # skipped (bad image / no caption) counts, epoch
+            values.update({f"data/{k}": float(v) for k, v in ctx.data_iter.stats().items()})
+        self.t0, self.seen, self.last = time.perf_counter(), 0, values
+        self.writer.write(ctx.step, "train", values)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4g}", gap=f"{values.get('modality_gap', float('nan')):.3f}",
+                                 ex_s=f"{values['examples_per_sec']:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def flatten_result(result: Mapping[str, Any]) -> dict[str, float]:
+    """``evaluate.run_suite``'s result -> ``{"zero_shot/<set>/top1": %, "zero_shot_mean/top1": %,
+    "retrieval/<set>/i2t/R@1": %, "features/<set>/modality_gap": ..., ...}`` (numbers only)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            out[prefix] = float(node)
+
+    for section in ("zero_shot", "zero_shot_mean", "retrieval", "features"):
+        walk(section, result.get(section) or {})
+    return out
+
+
+class Evaluate:
+    """Every ``every`` steps (and at the end) the evaluation suite (``evaluate.run_suite``: zero-shot,
+    retrieval, modality gap on ``config.eval``'s sets) on the current student, as a ``kind: "eval"`` row.
+
+    The sets are read once, at the first evaluation. The embedding cache is off (each step is a new model).
+    All processes run it (the embeddings are gathered across them); process 0 writes the row.
+    """
+
+    def __init__(self, eval_config: Any, every: int, graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh,
+                 writer: MetricWriter):
+        settings = eval_config.to_dict() if hasattr(eval_config, "to_dict") else dict(eval_config)
+        self.eval_config = {**settings, "cache_dir": None}
+        self.every, self.graphdef, self.rest, self.mesh, self.writer = every, graphdef, rest, mesh, writer
+        self.tasks: tuple[list, list] | None = None
+        self.rows: list[tuple[int, dict[str, float]]] = []  # (step, row) of this run's evaluations
+
+    def __call__(self, ctx: StepContext) -> None:
+        if ctx.stop or not due(ctx.step, self.every, ctx.last):
+            return
+        if self.tasks is None:
+            cfg = self.eval_config
+            self.tasks = ([evaluate.zero_shot_task(s, cfg) for s in cfg.get("zero_shot") or ()],
+                          [evaluate.retrieval_task(s, cfg) for s in cfg.get("retrieval") or ()])
+        model = nnx.merge(self.graphdef, ctx.state.params, self.rest)
+        result, _ = evaluate.run_suite(model, self.eval_config, name=f"step {ctx.step}", mesh=self.mesh,
+                                       zero_shot=self.tasks[0], retrieval=self.tasks[1])
+        row = flatten_result(result)
+        self.rows.append((ctx.step, row))
+        self.writer.write(ctx.step, "eval", row)
+        if distributed.is_main():
+            mean = (result.get("zero_shot_mean") or {}).get("top1")
+            print(f"[train] eval at step {ctx.step}" + (f": zero-shot top-1 {mean:.2f}" if mean is not None else ""),
+                  flush=True)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+class SaveCheckpoint:
+    """Every ``every`` steps, at the end and when a hook stopped the loop: an async Orbax save of the state
+    and the data position (never of a state whose loss is not finite)."""
+
+    def __init__(self, checkpoints: ocp.CheckpointManager, every: int, meta: Mapping[str, Any]):
+        self.checkpoints, self.every, self.meta = checkpoints, max(1, every), dict(meta)
+
+    def __call__(self, ctx: StepContext) -> None:
+        if due(ctx.step, self.every, ctx.last) or ctx.stop:
+            ctx.values()
+            ckpt.save(self.checkpoints, ctx.step, ctx.state, ctx.data_iter.get_state(), self.meta, force=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import presets
+from jax_refine.configs import presets
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

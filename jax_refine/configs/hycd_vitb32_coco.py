@@ -1,6 +1,6 @@
 """Ablation: HyCD only (preset `hycd`: 1 x HyCD with alpha 0.5, no RaFA, no contrastive term: CLIP-Refine without
 RaFA), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

@@ -3,7 +3,7 @@
 1 epoch, one random caption per image, global batch 512, AdamW lr 1e-6, weight decay 0.1, constant lr,
 fp32, alpha 0.5, T 1, lambda 1, RaFA prior N(0, I). Paper (ViT-B/32): 12-dataset zero-shot 54.69,
 ImageNet 60.93, COCO R@1 T->I 37.64 / I->T 38.78."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

@@ -1,6 +1,6 @@
 """Baseline: logit distillation (preset `logit_distill`: 1 x contrastive + 1 x MSE to the frozen teacher's
 logits, as the reference's CLIPUpdater with distill_loss ld), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

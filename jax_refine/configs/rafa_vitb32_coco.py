@@ -1,6 +1,6 @@
 """Ablation: RaFA only (preset `rafa`: 1 x RaFA, no HyCD, no contrastive term: CLIP-Refine without HyCD;
 add `--config.method.weights.contrastive=1` for RaFA + contrastive), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

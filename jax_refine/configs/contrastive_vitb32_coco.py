@@ -1,6 +1,6 @@
 """Baseline: contrastive fine-tuning (preset `contrastive`: 1 x symmetric InfoNCE on unnormalized features,
 learnable logit scale from the checkpoint; the reference's contrastive.yaml), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

@@ -1,6 +1,6 @@
 """Baseline: m^2-mix (preset `m2_mix`: CLIP's contrastive loss + 0.01 x m^2-mix, both on unit vectors,
 lam ~ Beta(0.5, 0.5); Oh et al. NeurIPS 2023), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

@@ -1,5 +1,5 @@
 """CLIP-Refine on COCO Captions with ViT-B/16 (same hyper-parameters as ViT-B/32)."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

@@ -1,6 +1,6 @@
 """Baseline: self-distillation (preset `self_kd`: 1 x contrastive + 1 x KD with alpha 0, the teacher's soft
 targets only, as the reference's CLIPUpdater with distill_loss kd), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

@@ -1,5 +1,5 @@
 """CLIP-Refine on COCO Captions with ViT-L/14 (same hyper-parameters; FSDP recommended: use :gpu8 or :tpu_pod)."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

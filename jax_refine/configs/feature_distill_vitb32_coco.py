@@ -1,6 +1,6 @@
 """Baseline: feature distillation (preset `feature_distill`: 1 x contrastive + 1 x MSE to the frozen teacher's
 features, as the reference's CLIPUpdater with distill_loss fd), ViT-B/32, COCO."""
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None):

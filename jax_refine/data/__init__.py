@@ -3,7 +3,7 @@
 Training (trainer):
     make_train_iterator(data_config, *, global_batch_size, image_size=224, max_length=77, seed=0,
                         process_index=0, process_count=1, tokenizer=None) -> TrainIterator
-        data_config: configs/default.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
+        data_config: jax_refine/configs/default.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
         manual_dir, annotations, images, train_fraction, split_seed, try_gcs, caption_mode random|all,
         shuffle_buffer, num_parallel_calls, prefetch). coco_json is read in place (split "train"/"val" at
         random, seed split_seed), each epoch a full permutation keyed by (seed, epoch). Endless; next() -> per-host numpy batch

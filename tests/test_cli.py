@@ -1,12 +1,14 @@
 """The command line: help, typos, config overrides and their errors (no training here)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
+from jax_refine import cli, commands
 from jax_refine.config import ConfigError, apply_overrides, load_config
 
 
@@ -97,3 +99,19 @@ def test_a_users_config_file_starts_from_a_packaged_one(tmp_path):
     old.write_text("from configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
     with pytest.raises(ConfigError, match="from jax_refine.configs import default"):
         load_config(str(old))
+
+
+def test_a_bug_keeps_its_traceback_and_an_input_error_stays_one_line(monkeypatch, capsys):
+    def bug(args, overrides):
+        return json.loads("{")  # a ValueError raised inside a library: not an input error
+
+    monkeypatch.setattr(commands, "config", bug)
+    with pytest.raises(json.JSONDecodeError):
+        cli.main(["config", "default"])
+    monkeypatch.setattr(commands, "config", lambda args, overrides: {}["missing"])
+    with pytest.raises(KeyError):
+        cli.main(["config", "default"])
+    monkeypatch.undo()
+    assert cli.main(["config", "default", "--config.train.batch_size=0"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "error: config.train.batch_size=0 is invalid: must be an integer >= 1")

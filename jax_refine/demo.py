@@ -1,5 +1,5 @@
 """The offline demo: generate the synthetic world, pre-train a small CLIP on it, refine it three ways, compare
-the four models (see configs/demo.py)."""
+the four models (see the config `demo`)."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""The real-data study (configs/study.py): pre-train on Flickr8k, refine with every method and seed, evaluate,
+"""The real-data study (config `study`): pre-train on Flickr8k, refine with every method and seed, evaluate,
 write one table of mean +- std over seeds (markdown + JSON) and the pictures.
 
 Every stage's output lives under `out/` keyed by a hash of the settings it depends on, so a rerun skips what

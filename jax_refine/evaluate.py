@@ -26,7 +26,6 @@ from jax_refine import embeddings as emb_lib
 
 log = logging.getLogger(__name__)
 
-SINGLE_TEMPLATE = ("a photo of a {}.",)
 TEMPLATES_FILE = Path(__file__).resolve().parent / "assets" / "templates.json"
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -148,9 +147,7 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Prompt templates: "single" -> ("a photo of a {}.",), "openai" -> the 80-template ensemble, any other
     key of the packaged `assets/templates.json`, a text file (one template a line), or a sequence."""
     if isinstance(spec, str):
-        if spec == "single":
-            return SINGLE_TEMPLATE
-        packaged = json.loads(TEMPLATES_FILE.read_text())
+        packaged = json.loads(TEMPLATES_FILE.read_text(encoding="utf-8"))
         if spec in packaged:
             templates = tuple(packaged[spec])
         elif Path(spec).is_file():

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jax_refine import hf_names
 from jax_refine.model import CLIP
@@ -294,10 +295,9 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *
 
 
 # ---------------------------------------------------------------------------------------- saving
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
+    """`x` as one numpy array on this host (gathered from every process when it spans several)."""
     if not getattr(x, "is_fully_addressable", True):
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -307,7 +307,7 @@ def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
     out = {}
     channels = model.config.vision_config.num_channels
     for path, var in _flat_params(nnx.state(model, nnx.Param)):
-        a = _to_host(var[...])
+        a = to_host(var[...])
         kind, _ = hf_names.hf_names(path)
         for i, (key, shape) in enumerate(hf_names.hf_shapes(path, a.shape, channels)):
             out[key] = hf_names.to_hf(kind, a, shape, i)

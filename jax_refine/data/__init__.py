@@ -25,10 +25,10 @@ Evaluation (evaluator):
         "coco_json:<annotations.json>:<image dir>". .num_images, .texts {"input_ids", "attention_mask":
         (T,L) i32, "caption_image_index": (T,) i32}, .captions, .num_batches,
         .image_batches() -> {"image", "image_index": (b,) i32, "mask": (b,) bool}, .stats().
-    class_names(name) -> list[str] | None; prompt_templates("single" | "openai") -> list[str].
+    class_names(name) -> list[str] | None (prompt templates: `jax_refine.evaluate.resolve_templates`).
 Every host yields the same number of eval batches (padding rows have mask False).
 """
-from jax_refine.data.classification import ClassificationSet, class_names, load_classification, prompt_templates
+from jax_refine.data.classification import ClassificationSet, class_names, load_classification
 from jax_refine.data.coco_captions_builder import prepare_coco_json, read_coco_json
 from jax_refine.data.hosts import to_global_batch
 from jax_refine.data.retrieval import RetrievalSet, load_retrieval
@@ -36,5 +36,5 @@ from jax_refine.data.training import TrainIterator, make_train_iterator
 
 __all__ = [
     "ClassificationSet", "RetrievalSet", "TrainIterator", "class_names", "load_classification", "load_retrieval",
-    "make_train_iterator", "prepare_coco_json", "prompt_templates", "read_coco_json", "to_global_batch",
+    "make_train_iterator", "prepare_coco_json", "read_coco_json", "to_global_batch",
 ]

@@ -50,13 +50,8 @@ class StudyData:
 
 def _write_coco(records: Sequence[Mapping], path: Path) -> str:
     """`records` ({"path", "captions": [(id, text)]}) as a COCO captions JSON whose file names are absolute."""
-    images, anns = [], []
-    for i, r in enumerate(records):
-        images.append({"id": i, "file_name": str(Path(r["path"]).absolute())})
-        anns += [{"image_id": i, "id": len(anns), "caption": t} for _, t in r["captions"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": anns}))
-    return str(path)
+    return str(coco_format.write_coco_json(path, ({"file_name": str(Path(r["path"]).absolute()),
+                                                   "captions": [t for _, t in r["captions"]]} for r in records)))
 
 
 def _cifar_records(cifar_train: Path, per_class: int) -> list[dict]:

@@ -29,7 +29,8 @@ Evaluation (evaluator):
 Every host yields the same number of eval batches (padding rows have mask False).
 """
 from jax_refine.data.classification import ClassificationSet, class_names, load_classification
-from jax_refine.data.coco_captions_builder import prepare_coco_json, read_coco_json
+from jax_refine.data.coco_captions_builder import prepare_coco_json
+from jax_refine.data.coco_format import read_coco_json
 from jax_refine.data.hosts import to_global_batch
 from jax_refine.data.retrieval import RetrievalSet, load_retrieval
 from jax_refine.data.training import TrainIterator, make_train_iterator

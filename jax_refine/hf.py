@@ -27,9 +27,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from transformers import CLIPConfig
+from transformers.utils import logging as hf_logging
 
-from jax_refine import hf_names
+from jax_refine import hf_names, outputs
 from jax_refine.model import CLIP
 
 ShardingFn = Callable[[str, tuple], "jax.sharding.Sharding | None"]
@@ -49,8 +55,6 @@ def clip_config_from(obj: Any):
     Raises ValueError for a non-CLIP config (e.g. model_type 'siglip' or 'bert') and FileNotFoundError
     for a missing file.
     """
-    from transformers import CLIPConfig
-
     if isinstance(obj, CLIPConfig):
         return obj
     source = "config dict"
@@ -79,9 +83,6 @@ def _is_local_path(name: str) -> bool:
 
 
 def _hub_download(repo_id: str, filename: str, required: bool) -> str | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-
     try:
         return hf_hub_download(repo_id, filename)
     except EntryNotFoundError as e:
@@ -121,8 +122,6 @@ class _Safetensors:
     """Lazy reader over one or more safetensors files: `shapes` from headers, `get(key)` as numpy."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
@@ -132,8 +131,6 @@ class _Safetensors:
                     self.shapes[key] = tuple(f.get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
         with safe_open(self.where[key], framework="numpy") as f:
             if f.get_slice(key).get_dtype() != "BF16":
                 return f.get_tensor(key)
@@ -201,7 +198,7 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in state.items()}
     except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, ValueError, TypeError) as e:
         try:
-            import torch
+            import torch  # optional and heavy: only for the old non-zip PyTorch format
         except ImportError:
             raise ValueError(f"{file}: cannot read this PyTorch checkpoint without torch ({e})") from None
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -323,11 +320,6 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
     replaced. Tokenizer files come from `tokenizer_dir` when given, else the packaged ones. Under multi-host,
     every process must call this (parameters are gathered) and process 0 writes.
     """
-    from safetensors.numpy import save_file
-    from transformers.utils import logging as hf_logging
-
-    from jax_refine import outputs
-
     out = Path(out_dir).expanduser().absolute()
     outputs.check_target(out, kind="export", overwrite=overwrite)
     tensors = hf_state_dict(model)
@@ -341,7 +333,7 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
         size = int(config.vision_config.image_size)  # CLIP's resize-shortest-edge + center crop at this size
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
-        try:
+        try:  # imported here, under the raised verbosity: looking the class up is what warns
             from transformers import CLIPImageProcessor
 
             processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

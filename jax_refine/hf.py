@@ -22,16 +22,16 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from jax.experimental import multihost_utils
-from safetensors import safe_open
-from safetensors.numpy import save_file
+import safetensors
+import safetensors.numpy
 from transformers import CLIPConfig
 from transformers.utils import logging as hf_logging
 
@@ -84,7 +84,7 @@ def _is_local_path(name: str) -> bool:
 
 def _hub_download(repo_id: str, filename: str, required: bool) -> str | None:
     try:
-        return hf_hub_download(repo_id, filename)
+        return huggingface_hub.hf_hub_download(repo_id, filename)
     except EntryNotFoundError as e:
         if required:
             raise FileNotFoundError(f"{repo_id}: not a local directory, and {filename} could not be found in "
@@ -125,13 +125,13 @@ class _Safetensors:
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
-            with safe_open(file, framework="numpy") as f:
+            with safetensors.safe_open(file, framework="numpy") as f:
                 for key in f.keys():
                     self.where[key] = file
                     self.shapes[key] = tuple(f.get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        with safe_open(self.where[key], framework="numpy") as f:
+        with safetensors.safe_open(self.where[key], framework="numpy") as f:
             if f.get_slice(key).get_dtype() != "BF16":
                 return f.get_tensor(key)
         return _read_bf16(self.where[key], key)
@@ -329,7 +329,7 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
         config = model.config
         config.dtype = str(next(iter(tensors.values())).dtype)
         config.save_pretrained(tmp)
-        save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
+        safetensors.numpy.save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
         size = int(config.vision_config.image_size)  # CLIP's resize-shortest-edge + center crop at this size
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning

@@ -2,7 +2,7 @@
 
 | name        | vision (width/layers/heads/mlp, patch, px) | text (width/layers/heads/mlp) | proj |
 |-------------|---------------------------------------------|-------------------------------|------|
-| tiny        | the trainer tests' model (configs/tiny_test.py)                            |||
+| tiny        | the trainer tests' model (jax_refine/configs/tiny_test.py)                            |||
 | vitb32      | 768/12/12/3072, 32, 224                     | 512/12/8/2048                 | 512  |
 | vitb16      | 768/12/12/3072, 16, 224                     | 512/12/8/2048                 | 512  |
 | vitl14      | 1024/24/16/4096, 14, 224                    | 768/12/12/3072                | 768  |
@@ -22,7 +22,7 @@ def _tower(width: int, layers: int, heads: int, mlp: int, **extra) -> dict:
 
 
 def _sizes() -> dict[str, dict]:
-    from configs.tiny_test import TINY_CLIP
+    from jax_refine.configs.tiny_test import TINY_CLIP
 
     b_text = _tower(512, 12, 8, 2048)
     l_text = _tower(768, 12, 12, 3072)

@@ -95,7 +95,7 @@ def run_jax(args) -> dict:
 
     if args.precision != "bf16":
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.precision == "tf32" else "highest")
-    from configs.default import get_config
+    from jax_refine.configs.default import get_config
     from jax_refine import sharding as shd, train
 
     spec = clip_size(args.model, args.layers)

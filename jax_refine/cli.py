@@ -1,21 +1,29 @@
 """`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, config, study, demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
-`--config.SECTION.KEY=VALUE` (see configs/default.py for the keys). Errors in the input (a missing
-file, an unknown key, a bad value) end with one line naming what is wrong and a pointer to --help.
+`--config.SECTION.KEY=VALUE` (see jax_refine/configs/default.py for the keys). Errors in the input (a
+missing file, an unknown key, a bad value) end with one line naming what is wrong and a pointer to --help;
+an error anywhere else (a bug) keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Sequence
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
 
-EPILOG = """config overrides:
+from jax_refine import commands
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+EPILOG = """configs (--config NAME[:ARG] or a file PATH.py[:ARG]; see jax_refine/configs/):
+  clip_refine:model=vitb32,method=clip_refine,data=coco,mesh=cpu   the paper's experiments (these defaults)
+  default, demo, study, tiny_test   (ARG: a mesh preset cpu|gpu1|gpu8|tpu_pod; study also `quick`)
+config overrides:
   --config.KEY=VALUE       override any config field, e.g. --config.train.batch_size=256
-                           --config.mesh.shape.fsdp=8 --config.method.alpha=0.3 (see configs/default.py)
-mesh presets:
-  --config configs/clip_refine_vitb32_coco.py:gpu8   (cpu, gpu1, gpu8, tpu_pod; see configs/presets.py)
+                           --config.mesh.shape.fsdp=8 --config.method.alpha=0.3
 """
 
 
@@ -33,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = add("train", "Train (refine) a CLIP with the method of a config; saves Orbax checkpoints and exports "
                      "the result in Hugging Face format to WORKDIR/hf. Re-running resumes from the last checkpoint.")
-    t.add_argument("--config", required=True, help="config file (configs/*.py), optionally FILE:PRESET")
+    t.add_argument("--config", required=True, help="config NAME[:ARG] or file PATH.py[:ARG], e.g. clip_refine:model=vitb16")
     t.add_argument("--workdir", help="where checkpoints, metrics and the export go (default: config.workdir)")
     t.add_argument("--coordinator", help="multi-host: host:port of process 0 (TPU pods find it themselves)")
     t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -79,20 +87,20 @@ def _parser() -> argparse.ArgumentParser:
 
     g = add("config", "Print the fully resolved config (the method's preset weights filled in, overrides applied) "
                       "as JSON, to see and diff exactly what a run will use.")
-    g.add_argument("spec", help="config file (configs/*.py or a bare name like clip_refine_vitb32_coco), optionally FILE:PRESET")
+    g.add_argument("spec", help="config NAME[:ARG] or file PATH.py[:ARG], e.g. clip_refine:method=contrastive")
 
     s = add("study", "The real-data study: pre-train a small CLIP on Flickr8k train, refine it with CLIP-Refine "
                       "and the baselines (3 seeds) on Flickr8k dev, evaluate on Flickr8k test, COCO val and "
-                      "CIFAR-10 test; one table (mean +- std) and pictures (configs/study.py).")
+                      "CIFAR-10 test; one table (mean +- std) and pictures (config `study`).")
     s.add_argument("--data-dir", default="../shared/data", help="folder holding flickr8k/, coco_mini/, cifar10/")
-    s.add_argument("--config", default="study", help="study config (default: configs/study.py)")
+    s.add_argument("--config", default="study", help="study config (default: study)")
     s.add_argument("--out", default="outputs/study", help="where models, table and pictures go")
     s.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, a few steps (minutes)")
 
     m = add("demo", "The offline demo (the default of ./run.sh): generate a synthetic world of shapes with captions, "
                     "pre-train a small CLIP on it, refine it with CLIP-Refine (normalized and unnormalized features) "
                     "and with contrastive fine-tuning, compare all four.")
-    m.add_argument("--config", default="demo", help="demo config (default: configs/demo.py)")
+    m.add_argument("--config", default="demo", help="demo config (default: demo)")
     m.add_argument("--out", default="outputs/demo", help="where the report and pictures go (default: outputs/demo)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
     return p
@@ -107,18 +115,27 @@ def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser, comma
     return overrides
 
 
+def _is_input_error(err: Exception) -> bool:
+    """A missing file, or a ValueError raised by this package's own checks (ConfigError, OutputError,
+    CheckpointError, WorkdirError and the checks of data, sharding and objectives: each names the input at
+    fault); a ValueError raised inside a library is a bug and keeps its traceback."""
+    if isinstance(err, FileNotFoundError):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data: keep it quiet
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     overrides = _split_overrides(rest, parser, args.command)
-    from jax_refine import commands
-    from jax_refine.config import ConfigError
-
     try:
         return getattr(commands, args.command.replace("-", "_"))(args, overrides) or 0
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError) as err:
+        if not _is_input_error(err):
+            raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}\n(see `python -m jax_refine {args.command} --help`)", file=sys.stderr)
         return 2

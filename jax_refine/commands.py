@@ -1,7 +1,8 @@
 """The commands behind `python -m jax_refine` (argument parsing lives in cli.py).
 
 Each takes the parsed `argparse.Namespace` and the list of `--config.KEY=VALUE` overrides and returns an
-exit code. Heavy imports (JAX, TensorFlow) happen here, after the command line was checked.
+exit code. Each command imports the modules it runs inside its function: they load JAX, TensorFlow and
+transformers (seconds), which `--help` and a bad argument should not wait for.
 """
 from __future__ import annotations
 

@@ -1,56 +1,103 @@
-"""Config files and command-line overrides.
+"""Configs and command-line overrides.
 
-A config file is a Python file under `configs/` with `get_config() -> ml_collections.ConfigDict`
-(ml_collections style, as in big_vision). Overrides use the dotted path of a field:
+A config is a Python module with `get_config(arg=None) -> ml_collections.ConfigDict` (ml_collections style,
+as in big_vision): one shipped in `jax_refine/configs/` given by name (`clip_refine:model=vitb16`), or a
+file given by path (`my_config.py:ARG`). Overrides use the dotted path of a field:
 `--config.train.batch_size=256 --config.mesh.shape.fsdp=4 --config.train.freeze='("^vision/",)'`.
 An override of a key that does not exist is an error with a did-you-mean suggestion, never ignored.
 """
 from __future__ import annotations
 
 import ast
+import difflib
+import importlib
 import importlib.util
-import sys
+import pkgutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable
+from types import ModuleType
 
 import ml_collections
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from jax_refine import configs
+from jax_refine.configs import default
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file or key."""
 
 
-def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Import `path` and call its `get_config()`; `path:ARG` calls `get_config("ARG")` (e.g. a mesh preset).
+def shipped_configs() -> list[str]:
+    """Names of the configs in `jax_refine/configs/` (`presets` holds no config)."""
+    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__)
+                  if not m.name.startswith("_") and m.name != "presets")
 
-    A bare name like `demo` means `configs/demo.py`.
-    """
-    path, _, arg = str(path).partition(":")
-    p = Path(path)
-    if not p.suffix and not p.exists():
-        p = REPO_CONFIGS / f"{path}.py"
-    if not p.is_file():
-        known = ", ".join(sorted(q.stem for q in REPO_CONFIGS.glob("*.py") if not q.stem.startswith("_")))
-        raise ConfigError(f"config file not found: {path} (configs shipped: {known})")
-    if str(REPO_CONFIGS.parent) not in sys.path:  # config files import `configs.default`
-        sys.path.insert(0, str(REPO_CONFIGS.parent))
-    spec = importlib.util.spec_from_file_location(f"jax_refine_config_{p.stem}", p)
+
+def _known() -> str:
+    return f"shipped configs: {', '.join(shipped_configs())}; old names like {next(iter(configs.ALIASES))}"
+
+
+def _import_file(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"jax_refine_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # a syntax or import error inside the user's config file
-        raise ConfigError(f"cannot load config file {p}: {type(e).__name__}: {e}") from e
+    except ModuleNotFoundError as e:
+        hint = " (the configs moved into the package: `from jax_refine.configs import default`)" \
+            if e.name == "configs" else ""
+        raise ConfigError(f"cannot load config file {path}: {e}{hint}") from e
+    except (SyntaxError, ImportError, NameError, AttributeError) as e:  # a mistake inside the user's file
+        raise ConfigError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+    return module
+
+
+def load_config_file(spec: str | Path) -> ml_collections.ConfigDict:
+    """The config of `spec`: `NAME[:ARG]` (a config shipped in jax_refine/configs, or an old name in
+    `configs.ALIASES`) or `PATH.py[:ARG]` (any file; a spec with a `/` or a `.py` suffix is a path).
+
+    Calls `get_config(ARG)`, or `get_config()` without ARG. Raises ConfigError naming the config.
+    """
+    name, _, arg = str(spec).partition(":")
+    if name in configs.ALIASES:  # an old per-experiment name; its ARG was a mesh preset
+        name, _, alias_arg = configs.ALIASES[name].partition(":")
+        arg = ",".join(filter(None, (alias_arg, arg and f"mesh={arg}")))
+    if "/" in name or name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {name} ({_known()})")
+        module, where = _import_file(path), str(path)
+    elif name in shipped_configs():
+        module, where = importlib.import_module(f"jax_refine.configs.{name}"), name
+    else:
+        raise ConfigError(f"unknown config {name!r} ({_known()}; or a file path)")
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {p} has no get_config() function")
+        raise ConfigError(f"config {where} has no get_config() function")
     try:
         config = module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
     except (KeyError, ValueError, TypeError) as e:
-        raise ConfigError(f"{p}: get_config({arg!r}) failed: {e}") from e
+        raise ConfigError(f"{where}: get_config({arg!r}) failed: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{p}: get_config() must return an ml_collections.ConfigDict")
+        raise ConfigError(f"{where}: get_config() must return an ml_collections.ConfigDict")
     return config
+
+
+def parse_arg(arg: str | None, source: str, **choices: Sequence[str]) -> dict[str, str]:
+    """A config's `get_config(arg)` argument, big_vision style: `"model=vitb16,method=contrastive"` ->
+    `{"model": "vitb16", "method": "contrastive", ...}` for the keys of `choices` (key -> allowed values;
+    a key not in `arg` takes its first value). Raises ConfigError naming `source`, the key and the choices.
+    """
+    values = {key: allowed[0] for key, allowed in choices.items()}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in choices:
+            raise ConfigError(f"config {source}: unknown argument {item!r}; expected KEY=VALUE with KEY one of "
+                              f"{', '.join(choices)}")
+        if value not in choices[key]:
+            raise ConfigError(f"config {source}: {key}={value!r} is not one of {', '.join(choices[key])}")
+        values[key] = value
+    return values
 
 
 def _parse_value(text: str):
@@ -99,8 +146,6 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "batchsize": "batch_size
 
 
 def _did_you_mean(name: str, node: ml_collections.ConfigDict) -> str:
-    import difflib
-
     if ALIASES.get(name) in node:
         return f"; did you mean {ALIASES[name]!r}?"
     close = difflib.get_close_matches(name, list(node.keys()), n=1)
@@ -112,17 +157,13 @@ EXTRA_SECTIONS = ("demo", "world", "study")
 FREE_FORM = ("model.random_init", "method.prior_params")
 
 
-def _schema() -> ml_collections.ConfigDict:
-    return load_config_file(REPO_CONFIGS / "default.py")
-
-
 def check_schema(config: ml_collections.ConfigDict, source: str,
                  schema: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
-    """Raise ConfigError for a key of `config` that configs/default.py does not have (did-you-mean).
+    """Raise ConfigError for a key of `config` that jax_refine/configs/default.py does not have (did-you-mean).
 
     `source` names the file in the message. Sections in EXTRA_SECTIONS and keys in FREE_FORM are not checked.
     """
-    schema = _schema() if schema is None else schema
+    schema = default.get_config() if schema is None else schema
     for key in config.keys():
         dotted = f"{prefix}{key}"
         if not prefix and key in EXTRA_SECTIONS or dotted in FREE_FORM:
@@ -183,7 +224,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """`load_config_file(path)`, checked against configs/default.py's keys, then `apply_overrides`,
+    """`load_config_file(path)`, checked against jax_refine/configs/default.py's keys, then `apply_overrides`,
     then `check_values`."""
     config = load_config_file(path)
     check_schema(config, str(path).partition(":")[0])

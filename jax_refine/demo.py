@@ -1,5 +1,5 @@
 """The offline demo: generate the synthetic world, pre-train a small CLIP on it, refine it three ways, compare
-the four models (see configs/demo.py)."""
+the four models (see the config `demo`)."""
 from __future__ import annotations
 
 import time
@@ -8,6 +8,7 @@ from typing import Any
 
 import ml_collections
 
+from jax_refine import evaluate, outputs, train
 from jax_refine.data import synthetic_world
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +71,6 @@ def run_demo(config: ml_collections.ConfigDict, out_dir: str | Path, *, overwrit
     Everything is written into a new directory beside `out_dir` that replaces it at the end (see
     `jax_refine.outputs`: a non-empty `out_dir` needs `overwrite`, and is never a foreign workdir or repo).
     """
-    from jax_refine import outputs
-
     target = Path(out_dir).absolute()
     with outputs.output_dir(target, kind="demo", overwrite=overwrite, mark=True) as tmp:
         result = _run_demo(config, tmp)
@@ -79,8 +78,6 @@ def run_demo(config: ml_collections.ConfigDict, out_dir: str | Path, *, overwrit
 
 
 def _run_demo(config: ml_collections.ConfigDict, out: Path) -> dict[str, Any]:
-    from jax_refine import evaluate, train
-
     timings = {}
     t0 = time.perf_counter()
     world = make_world(config)

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jax_refine import sharding
+from jax_refine.hf import to_host
 
 # Model inputs per tower; any other key in a batch (label, image_index, ...) is carried along.
 INPUT_KEYS = {"image": ("image",), "text": ("input_ids", "attention_mask")}
@@ -33,18 +35,8 @@ def default_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _gather_hosts(x: np.ndarray) -> np.ndarray:
     """Concatenate every process's `x (b, ...)` in process order (the global batch's row order)."""
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -55,7 +47,7 @@ def model_fingerprint(model: nnx.Module) -> str:
     h.update(str(jnp.dtype(getattr(model, "dtype", jnp.float32))).encode())
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0],
                              key=lambda kv: jax.tree_util.keystr(kv[0])):
-        arr = np.ascontiguousarray(_to_host(leaf))
+        arr = np.ascontiguousarray(to_host(leaf))
         h.update(f"{jax.tree_util.keystr(path)}:{arr.shape}:{arr.dtype}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -148,11 +140,11 @@ def extract(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]], kind
             if hosts == 1:
                 inputs = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in inputs.items()}
                 rest = {k: v[:real] for k, v in rest.items()}
-                emb = _to_host(_encode_jit(graphdef, state, inputs, kind))[:real]
+                emb = to_host(_encode_jit(graphdef, state, inputs, kind))[:real]
             else:  # padding rows of every host are dropped by the gathered "mask"
                 rest["mask"] = np.asarray(rest.get("mask", True), bool) & (np.arange(local) < real)
                 rest = {k: _gather_hosts(v) for k, v in rest.items()}
-                emb = _to_host(_encode_jit(graphdef, state, sharding.host_to_global(inputs, mesh), kind))
+                emb = to_host(_encode_jit(graphdef, state, sharding.host_to_global(inputs, mesh), kind))
             outs.append(emb)
             for k, v in rest.items():
                 extras.setdefault(k, []).append(v)

@@ -18,16 +18,17 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from jax_refine import checkpoint
 from jax_refine import embeddings as emb_lib
+from jax_refine import metrics, preprocess, report
 
 log = logging.getLogger(__name__)
 
-SINGLE_TEMPLATE = ("a photo of a {}.",)
 TEMPLATES_FILE = Path(__file__).resolve().parent / "assets" / "templates.json"
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -106,8 +107,6 @@ def zero_shot_scores(image_features: np.ndarray, labels: np.ndarray, class_embed
                      ) -> dict[str, float]:
     """Top-1 / top-5 accuracy in % of images `(N, D)`, labels `(N,)`, against class embeddings `(C, D)` or
     per-template text embeddings `(C, T, D)` (CLIP's ensemble, done by `metrics.zero_shot_logits`)."""
-    from jax_refine import metrics
-
     logits = metrics.zero_shot_logits(image_features, class_embeddings)
     acc = metrics.zero_shot_accuracy(logits, np.asarray(labels, np.int32), ks=(1, 5))
     return {k: 100.0 * float(v) for k, v in acc.items()}
@@ -117,8 +116,6 @@ def retrieval_scores(image_features: np.ndarray, text_features: np.ndarray, capt
                      ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, dict[str, float]]:
     """Recall@k in % both ways: `{"i2t": {"R@1", ...}, "t2i": {...}}` (a hit if any correct caption /
     the caption's image is in the top k)."""
-    from jax_refine import metrics
-
     rec = metrics.recall_at_k(image_features, text_features, np.asarray(caption_image_index, np.int32),
                               ks=tuple(int(k) for k in ks))
     return {d: {f"R@{k}": 100.0 * float(rec[f"{d}_R@{k}"]) for k in ks} for d in ("i2t", "t2i")}
@@ -128,8 +125,6 @@ def feature_scores(image_features: np.ndarray, text_features: np.ndarray, captio
                    ) -> dict[str, float]:
     """Modality gap (centroid distance and MSE form), alignment over positive pairs (each text with its
     image) and uniformity of each modality, on L2-normalized embeddings."""
-    from jax_refine import metrics
-
     img, txt = normalize(image_features), normalize(text_features)
     paired_img = img[np.asarray(caption_image_index)]
     return {
@@ -149,9 +144,7 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Prompt templates: "single" -> ("a photo of a {}.",), "openai" -> the 80-template ensemble, any other
     key of the packaged `assets/templates.json`, a text file (one template a line), or a sequence."""
     if isinstance(spec, str):
-        if spec == "single":
-            return SINGLE_TEMPLATE
-        packaged = json.loads(TEMPLATES_FILE.read_text())
+        packaged = json.loads(TEMPLATES_FILE.read_text(encoding="utf-8"))
         if spec in packaged:
             templates = tuple(packaged[spec])
         elif Path(spec).is_file():
@@ -190,8 +183,6 @@ def image_size(model: nnx.Module) -> int:
 
 
 def _process() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 
@@ -201,7 +192,7 @@ def zero_shot_task(spec: str, eval_config: Any) -> ZeroShotTask:
     Images are read by `jax_refine.data.classification` (this host's slice, `eval_config.batch_size`
     split over hosts), once per image size; the first load checks the set and its class names.
     """
-    from jax_refine.data import classification
+    from jax_refine.data import classification  # TensorFlow: imported only when a dataset is read
 
     index, count = _process()
     batch = max(1, int(eval_config.get("batch_size", 256)) // count)
@@ -224,7 +215,7 @@ def zero_shot_task(spec: str, eval_config: Any) -> ZeroShotTask:
 def retrieval_task(spec: str, eval_config: Any) -> RetrievalTask:
     """A retrieval task from a config entry ("coco_karpathy_test", "coco_json:<annotations>:<images>", ...),
     read by `jax_refine.data.retrieval` (every caption of every image)."""
-    from jax_refine.data import retrieval
+    from jax_refine.data import retrieval  # TensorFlow: imported only when a dataset is read
 
     index, count = _process()
     batch = max(1, int(eval_config.get("batch_size", 256)) // count)
@@ -293,8 +284,6 @@ def _image_embeddings(ctx: _Context, name: str, split: str, images: Callable[[in
 
 def _text_embeddings(ctx: _Context, name: str, texts: Sequence[str], **key: Any) -> np.ndarray:
     def compute() -> dict[str, np.ndarray]:
-        from jax_refine import preprocess
-
         # Each process embeds an equal, padded share of the texts; "row" restores the order after gathering.
         index, count = _process()
         per = -(-len(texts) // count)
@@ -324,7 +313,7 @@ def class_embeddings(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[s
 
 def _zero_shot(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[str], templates_label: str
                ) -> tuple[dict[str, Any], dict[str, float], Any]:
-    from jax_refine import plots
+    from jax_refine import plots  # matplotlib (heavy): imported on use, not with this module
 
     if not dataset.classnames:
         raise ValueError(f"zero-shot dataset {dataset.name!r}: no class names (add classnames.txt or a "
@@ -347,7 +336,7 @@ def _zero_shot(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[str], t
 
 
 def _retrieval(ctx: _Context, dataset: RetrievalTask) -> tuple[dict[str, Any], dict[str, float], Any]:
-    from jax_refine import plots
+    from jax_refine import plots  # matplotlib (heavy): imported on use, not with this module
 
     img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_images)
     if "image_index" not in img:
@@ -379,8 +368,6 @@ def run_suite(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh:
     `eval_config`: the `config.eval` section (batch_size, templates, zero_shot, retrieval, max_examples,
     cache_dir, progress). `zero_shot` / `retrieval`: already-built sets instead of the config's names.
     """
-    from jax_refine import preprocess
-
     if zero_shot is None:
         zero_shot = [zero_shot_task(s, eval_config) for s in eval_config.get("zero_shot", ())]
     if retrieval is None:
@@ -428,7 +415,7 @@ def evaluate(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh: 
 def _pictures(out_dir: Path, results: Sequence[Mapping[str, Any]], pairs_by_model: Mapping[str, Mapping[str, Any]]
               ) -> list[Path]:
     """PNGs for each retrieval set all models share, or for the first shared zero-shot set if none."""
-    from jax_refine import plots, report
+    from jax_refine import plots  # matplotlib (heavy): imported on use, not with this module
 
     shared = [d for d in next(iter(pairs_by_model.values())) if all(d in p for p in pairs_by_model.values())]
     chosen = [d for d in shared if d in results[0]["retrieval"]] or shared[:1]
@@ -441,8 +428,6 @@ def _pictures(out_dir: Path, results: Sequence[Mapping[str, Any]], pairs_by_mode
 
 def _write(out_dir: str | Path, results: Sequence[dict[str, Any]], pairs_by_model: Mapping[str, Any],
            with_plots: bool) -> dict[str, Any]:
-    from jax_refine import report
-
     out = Path(out_dir)
     pictures = _pictures(out, results, pairs_by_model) if with_plots else []
     paths = report.write_report(results, out, pictures=pictures,

@@ -22,13 +22,20 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from jax.experimental import multihost_utils
+import safetensors
+import safetensors.numpy
+from transformers import CLIPConfig
+from transformers.utils import logging as hf_logging
 
-from jax_refine import hf_names
+from jax_refine import hf_names, outputs
 from jax_refine.model import CLIP
 
 ShardingFn = Callable[[str, tuple], "jax.sharding.Sharding | None"]
@@ -48,8 +55,6 @@ def clip_config_from(obj: Any):
     Raises ValueError for a non-CLIP config (e.g. model_type 'siglip' or 'bert') and FileNotFoundError
     for a missing file.
     """
-    from transformers import CLIPConfig
-
     if isinstance(obj, CLIPConfig):
         return obj
     source = "config dict"
@@ -78,11 +83,8 @@ def _is_local_path(name: str) -> bool:
 
 
 def _hub_download(repo_id: str, filename: str, required: bool) -> str | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-
     try:
-        return hf_hub_download(repo_id, filename)
+        return huggingface_hub.hf_hub_download(repo_id, filename)
     except EntryNotFoundError as e:
         if required:
             raise FileNotFoundError(f"{repo_id}: not a local directory, and {filename} could not be found in "
@@ -120,20 +122,16 @@ class _Safetensors:
     """Lazy reader over one or more safetensors files: `shapes` from headers, `get(key)` as numpy."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
-            with safe_open(file, framework="numpy") as f:
+            with safetensors.safe_open(file, framework="numpy") as f:
                 for key in f.keys():
                     self.where[key] = file
                     self.shapes[key] = tuple(f.get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(self.where[key], framework="numpy") as f:
+        with safetensors.safe_open(self.where[key], framework="numpy") as f:
             if f.get_slice(key).get_dtype() != "BF16":
                 return f.get_tensor(key)
         return _read_bf16(self.where[key], key)
@@ -200,7 +198,7 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in state.items()}
     except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, ValueError, TypeError) as e:
         try:
-            import torch
+            import torch  # optional and heavy: only for the old non-zip PyTorch format
         except ImportError:
             raise ValueError(f"{file}: cannot read this PyTorch checkpoint without torch ({e})") from None
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -294,10 +292,9 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *
 
 
 # ---------------------------------------------------------------------------------------- saving
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
+    """`x` as one numpy array on this host (gathered from every process when it spans several)."""
     if not getattr(x, "is_fully_addressable", True):
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -307,7 +304,7 @@ def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
     out = {}
     channels = model.config.vision_config.num_channels
     for path, var in _flat_params(nnx.state(model, nnx.Param)):
-        a = _to_host(var[...])
+        a = to_host(var[...])
         kind, _ = hf_names.hf_names(path)
         for i, (key, shape) in enumerate(hf_names.hf_shapes(path, a.shape, channels)):
             out[key] = hf_names.to_hf(kind, a, shape, i)
@@ -323,11 +320,6 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
     replaced. Tokenizer files come from `tokenizer_dir` when given, else the packaged ones. Under multi-host,
     every process must call this (parameters are gathered) and process 0 writes.
     """
-    from safetensors.numpy import save_file
-    from transformers.utils import logging as hf_logging
-
-    from jax_refine import outputs
-
     out = Path(out_dir).expanduser().absolute()
     outputs.check_target(out, kind="export", overwrite=overwrite)
     tensors = hf_state_dict(model)
@@ -337,11 +329,11 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: s
         config = model.config
         config.dtype = str(next(iter(tensors.values())).dtype)
         config.save_pretrained(tmp)
-        save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
+        safetensors.numpy.save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
         size = int(config.vision_config.image_size)  # CLIP's resize-shortest-edge + center crop at this size
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
-        try:
+        try:  # imported here, under the raised verbosity: looking the class up is what warns
             from transformers import CLIPImageProcessor
 
             processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

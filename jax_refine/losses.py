@@ -45,16 +45,20 @@ _SLERP_CLIP = 1e-6  # cos(theta) is clipped to [-1 + c, 1 - c] so arccos and 1/s
 # --------------------------------------------------------------------------------------------
 # validation and shared helpers
 # --------------------------------------------------------------------------------------------
-def _shape(fn: str, name: str, x: Any) -> tuple[int, ...]:
+def array_shape(fn: str, name: str, x: Any, ndim: int | None = None) -> tuple[int, ...]:
+    """The shape of array `x` (of `ndim` dimensions if given); ValueError naming `fn` and `name` otherwise.
+    Shared with `metrics`."""
     shape = getattr(x, "shape", None)
     if shape is None:
         raise ValueError(f"{fn}: {name} must be an array, got {type(x).__name__}")
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{fn}: {name} must be a {ndim}-D array, got shape {tuple(shape)}")
     return tuple(shape)
 
 
 def _check_features(fn: str, min_batch: int, **arrays: Any) -> tuple[int, int]:
     """All arrays must share one (B, D) shape; returns (B_local, D)."""
-    shapes = {k: _shape(fn, k, v) for k, v in arrays.items()}
+    shapes = {k: array_shape(fn, k, v) for k, v in arrays.items()}
     first, shape = next(iter(shapes.items()))
     if len(shape) != 2:
         raise ValueError(f"{fn}: {first} must have shape (B, D), got {shape}")
@@ -112,7 +116,8 @@ def l2_normalize(x: Array, axis: int = -1) -> Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS**2))
 
 
-def _prep(x: Array, normalize: bool) -> Array:
+def as_float32(x: Array, normalize: bool = False) -> Array:
+    """`x` in float32, L2-normalized along the last axis if `normalize`. Shared with `metrics`."""
     return l2_normalize(x) if normalize else jnp.asarray(x).astype(jnp.float32)
 
 
@@ -122,12 +127,12 @@ def _student_teacher(fn: str, fi: Array, ft: Array, gi: Array, gt: Array, normal
     with no gradient flowing into the teacher's two."""
     b, d = _check_features(fn, 1, image_features=fi, text_features=ft, teacher_image_features=gi,
                            teacher_text_features=gt)
-    return (b, d, _prep(fi, normalize), _prep(ft, normalize), jax.lax.stop_gradient(_prep(gi, normalize)),
-            jax.lax.stop_gradient(_prep(gt, normalize)))
+    teacher = jax.lax.stop_gradient((as_float32(gi, normalize), as_float32(gt, normalize)))
+    return (b, d, as_float32(fi, normalize), as_float32(ft, normalize), *teacher)
 
 
-def _dot(a: Array, b: Array) -> Array:
-    """(n, D) x (m, D) -> (n, m) fp32 dot products at full precision."""
+def dot(a: Array, b: Array) -> Array:
+    """(n, D) x (m, D) -> (n, m) fp32 dot products at full precision. Shared with `metrics`."""
     return jnp.einsum("nd,md->nm", a, b, precision=jax.lax.Precision.HIGHEST,
                       preferred_element_type=jnp.float32)
 
@@ -164,7 +169,7 @@ def sample_reference(key: Array, shape: Sequence[int], prior: str = "normal", *,
         for k in ("mean", "std"):
             if p[k] is None:
                 raise ValueError(f"{fn}: prior 'precomputed' needs a {k}= array of shape (D,)")
-            s = _shape(fn, k, jnp.asarray(p[k]))
+            s = array_shape(fn, k, jnp.asarray(p[k]))
             if not shape or s != (shape[-1],):
                 raise ValueError(f"{fn}: precomputed {k} has shape {s}, expected ({shape[-1] if shape else 'D'},)"
                                  f" to match shape {shape}")
@@ -198,11 +203,11 @@ def rafa_loss(image_features: Array, text_features: Array, reference: Array, *, 
     """
     fn = "rafa_loss"
     b, d = _check_features(fn, 1, image_features=image_features, text_features=text_features)
-    zs = _shape(fn, "reference", reference)
+    zs = array_shape(fn, "reference", reference)
     if zs not in ((b, d), (d,), ()):
         raise ValueError(f"{fn}: reference has shape {zs}, expected {(b, d)} (or ({d},) / ())")
     ctx = _batch(fn, b, axis_name, 1)
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
     z = jnp.asarray(reference).astype(jnp.float32)
     sq = jnp.sum(jnp.square(fi - z)) + jnp.sum(jnp.square(ft - z))
     return ctx.total(sq) / (ctx.size * d)
@@ -229,8 +234,8 @@ def hycd_loss(image_features: Array, text_features: Array, teacher_image_feature
     eye = _diag_mask(ctx, b).astype(jnp.float32)
 
     def one_direction(s_q: Array, s_k: Array, t_q: Array, t_k: Array) -> Array:
-        log_p = jax.nn.log_softmax(_dot(s_q, ctx.gather(s_k)) / temperature, axis=-1)
-        q = alpha * eye + (1.0 - alpha) * jax.nn.softmax(_dot(t_q, ctx.gather(t_k)) / temperature, axis=-1)
+        log_p = jax.nn.log_softmax(dot(s_q, ctx.gather(s_k)) / temperature, axis=-1)
+        q = alpha * eye + (1.0 - alpha) * jax.nn.softmax(dot(t_q, ctx.gather(t_k)) / temperature, axis=-1)
         kl = jnp.sum(xlogy(q, q) - q * log_p)
         return ctx.total(kl) / ctx.size * temperature**2
 
@@ -269,7 +274,7 @@ def logit_distill_loss(image_features: Array, text_features: Array, teacher_imag
     b, _, fi, ft, gi, gt = _student_teacher(fn, image_features, text_features, teacher_image_features,
                                             teacher_text_features, normalize)
     ctx = _batch(fn, b, axis_name, 2)
-    diff = _dot(fi, ctx.gather(ft)) - _dot(gi, ctx.gather(gt))
+    diff = dot(fi, ctx.gather(ft)) - dot(gi, ctx.gather(gt))
     return ctx.total(jnp.sum(jnp.square(diff))) / (ctx.size * ctx.size)
 
 
@@ -294,10 +299,10 @@ def contrastive_loss(image_features: Array, text_features: Array, logit_scale: A
     b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
     ctx = _batch(fn, b, axis_name, 2)
     s = _logit_scale(fn, logit_scale)
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
     pos = s * jnp.sum(fi * ft, axis=-1)
-    ce = (jax.nn.logsumexp(s * _dot(fi, ctx.gather(ft)), axis=-1) - pos
-          + jax.nn.logsumexp(s * _dot(ft, ctx.gather(fi)), axis=-1) - pos)
+    ce = (jax.nn.logsumexp(s * dot(fi, ctx.gather(ft)), axis=-1) - pos
+          + jax.nn.logsumexp(s * dot(ft, ctx.gather(fi)), axis=-1) - pos)
     return ctx.total(jnp.sum(ce)) / (2 * ctx.size)
 
 
@@ -328,14 +333,14 @@ def m2_mix_loss(image_features: Array, text_features: Array, logit_scale: Array 
     b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
     ctx = _batch(fn, b, axis_name, 2)
     s = _logit_scale(fn, logit_scale)
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
     lam = jax.random.beta(key, beta, beta, dtype=jnp.float32)
     mixed = ctx.gather(slerp(fi, ft, lam))
     pos = s * jnp.sum(fi * ft, axis=-1)
     diag = _diag_mask(ctx, b)
 
     def ce_rows(anchor: Array) -> Array:
-        logits = jnp.where(diag, pos[:, None], s * _dot(anchor, mixed))
+        logits = jnp.where(diag, pos[:, None], s * dot(anchor, mixed))
         return jax.nn.logsumexp(logits, axis=-1) - pos
 
     return ctx.total(jnp.sum(ce_rows(fi) + ce_rows(ft))) / ctx.size

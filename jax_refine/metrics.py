@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jax_refine.losses import l2_normalize
+from jax_refine.losses import array_shape, as_float32, dot, l2_normalize
 
 Array = jax.Array
 
@@ -21,15 +21,8 @@ Array = jax.Array
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _shape(fn: str, name: str, x: Any, ndim: int) -> tuple[int, ...]:
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) != ndim:
-        raise ValueError(f"{fn}: {name} must be a {ndim}-D array, got shape {shape}")
-    return tuple(shape)
-
-
 def _emb_pair(fn: str, a: Any, b: Any, same_n: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    sa, sb = _shape(fn, "first embedding", a, 2), _shape(fn, "second embedding", b, 2)
+    sa, sb = array_shape(fn, "first embedding", a, 2), array_shape(fn, "second embedding", b, 2)
     if sa[1] != sb[1] or (same_n and sa[0] != sb[0]):
         want = "the same shape" if same_n else "the same feature dim D"
         raise ValueError(f"{fn}: embeddings have shapes {sa} and {sb}; they need {want}")
@@ -43,14 +36,6 @@ def _ks(fn: str, ks: Sequence[int]) -> tuple[int, ...]:
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"{fn}: ks must be positive ints, got {ks!r}")
     return ks
-
-
-def _prep(x: Array, normalize: bool) -> Array:
-    return l2_normalize(x) if normalize else jnp.asarray(x).astype(jnp.float32)
-
-
-def _dot(a: Array, b: Array) -> Array:
-    return jnp.einsum("nd,md->nm", a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _map_chunks(fn_name: str, x: Array, chunk_size: int, body: Callable[[Array, Array], Array]) -> Array:
@@ -88,14 +73,14 @@ def modality_gap_mse(image_emb: Array, text_emb: Array, *, normalize: bool = Tru
     the raw training features, which `normalize=False` reproduces.
     """
     _emb_pair("modality_gap_mse", image_emb, text_emb)
-    delta = jnp.mean(_prep(image_emb, normalize), axis=0) - jnp.mean(_prep(text_emb, normalize), axis=0)
+    delta = jnp.mean(as_float32(image_emb, normalize), axis=0) - jnp.mean(as_float32(text_emb, normalize), axis=0)
     return jnp.mean(delta * delta)
 
 
 def alignment(image_emb: Array, text_emb: Array, *, normalize: bool = True) -> Array:
     """Wang & Isola alignment over positive pairs: mean_i ||x_i - y_i||^2; x, y (N, D), row i paired."""
     _emb_pair("alignment", image_emb, text_emb, same_n=True)
-    d = _prep(image_emb, normalize) - _prep(text_emb, normalize)
+    d = as_float32(image_emb, normalize) - as_float32(text_emb, normalize)
     return jnp.mean(jnp.sum(d * d, axis=-1))
 
 
@@ -106,16 +91,16 @@ def uniformity(emb: Array, *, t: float = 2.0, normalize: bool = True, chunk_size
     chunks. For the joint value of two modalities pass their concatenation (see `uniformity_all`).
     """
     fn = "uniformity"
-    n, _ = _shape(fn, "emb", emb, 2)
+    n, _ = array_shape(fn, "emb", emb, 2)
     if n < 2:
         raise ValueError(f"{fn}: needs at least 2 embeddings, got shape {tuple(emb.shape)}")
     if float(t) <= 0:
         raise ValueError(f"{fn}: t={t!r} must be > 0")
-    x = _prep(emb, normalize)
+    x = as_float32(emb, normalize)
     sq = jnp.sum(x * x, axis=-1)
 
     def body(rows: Array, ids: Array) -> Array:
-        d2 = jnp.maximum(jnp.sum(rows * rows, -1)[:, None] + sq[None, :] - 2.0 * _dot(rows, x), 0.0)
+        d2 = jnp.maximum(jnp.sum(rows * rows, -1)[:, None] + sq[None, :] - 2.0 * dot(rows, x), 0.0)
         keep = (jnp.arange(n)[None, :] > ids[:, None]) & (ids[:, None] < n)
         return jax.nn.logsumexp(jnp.where(keep, -t * d2, -jnp.inf))
 
@@ -128,7 +113,7 @@ def uniformity_all(image_emb: Array, text_emb: Array, *, t: float = 2.0, normali
     """{"image", "text", "joint"} uniformity; joint is over the concatenated (N + M, D) set."""
     _emb_pair("uniformity_all", image_emb, text_emb)
     kw = dict(t=t, normalize=normalize, chunk_size=chunk_size)
-    joint = jnp.concatenate([_prep(image_emb, normalize), _prep(text_emb, normalize)])
+    joint = jnp.concatenate([as_float32(image_emb, normalize), as_float32(text_emb, normalize)])
     return {"image": uniformity(image_emb, **kw), "text": uniformity(text_emb, **kw),
             "joint": uniformity(joint, **kw)}
 
@@ -149,18 +134,18 @@ def recall_at_k(image_emb: Array, text_emb: Array, caption_image_index: Array, k
     """
     fn = "recall_at_k"
     (n, _), (m, _) = _emb_pair(fn, image_emb, text_emb)
-    idx_shape = _shape(fn, "caption_image_index", caption_image_index, 1)
+    idx_shape = array_shape(fn, "caption_image_index", caption_image_index, 1)
     if idx_shape != (m,):
         raise ValueError(f"{fn}: caption_image_index has shape {idx_shape}, expected ({m},) (one per caption)")
     if not jnp.issubdtype(jnp.asarray(caption_image_index).dtype, jnp.integer):
         raise ValueError(f"{fn}: caption_image_index must be integer, got {jnp.asarray(caption_image_index).dtype}")
     ks = _ks(fn, ks)
     kv = jnp.asarray(ks)
-    img, txt = _prep(image_emb, normalize), _prep(text_emb, normalize)
+    img, txt = as_float32(image_emb, normalize), as_float32(text_emb, normalize)
     cap_idx = jnp.asarray(caption_image_index).astype(jnp.int32)
 
     def t2i(rows: Array, ids: Array) -> Array:  # rows: captions (c, D)
-        sims = _dot(rows, img)  # (c, N)
+        sims = dot(rows, img)  # (c, N)
         target = jnp.take(cap_idx, jnp.minimum(ids, m - 1))
         correct = jnp.take_along_axis(sims, target[:, None], axis=1)
         rank = jnp.sum(sims > correct, axis=1)
@@ -168,7 +153,7 @@ def recall_at_k(image_emb: Array, text_emb: Array, caption_image_index: Array, k
         return jnp.sum(hit, axis=0).astype(jnp.float32)
 
     def i2t(rows: Array, ids: Array) -> Array:  # rows: images (c, D)
-        sims = _dot(rows, txt)  # (c, M)
+        sims = dot(rows, txt)  # (c, M)
         mine = cap_idx[None, :] == ids[:, None]
         best = jnp.max(jnp.where(mine, sims, -jnp.inf), axis=1)
         rank = jnp.sum(sims > best[:, None], axis=1)
@@ -191,14 +176,14 @@ def zero_shot_logits(image_emb: Array, class_emb: Array) -> Array:
     normalized, averaged over P and renormalized (CLIP's recipe). No logit scale (accuracy-neutral).
     """
     fn = "zero_shot_logits"
-    si = _shape(fn, "image_emb", image_emb, 2)
+    si = array_shape(fn, "image_emb", image_emb, 2)
     sc = tuple(getattr(class_emb, "shape", ()))
     if len(sc) not in (2, 3) or sc[-1] != si[1]:
         raise ValueError(f"{fn}: class_emb has shape {sc}, expected (C, {si[1]}) or (C, P, {si[1]})")
     cls = l2_normalize(class_emb)
     if cls.ndim == 3:
         cls = l2_normalize(jnp.mean(cls, axis=1))
-    return _dot(l2_normalize(image_emb), cls)
+    return dot(l2_normalize(image_emb), cls)
 
 
 def zero_shot_accuracy(logits: Array, labels: Array, ks: Sequence[int] = (1, 5)) -> dict[str, Array]:
@@ -207,8 +192,8 @@ def zero_shot_accuracy(logits: Array, labels: Array, ks: Sequence[int] = (1, 5))
     A hit when fewer than k classes score strictly higher than the true class (k >= C is always a hit).
     """
     fn = "zero_shot_accuracy"
-    n, _ = _shape(fn, "logits", logits, 2)
-    if _shape(fn, "labels", labels, 1) != (n,):
+    n, _ = array_shape(fn, "logits", logits, 2)
+    if array_shape(fn, "labels", labels, 1) != (n,):
         raise ValueError(f"{fn}: labels has shape {tuple(labels.shape)}, expected ({n},) to match logits")
     if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
         raise ValueError(f"{fn}: labels must be integer, got {jnp.asarray(labels).dtype}")

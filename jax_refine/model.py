@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import CLIPConfig
 
 from jax_refine.sharding import constrain
 
@@ -123,8 +124,6 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: LogicalNames, s
 
 @functools.lru_cache(maxsize=16)
 def _config_from_json(text: str):
-    from transformers import CLIPConfig
-
     return CLIPConfig.from_dict(json.loads(text))
 
 
@@ -280,7 +279,7 @@ class TextTower(nnx.Module):
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=True)
         x = self.final_ln(x)
-        if self.eos_token_id == 2:  # legacy configs (before transformers PR #24773): the highest id is EOS
+        if self.eos_token_id == 2:  # older CLIP configs say eos_token_id 2, not the real EOS: take the highest id
             pos = jnp.argmax(input_ids, axis=-1)
         else:  # first position of eos_token_id (pad may equal eos)
             pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
@@ -297,8 +296,6 @@ class CLIP(nnx.Module):
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs, attention: str = "xla", remat: str = "none", scan_layers: bool = False):
-        from transformers import CLIPConfig
-
         if not isinstance(config, CLIPConfig):
             raise TypeError(f"CLIP needs a transformers.CLIPConfig, got {type(config).__name__}")
         check_options(attention, remat, dtype)

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jax_refine import metrics
+
 IMAGE_COLOR, TEXT_COLOR = "#1f77b4", "#d62728"
 
 
@@ -44,7 +46,7 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _umap_2d(x: np.ndarray, seed: int = 0) -> np.ndarray | None:
     """UMAP of `x (N, D)` to 2-D if `umap-learn` is importable, else None."""
     try:
-        import umap  # type: ignore[import-not-found]
+        import umap  # type: ignore[import-not-found]  # optional (umap-learn is not a requirement)
     except ImportError:
         return None
     return umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
@@ -74,7 +76,6 @@ def plot_projection(embeddings: Mapping[str, Embeddings], path: str | Path, *, m
         raise ValueError(f"plot_projection: method must be 'pca' or 'umap', got {method!r}")
     if not embeddings:
         raise ValueError("plot_projection: no embeddings to plot")
-    from jax_refine import metrics
     rng = np.random.default_rng(seed)
     panels = []
     for name, emb in embeddings.items():

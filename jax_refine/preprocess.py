@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from transformers import CLIPTokenizer
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -37,8 +38,6 @@ def _tokenizer_dir(path: str | Path | None) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(directory: str):
-    from transformers import CLIPTokenizer
-
     d = Path(directory)
     return CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"))
 

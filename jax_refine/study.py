@@ -1,4 +1,4 @@
-"""The real-data study (configs/study.py): pre-train on Flickr8k, refine with every method and seed, evaluate,
+"""The real-data study (config `study`): pre-train on Flickr8k, refine with every method and seed, evaluate,
 write one table of mean +- std over seeds (markdown + JSON) and the pictures.
 
 Every stage's output lives under `out/` keyed by a hash of the settings it depends on, so a rerun skips what
@@ -14,8 +14,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
+from PIL import Image
+
+from jax_refine import checkpoint, evaluate, plots, preprocess
+from jax_refine import train as train_lib
+from jax_refine.data import classification, coco_format, sources
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +56,14 @@ class StudyData:
 
 def _write_coco(records: Sequence[Mapping], path: Path) -> str:
     """`records` ({"path", "captions": [(id, text)]}) as a COCO captions JSON whose file names are absolute."""
-    images, anns = [], []
-    for i, r in enumerate(records):
-        images.append({"id": i, "file_name": str(Path(r["path"]).absolute())})
-        anns += [{"image_id": i, "id": len(anns), "caption": t} for _, t in r["captions"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": anns}))
-    return str(path)
+    return str(coco_format.write_coco_json(path, ({"file_name": str(Path(r["path"]).absolute()),
+                                                   "captions": [t for _, t in r["captions"]]} for r in records)))
 
 
 def _cifar_records(cifar_train: Path, per_class: int) -> list[dict]:
     """`per_class` CIFAR-10 train photos per class (the first files), each with 5 template captions."""
-    from jax_refine.data.classification import list_class_folder
-    from jax_refine.evaluate import resolve_templates
-
-    templates = resolve_templates("openai")
-    names, paths, labels = list_class_folder(cifar_train)
+    templates = evaluate.resolve_templates("openai")
+    names, paths, labels = classification.list_class_folder(cifar_train)
     rng = np.random.default_rng(0)
     taken: dict[int, int] = {}
     records = []
@@ -82,10 +80,6 @@ def _resized(records: Sequence[Mapping], size: int, cache: Path, counts: dict) -
     """`records` with each photo decoded, resized and center-cropped once to `size` (the pipeline's own
     `resize_crop`, so the pixels are those it would compute) and stored losslessly as PNG under `cache`;
     a photo that does not decode is dropped and counted in `counts["skipped_bad_image"]`."""
-    from PIL import Image
-
-    from jax_refine import preprocess
-
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     for r in records:
@@ -104,8 +98,6 @@ def _resized(records: Sequence[Mapping], size: int, cache: Path, counts: dict) -
 
 def prepare_data(config: ml_collections.ConfigDict, data_dir: Path, out: Path) -> StudyData:
     """Read Flickr8k / coco_mini / CIFAR-10 under `data_dir`; write the training sets under `out/data`."""
-    from jax_refine.data import sources
-
     s = config.study
     fl = data_dir / "flickr8k"
     token, images = fl / "Flickr8k.token.txt", fl / "images"
@@ -175,23 +167,19 @@ def _train_config(config: ml_collections.ConfigDict, workdir: Path, annotations:
 
 def _run(config: ml_collections.ConfigDict, label: str) -> str:
     """Train `config` unless its HF export exists; returns the export dir."""
-    from jax_refine import train
-
     hf = Path(config.workdir) / "hf"
     if (hf / "config.json").is_file():
         _say(f"{label}: cached ({hf})")
         return str(hf)
     t0 = time.perf_counter()
     _say(f"{label}: training ({config.method.name}, lr {config.optimizer.lr:g}, seed {config.seed})")
-    out = train.train(config)
+    out = train_lib.train(config)
     _say(f"{label}: done in {time.perf_counter() - t0:.0f}s, {out['steps']} steps")
     return out["hf_dir"]
 
 
 # ---------------------------------------------------------------------------------------- evaluation
 def _tasks(config: ml_collections.ConfigDict, data: StudyData) -> dict[str, Any]:
-    from jax_refine import evaluate
-
     s, e = config.study, config.eval
 
     def task(builder, spec, name, limit):
@@ -207,8 +195,6 @@ def _evaluate(model_dir: str, config: ml_collections.ConfigDict, tasks: Mapping[
               with_pairs: bool = False) -> tuple[dict, dict]:
     """Scores of one model: CIFAR zero-shot (single prompt and the 80-template ensemble), retrieval and
     feature metrics on Flickr8k test and COCO val. Cached in `cache` (JSON) unless `with_pairs`."""
-    from jax_refine import checkpoint, evaluate
-
     if cache.is_file() and not with_pairs:
         return json.loads(cache.read_text()), {}
     model = checkpoint.load_model(model_dir, dtype=evaluate.config_dtype(config))
@@ -269,10 +255,6 @@ def markdown(table: Mapping[str, Any], base: Mapping[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------- study
 def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the whole study; returns {"markdown": path, "json": path, "pictures": [...], "timings": {...}}."""
-    import jax
-
-    from jax_refine import plots
-
     t_start = time.perf_counter()
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -316,8 +298,6 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     if sel_path.is_file():
         selection = json.loads(sel_path.read_text())
     else:
-        from jax_refine import checkpoint, evaluate
-
         val_task = dataclasses.replace(evaluate.retrieval_task(f"coco_json:{data.val}:/", config.eval),
                                        name="flickr8k_dev_val")
         selection = {"criterion": "mean over methods of (I->T R@1 + T->I R@1) / 2 on the validation slice",

@@ -1,12 +1,14 @@
 """The command line: help, typos, config overrides and their errors (no training here)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
+from jax_refine import cli, commands
 from jax_refine.config import ConfigError, apply_overrides, load_config
 
 
@@ -34,7 +36,7 @@ def test_command_typo_is_a_clear_error():
 
 
 def test_unknown_config_key_is_one_line_with_suggestion():
-    out = run_cli("train", "--config", "configs/clip_refine_vitb32_coco.py", "--config.train.batchsize=3")
+    out = run_cli("train", "--config", "clip_refine:model=vitb32", "--config.train.batchsize=3")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[0] == ("error: unknown config key 'train.batchsize' in override '--config.train.batchsize=3'; "
@@ -50,7 +52,7 @@ def test_missing_config_file_and_stray_argument():
 
 
 def test_overrides_are_typed():
-    c = load_config("configs/clip_refine_vitb32_coco.py:gpu8", [
+    c = load_config("clip_refine:mesh=gpu8", [
         "--config.train.batch_size=256", "--config.optimizer.lr=3e-6", "--config.train.freeze=^vision/",
         "--config.train.num_steps=7", "--config.method.normalize=True", "--config.workdir=run1"])
     assert (c.train.batch_size, c.optimizer.lr, c.train.num_steps) == (256, 3e-6, 7)
@@ -70,12 +72,46 @@ def test_bad_overrides(override, message):
 
 def test_unknown_mesh_preset():
     with pytest.raises(ConfigError, match="unknown mesh preset 'tpu'"):
-        load_config("configs/default.py:tpu")
+        load_config("default:tpu")
 
 
-def test_every_shipped_config_loads():
-    for path in sorted((REPO_ROOT / "configs").glob("*.py")):
-        if path.stem in ("__init__", "presets"):
-            continue
-        c = load_config(path)
-        assert c.method.name and c.train.batch_size > 0, path
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown config 'nope' (shipped configs: clip_refine, default, demo, study, tiny_test; "),
+    ("clip_refine:model=vitb33", "config clip_refine: model='vitb33' is not one of vitb32, vitb16, vitl14"),
+    ("clip_refine:method=clip-refine", "config clip_refine: method='clip-refine' is not one of clip_refine, "),
+    ("clip_refine:modle=vitb32", "config clip_refine: unknown argument 'modle=vitb32'; expected KEY=VALUE with KEY "
+                                 "one of model, method, data, mesh"),
+    ("clip_refine_vitb32_coco:tpu", "config clip_refine: mesh='tpu' is not one of cpu, gpu1, gpu8, tpu_pod"),
+])
+def test_bad_config_names_and_arguments_are_one_line(spec, message):
+    out = run_cli("config", spec)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"error: {message}") and len(out.stderr.strip().splitlines()) == 2
+
+
+def test_a_users_config_file_starts_from_a_packaged_one(tmp_path):
+    mine = tmp_path / "mine.py"
+    mine.write_text("from jax_refine.configs import default\n\n\ndef get_config(arg=None):\n"
+                    "    c = default.get_config(arg)\n    c.train.batch_size = 7\n    return c\n")
+    c = load_config(f"{mine}:gpu8")
+    assert c.train.batch_size == 7 and dict(c.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    old = tmp_path / "old.py"  # written before the configs moved into the package
+    old.write_text("from configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
+    with pytest.raises(ConfigError, match="from jax_refine.configs import default"):
+        load_config(str(old))
+
+
+def test_a_bug_keeps_its_traceback_and_an_input_error_stays_one_line(monkeypatch, capsys):
+    def bug(args, overrides):
+        return json.loads("{")  # a ValueError raised inside a library: not an input error
+
+    monkeypatch.setattr(commands, "config", bug)
+    with pytest.raises(json.JSONDecodeError):
+        cli.main(["config", "default"])
+    monkeypatch.setattr(commands, "config", lambda args, overrides: {}["missing"])
+    with pytest.raises(KeyError):
+        cli.main(["config", "default"])
+    monkeypatch.undo()
+    assert cli.main(["config", "default", "--config.train.batch_size=0"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "error: config.train.batch_size=0 is invalid: must be an integer >= 1")

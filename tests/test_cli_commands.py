@@ -50,7 +50,7 @@ def test_prepare_train_export_evaluate(tmp_path, caption_set):
     assert "--config.data.split=train" in out.stdout  # the printed hint is complete
 
     workdir = tmp_path / "run"
-    run_cli("train", "--config", "configs/tiny_test.py", "--workdir", str(workdir),
+    run_cli("train", "--config", "tiny_test", "--workdir", str(workdir),
             "--config.data.source=tfds_dir", f"--config.data.data_dir={dataset_dir}", "--config.data.split=train",
             "--config.train.num_steps=2", "--config.train.export_hf=True", "--config.method.name=clip_refine")
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +84,7 @@ def test_prepare_train_export_evaluate(tmp_path, caption_set):
     np.testing.assert_allclose(np.asarray(got_t), want_t, rtol=0, atol=1e-4)
 
     report_dir = tmp_path / "eval"
-    out = run_cli("evaluate", "--config", "configs/tiny_test.py", "--model", str(tmp_path / "exported"),
+    out = run_cli("evaluate", "--config", "tiny_test", "--model", str(tmp_path / "exported"),
                   "--out", str(report_dir), f"--config.eval.zero_shot=('folder:{caption_set / 'images'}',)",
                   f"--config.eval.retrieval=('coco_json:{caption_set / 'captions.json'}:{caption_set / 'images'}',)",
                   "--config.eval.batch_size=16")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_refine.data import class_names, load_classification, load_retrieval, prompt_templates
+from jax_refine import evaluate
+from jax_refine.data import class_names, load_classification, load_retrieval
 from jax_refine.data.tf_runtime import tfds
 
 SIZE = 48
@@ -103,11 +104,11 @@ def test_class_name_files_match_tfds_label_counts():
         assert all(n.strip() == n and n for n in names), name
     assert len(class_names("fgvc_aircraft")) == 100 and class_names("cifar10") == CLASSES
     assert class_names("caltech101")[class_names("caltech101").index("centered face")] == "centered face"
-    assert prompt_templates("single") == ["a photo of a {}."]
-    openai = prompt_templates("openai")
+    assert evaluate.resolve_templates("single") == ("a photo of a {}.",)
+    openai = evaluate.resolve_templates("openai")
     assert len(openai) == 80 == len(set(openai)) and all(t.count("{}") == 1 for t in openai)
-    with pytest.raises(ValueError, match="unknown templates"):
-        prompt_templates("nope")
+    with pytest.raises(ValueError, match="config.eval.templates='nope': expected one of"):
+        evaluate.resolve_templates("nope")
 
 
 def _coco(root, cifar10_dir, n=10):
@@ -207,7 +208,7 @@ def test_ucf101_is_evaluated_on_each_video_middle_frame(tmp_path):
 
 def test_reference_suite_class_names_and_templates():
     """The reference's 12 zero-shot sets all have class names; its prompt is "a photo of {c}"."""
-    from configs import default
+    from jax_refine.configs import default
     from jax_refine.data.sources import CATALOG_ALIASES
     from jax_refine.evaluate import resolve_templates
 

@@ -257,7 +257,7 @@ def cifar_subset(cifar10_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def _eval_config(subset: dict[str, Path], cache_dir: Path) -> ml_collections.ConfigDict:
-    from configs import default
+    from jax_refine.configs import default
 
     config = default.get_config()
     config.eval.zero_shot = (f"folder:{subset['folders']}",)

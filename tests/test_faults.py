@@ -26,8 +26,8 @@ import pytest
 from conftest import REPO_ROOT, SHARED_DATA
 from train_helpers import SyntheticIterator, tiny_config
 
-from jax_refine import checkpoint as ckpt, cli, sharding as shd, train, workdir as workdir_lib
-from jax_refine.config import ConfigError, load_config
+from jax_refine import checkpoint as ckpt, cli, objectives, sharding as shd, train, workdir as workdir_lib
+from jax_refine.config import ConfigError, load_config, shipped_configs
 
 COCO = SHARED_DATA / "coco_mini"
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -183,7 +183,7 @@ def test_prepared_dataset_is_keyed_by_content(coco_json, tmp_path, capsys, untou
 # ------------------------------------------------------- 3. data that cannot make a batch: error at start
 def test_data_without_one_usable_pair_is_an_error_at_start(coco_json, tmp_path, capsys, untouched):
     ann, img = copy_set(coco_json, tmp_path / "nocap", lambda doc, _: doc.update(annotations=[]))
-    err = cli_error(["train", "--config", "configs/tiny_test.py", "--workdir", str(tmp_path / "run"),
+    err = cli_error(["train", "--config", "tiny_test", "--workdir", str(tmp_path / "run"),
                      "--config.data.source=coco_json", f"--config.data.annotations={ann}",
                      f"--config.data.images={img}", f"--config.data.data_dir={tmp_path / 'tfds'}",
                      "--config.data.split=train"], capsys)
@@ -240,7 +240,7 @@ def test_empty_and_null_captions_are_skipped_and_counted(coco_json, tmp_path, ca
 ])
 def test_config_file_typos_are_errors(tmp_path, line, message, untouched):
     path = tmp_path / "mine.py"
-    path.write_text("from configs.tiny_test import get_config as base\n\n\ndef get_config():\n    c = base()\n"
+    path.write_text("from jax_refine.configs.tiny_test import get_config as base\n\n\ndef get_config():\n    c = base()\n"
                     f"    {line}\n    return c\n")
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
@@ -248,9 +248,11 @@ def test_config_file_typos_are_errors(tmp_path, line, message, untouched):
 
 
 def test_shipped_configs_and_the_demo_section_pass_the_schema():
-    for path in sorted((REPO_ROOT / "configs").glob("*.py")):
-        if path.stem not in ("__init__", "presets"):
-            load_config(str(path))  # no error
+    names = shipped_configs()
+    assert {"default", "clip_refine", "demo", "study", "tiny_test"} <= set(names)
+    for name in names + [f"clip_refine:method={m},model={v},data={d}" for m in objectives.PRESETS
+                         for v in ("vitb32", "vitl14") for d in ("coco", "coco_karpathy")]:
+        load_config(name)  # no error
 
 
 @pytest.mark.parametrize("override, message", [
@@ -264,9 +266,9 @@ def test_shipped_configs_and_the_demo_section_pass_the_schema():
 ])
 def test_bad_values_are_one_line_before_anything_compiles(override, message, tmp_path, capsys, untouched):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
-        load_config("configs/tiny_test.py", [f"--config.{override}"])
+        load_config("tiny_test", [f"--config.{override}"])
     if override.startswith("train.batch_size=-8"):  # and through the command line: exit 2, one line
-        err = cli_error(["train", "--config", "configs/tiny_test.py", "--workdir", str(tmp_path / "w"),
+        err = cli_error(["train", "--config", "tiny_test", "--workdir", str(tmp_path / "w"),
                          f"--config.{override}"], capsys)
         assert err == f"error: {message}" and not (tmp_path / "w").exists()
 
@@ -455,7 +457,7 @@ def test_sigterm_saves_and_exits_143(coco_json, tmp_path, capsys, untouched):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=preempt, daemon=True).start()
-    rc = cli.main(["train", "--config", "configs/tiny_test.py", "--workdir", str(work), "--config.data.source=coco_json",
+    rc = cli.main(["train", "--config", "tiny_test", "--workdir", str(work), "--config.data.source=coco_json",
                    f"--config.data.annotations={coco_json / 'captions_val2017.json'}",
                    f"--config.data.images={coco_json / 'images'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
                    "--config.data.split=train", "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000",

@@ -11,7 +11,7 @@ import torch
 
 import torch_reference_losses as ref
 from train_helpers import set_dotted
-from configs import default
+from jax_refine.configs import default
 from jax_refine import objectives
 
 KEY = jax.random.key(11)

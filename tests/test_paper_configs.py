@@ -5,7 +5,7 @@ train_val_split_ratio 0.99; AdamW lr 1.0e-6, weight_decay 0.1, torch's default b
 1e-8; RandRegUpdater strategy std_sample (N(0, I)), lambda_cont 0, lambda_rand 1, lambda_kd 1, distill_loss
 kd, alpha_blending 0.5, temperature 1 (default)), fp32 (its model converts every weight to float32), no
 scheduler (a constant lr), all parameters trained, unnormalized features; zero-shot prompt "a photo of {c}".
-The values are written out here, not read from configs/default.py.
+The values are written out here, not read from jax_refine/configs/.
 """
 from __future__ import annotations
 
@@ -35,9 +35,30 @@ PAPER = {
              "retrieval": ["coco_karpathy_test", "karpathy:data/dataset_flickr8k.json:test:data/flickr8k/images",
                            "karpathy:data/dataset_flickr30k.json:test:data/flickr30k/images"]},
 }
-MODELS = {"clip_refine_vitb32_coco": "openai/clip-vit-base-patch32",
-          "clip_refine_vitb16_coco": "openai/clip-vit-base-patch16",
-          "clip_refine_vitl14_coco": "openai/clip-vit-large-patch14"}
+HUB = {"vitb32": "openai/clip-vit-base-patch32", "vitb16": "openai/clip-vit-base-patch16",
+       "vitl14": "openai/clip-vit-large-patch14"}
+# method -> (nonzero weights, alpha, normalize), from the reference's configs (README's table of methods)
+METHODS = {
+    "clip_refine": ({"kd": 1.0, "rafa": 1.0}, 0.5, False),
+    "contrastive": ({"contrastive": 1.0}, 0.5, False),
+    "self_kd": ({"contrastive": 1.0, "kd": 1.0}, 0.0, False),
+    "feature_distill": ({"contrastive": 1.0, "feature": 1.0}, 0.5, False),
+    "logit_distill": ({"contrastive": 1.0, "logit": 1.0}, 0.5, False),
+    "hycd": ({"kd": 1.0}, 0.5, False),
+    "rafa": ({"rafa": 1.0}, 0.5, False),
+    "m2_mix": ({"contrastive": 1.0, "m2": 0.01}, 0.5, True),
+}
+# The ten per-experiment config files the parameterised `clip_refine` config replaced: (method, model).
+OLD_NAMES = {"clip_refine_vitb32_coco": ("clip_refine", "vitb32"), "clip_refine_vitb16_coco": ("clip_refine", "vitb16"),
+             "clip_refine_vitl14_coco": ("clip_refine", "vitl14"), "contrastive_vitb32_coco": ("contrastive", "vitb32"),
+             "self_kd_vitb32_coco": ("self_kd", "vitb32"), "feature_distill_vitb32_coco": ("feature_distill", "vitb32"),
+             "logit_distill_vitb32_coco": ("logit_distill", "vitb32"), "hycd_vitb32_coco": ("hycd", "vitb32"),
+             "rafa_vitb32_coco": ("rafa", "vitb32"), "m2_mix_vitb32_coco": ("m2_mix", "vitb32")}
+NO_WEIGHTS = {"contrastive": 0.0, "kd": 0.0, "rafa": 0.0, "feature": 0.0, "logit": 0.0, "m2": 0.0}
+
+
+def _resolved(spec: str, *overrides: str) -> dict:
+    return json.loads(json.dumps(resolved_config(spec, list(overrides))))  # as the config command prints it
 
 
 def _subset(got: dict, want: dict, where: str = "") -> list[str]:
@@ -52,15 +73,32 @@ def _subset(got: dict, want: dict, where: str = "") -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_paper_configs_are_the_reference_hyper_parameters(name):
-    c = json.loads(json.dumps(resolved_config(name, [])))  # as the config command prints it
-    assert _subset(c, PAPER) == []
-    assert c["model"]["name_or_path"] == MODELS[name]
+@pytest.mark.parametrize("old_name", list(OLD_NAMES))
+def test_every_old_config_name_is_the_paper_setting_of_its_method_and_model(old_name):
+    method, model = OLD_NAMES[old_name]
+    new = _resolved(f"clip_refine:method={method},model={model}")
+    assert _resolved(old_name) == new  # the old name is an alias of the parameterised config
+    assert _subset(new, {k: v for k, v in PAPER.items() if k != "method"}) == []
+    weights, alpha, normalize = METHODS[method]
+    assert new["method"]["name"] == method and new["method"]["weights"] == {**NO_WEIGHTS, **weights}
+    assert (new["method"]["alpha"], new["method"]["normalize"]) == (alpha, normalize)
+    assert new["model"]["name_or_path"] == HUB[model] and new["workdir"] == f"outputs/{old_name}"
+    if method == "clip_refine":
+        assert _subset(new, PAPER) == []
+
+
+def test_the_paper_config_defaults_and_its_other_choices():
+    assert _resolved("clip_refine") == _resolved("clip_refine:model=vitb32,method=clip_refine,data=coco,mesh=cpu")
+    assert _subset(_resolved("clip_refine"), PAPER) == []
+    c = _resolved("clip_refine:data=coco_karpathy,mesh=tpu_pod,model=vitl14")
+    assert (c["data"]["source"], c["data"]["name"], c["data"]["split"]) == ("tfds", "coco_captions", "train+restval")
+    assert c["workdir"] == "outputs/clip_refine_vitl14_coco_karpathy" and c["model"]["name_or_path"] == HUB["vitl14"]
+    assert c["mesh"]["shape"] == {"data": -1, "fsdp": 4, "tensor": 1}
+    assert _resolved("clip_refine_vitl14_coco:gpu8")["mesh"]["shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
 def test_config_command_prints_the_resolved_config_and_overrides():
-    out = subprocess.run([sys.executable, "-m", "jax_refine", "config", "configs/self_kd_vitb32_coco.py",
+    out = subprocess.run([sys.executable, "-m", "jax_refine", "config", "clip_refine:method=self_kd",
                           "--config.method.weights.kd=2.5", "--config.optimizer.lr=2e-6"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

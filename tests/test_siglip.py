@@ -162,9 +162,9 @@ def test_options_and_logical_names(tiny):
 
 
 def test_sharded_load_uses_the_project_rules(tiny):
-    """Each tensor goes straight into the sharding its logical names give under configs/default.py's rules
+    """Each tensor goes straight into the sharding its logical names give under jax_refine.configs.default rules
     on a (data 2, fsdp 2, tensor 2) mesh; features and the exported tensors equal the one-device load."""
-    from configs.default import get_config
+    from jax_refine.configs.default import get_config
     from jax_refine.sharding import logical_to_sharding, make_mesh
 
     directory, _ = tiny

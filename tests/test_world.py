@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from jax_refine.data import read_coco_json, synthetic_world
+from jax_refine.data import coco_format, read_coco_json, synthetic_world
 
 # What the words mean (English, not the generator's tables): word -> attribute value.
 COLOUR_OF = {"red": "red", "crimson": "red", "scarlet": "red", "orange": "orange", "amber": "orange",
@@ -189,3 +189,18 @@ def test_coco_json_is_valid_for_prepare(world):
     doc = json.loads(world.annotations("refine").read_text())
     assert len(doc["images"]) == 20 and len(doc["annotations"]) == 100
     assert {a["image_id"] for a in doc["annotations"]} == {im["id"] for im in doc["images"]}
+
+
+def test_coco_format_writes_what_the_coco_reader_and_the_format_expect(tmp_path):
+    (tmp_path / "img").mkdir()
+    path = coco_format.write_coco_json(tmp_path / "sub" / "caps.json", [
+        {"file_name": "a.png", "width": 8, "captions": ["one", "two"]},
+        {"file_name": "b.png", "width": 9, "captions": ["three"]}], info={"description": "tiny"})
+    assert json.loads(path.read_text()) == {  # COCO's caption layout, written out by hand
+        "info": {"description": "tiny"},
+        "images": [{"id": 0, "file_name": "a.png", "width": 8}, {"id": 1, "file_name": "b.png", "width": 9}],
+        "annotations": [{"id": 0, "image_id": 0, "caption": "one"}, {"id": 1, "image_id": 0, "caption": "two"},
+                        {"id": 2, "image_id": 1, "caption": "three"}]}
+    assert read_coco_json(path, tmp_path / "img") == [
+        {"id": 0, "file_name": "a.png", "path": str(tmp_path / "img" / "a.png"), "captions": [(0, "one"), (1, "two")]},
+        {"id": 1, "file_name": "b.png", "path": str(tmp_path / "img" / "b.png"), "captions": [(2, "three")]}]

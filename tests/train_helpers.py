@@ -18,8 +18,8 @@ def set_dotted(config, overrides: dict):
 
 
 def tiny_config(workdir, **overrides):
-    """configs/tiny_test.py with dotted-key overrides, e.g. ``**{"train.batch_size": 16}``."""
-    from configs.tiny_test import get_config
+    """jax_refine/configs/tiny_test.py with dotted-key overrides, e.g. ``**{"train.batch_size": 16}``."""
+    from jax_refine.configs.tiny_test import get_config
 
     c = get_config()
     c.workdir = str(workdir)

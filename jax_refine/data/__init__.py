@@ -3,7 +3,7 @@
 Training (trainer):
     make_train_iterator(data_config, *, global_batch_size, image_size=224, max_length=77, seed=0,
                         process_index=0, process_count=1, tokenizer=None) -> TrainIterator
-        data_config: configs/default.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
+        data_config: jax_refine/configs/default.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
         manual_dir, annotations, images, train_fraction, split_seed, try_gcs, caption_mode random|all,
         shuffle_buffer, num_parallel_calls, prefetch). coco_json is read in place (split "train"/"val" at
         random, seed split_seed), each epoch a full permutation keyed by (seed, epoch). Endless; next() -> per-host numpy batch
@@ -25,15 +25,16 @@ Evaluation (evaluator):
         "coco_json:<annotations.json>:<image dir>". .num_images, .texts {"input_ids", "attention_mask":
         (T,L) i32, "caption_image_index": (T,) i32}, .captions, .num_batches,
         .image_batches() -> {"image", "image_index": (b,) i32, "mask": (b,) bool}, .stats().
-    class_names(name) -> list[str] | None; prompt_templates("single" | "openai") -> list[str].
+    class_names(name) -> list[str] | None (prompt templates: `jax_refine.evaluate.resolve_templates`).
 Every host yields the same number of eval batches (padding rows have mask False).
 """
-from jax_refine.data.classification import ClassificationSet, class_names, load_classification, prompt_templates
-from jax_refine.data.coco_captions_builder import prepare_coco_json, read_coco_json
+from jax_refine.data.classification import ClassificationSet, class_names, load_classification
+from jax_refine.data.coco_captions_builder import prepare_coco_json
+from jax_refine.data.coco_format import read_coco_json
 from jax_refine.data.retrieval import RetrievalSet, load_retrieval
 from jax_refine.data.training import TrainIterator, make_train_iterator
 
 __all__ = [
     "ClassificationSet", "RetrievalSet", "TrainIterator", "class_names", "load_classification", "load_retrieval",
-    "make_train_iterator", "prepare_coco_json", "prompt_templates", "read_coco_json",
+    "make_train_iterator", "prepare_coco_json", "read_coco_json",
 ]

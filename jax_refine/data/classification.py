@@ -1,4 +1,4 @@
-"""Zero-shot classification sets: TFDS catalog sets by name or local class folders; class names, templates.
+"""Zero-shot classification sets: TFDS catalog sets by name or local class folders; class names.
 
 `load_classification("cifar10", batch_size=...)` or `load_classification("folder:/data/cifar10/test", ...)`
 (a directory with one sub-folder per class, sorted folder order = label order; an optional
@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,18 +31,6 @@ def class_names(name: str) -> list[str] | None:
     """The packaged prompt names of catalog set `name` in label order, or None if we ship none."""
     path = ASSETS / "classnames" / f"{name}.txt"
     return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
-
-
-@lru_cache(maxsize=None)
-def _templates() -> dict[str, list[str]]:
-    return json.loads((ASSETS / "templates.json").read_text(encoding="utf-8"))
-
-
-def prompt_templates(kind: str = "single") -> list[str]:
-    """Prompt templates with one "{}": "single" = ["a photo of a {}."], "openai" = the 80-template ensemble."""
-    if kind not in _templates():
-        raise ValueError(f"unknown templates {kind!r}: use one of {sorted(_templates())}")
-    return list(_templates()[kind])
 
 
 @dataclasses.dataclass

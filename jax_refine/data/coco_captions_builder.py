@@ -1,9 +1,6 @@
 """Our TFDS builder for caption sets in the COCO format, and the one-call `prepare_coco_json`.
 
-The COCO caption format: an annotations JSON with
-  "images":      [{"id": int, "file_name": str}, ...]
-  "annotations": [{"image_id": int, "caption": str, "id": int (optional)}, ...]
-plus a directory holding the image files (`file_name` is relative to it). COCO 2017
+The caption set is read by `coco_format.read_coco_json` (the format is described there). COCO 2017
 (`captions_train2017.json` + `train2017/`) and any caption set written in that format work.
 
 The prepared dataset has the features of the catalog's `coco_captions` that the pipeline reads
@@ -16,70 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
+
+from jax_refine.data.coco_format import check_trainable
+from jax_refine.data.sources import read_captions
 from jax_refine.data.tf_runtime import tfds
 
 BUILDER_NAME = "coco_captions_json"
 log = logging.getLogger(__name__)
-
-
-def read_coco_json(annotations: str | Path, images: str | Path) -> list[dict]:
-    """Parse a COCO-format captions JSON: one dict per image {"id", "file_name", "path", "captions"}.
-
-    `captions` is a list of (caption_id, text), possibly empty. Raises FileNotFoundError /
-    ValueError naming the file and key at fault.
-    """
-    ann_path, img_dir = Path(annotations), Path(images)
-    if not ann_path.is_file():
-        raise FileNotFoundError(f"annotations JSON not found: {ann_path} (pass data.annotations=<captions.json>)")
-    if not img_dir.is_dir():
-        raise FileNotFoundError(f"image directory not found: {img_dir} (pass data.images=<image dir>)")
-    try:
-        doc = json.loads(ann_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ann_path}: not valid JSON ({e})") from None
-    for key in ("images", "annotations"):
-        if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
-            raise ValueError(f"{ann_path}: missing list '{key}' (COCO caption format: images + annotations)")
-    by_id: dict[int, dict] = {}
-    for i, im in enumerate(doc["images"]):
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise ValueError(f"{ann_path}: images[{i}] needs 'id' and 'file_name', got {im!r:.100}")
-        if im["id"] in by_id:
-            raise ValueError(f"{ann_path}: duplicate image id {im['id']!r} at images[{i}]")
-        by_id[im["id"]] = {"id": int(im["id"]), "file_name": str(im["file_name"]),
-                           "path": str(img_dir / im["file_name"]), "captions": []}
-    empty = 0
-    for i, a in enumerate(doc["annotations"]):
-        if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
-            raise ValueError(f"{ann_path}: annotations[{i}] needs 'image_id' and 'caption', got {a!r:.100}")
-        if a["image_id"] not in by_id:
-            raise ValueError(f"{ann_path}: annotations[{i}] refers to unknown image_id {a['image_id']!r}")
-        if not isinstance(a["caption"], str) or not a["caption"].strip():  # null, "", "  ", a number: not text
-            empty += 1
-            continue
-        by_id[a["image_id"]]["captions"].append((int(a.get("id", i)), a["caption"]))
-    if empty:
-        log.warning("%s: skipped %d empty or null captions (of %d)", ann_path, empty, len(doc["annotations"]))
-    if not by_id:
-        raise ValueError(f"{ann_path}: 'images' is empty")
-    return list(by_id.values())
-
-
-def check_trainable(records: list[dict], annotations: str | Path) -> None:
-    """Raise ValueError naming `annotations` when no image has both a caption and a file on disk."""
-    with_caption = [r for r in records if r["captions"]]
-    usable = sum(Path(r["path"]).is_file() for r in with_caption)
-    if not usable:
-        raise ValueError(f"{annotations}: no usable image-caption pair ({len(records)} images, "
-                         f"{len(with_caption)} with a caption, {usable} of those with an image file on disk)")
 
 
 def content_key(annotations: str | Path, images: str | Path) -> str:
@@ -132,8 +78,6 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager
         cfg = self.builder_config
-        from jax_refine.data.sources import read_captions
-
         records = read_captions(cfg.annotations, cfg.images, format=cfg.format or None, split=cfg.subset or None)
         return {cfg.split: self._generate_examples(records)}
 
@@ -176,8 +120,6 @@ def prepare_coco_json(
     `format` / `subset`: any caption format `sources.read_captions` reads (Flickr token file + split list,
     Karpathy JSON + split); the default is detected from the file.
     """
-    from jax_refine.data.sources import read_captions
-
     fmt = format or ""
     records = read_captions(annotations, images, format=fmt or None, split=subset)  # fail fast, before TFDS
     check_trainable(records, annotations)

@@ -5,6 +5,7 @@ ahead cheaply on resume and flag corrupt images itself.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jax_refine.data import flickr, karpathy
+from jax_refine.data.coco_format import check_trainable, read_coco_json
 from jax_refine.data.tf_runtime import tf, tfds
 
 # Catalog aliases: names people use -> the TFDS catalog name.
@@ -99,7 +102,7 @@ def open_directory(path: str | Path):
 
 
 def open_caption_builder(data_config: Any, *, process_count: int = 1):
-    """The TFDS builder for a training `data_config` (fields of configs/default.py `c.data`).
+    """The TFDS builder for a training `data_config` (fields of jax_refine/configs/default.py `c.data`).
 
     source: "tfds" (catalog `name`) or "tfds_dir" (`data_dir` is the prepared dataset dir). A "coco_json"
     source is not a builder: `coco_json_split` reads it in place (see data/training.py).
@@ -182,11 +185,9 @@ class CaptionList(NamedTuple):
 
 def coco_json_split(annotations: str | Path, images: str | Path, split: str = "train", *,
                     train_fraction: float = 1.0, split_seed: int = 42) -> CaptionList:
-    """A COCO-format caption set (read by our COCO-json builder's reader), split at random as the reference
+    """A COCO-format caption set (read by `coco_format.read_coco_json`), split at random as the reference
     does: images in id order, permuted with `np.random.default_rng(split_seed)`; the first
     `int(train_fraction * N)` are "train", the rest "val" (the paper: COCO 2017 train, 0.99, seed 42)."""
-    from jax_refine.data.coco_captions_builder import check_trainable, read_coco_json
-
     if split not in ("train", "val"):
         raise ValueError(f"data.split={split!r}: a coco_json source has the splits 'train' and 'val' "
                          f"(data.train_fraction={train_fraction} of the images in train)")
@@ -216,8 +217,6 @@ CAPTION_FORMATS = ("coco", "flickr", "karpathy")
 def detect_format(annotations: str | Path) -> str:
     """The caption format of a file: "flickr" (token text), "karpathy" (JSON whose images carry
     "sentences") or "coco" (JSON with "annotations"). Raises ValueError naming the file otherwise."""
-    import json
-
     path = Path(annotations)
     if not path.is_file():
         raise FileNotFoundError(f"caption file not found: {path}")
@@ -244,9 +243,6 @@ def read_captions(annotations: str | Path, images: str | Path, *, format: str | 
     train|dev|test (the Flickr8k list beside the token file), None for every photo; karpathy: the split
     ("test", "train+restval"; default test); coco: must be None. `counts` receives the skip counts.
     """
-    from jax_refine.data import flickr, karpathy
-    from jax_refine.data.coco_captions_builder import read_coco_json
-
     fmt = format or detect_format(annotations)
     if fmt == "coco":
         if split:

@@ -1,4 +1,4 @@
-"""Mesh presets, chosen with `--config configs/FILE.py:PRESET`.
+"""Mesh presets, chosen with `--config default:PRESET` (demo, study too) or `--config clip_refine:mesh=PRESET`.
 
 | preset   | devices                         | mesh (data x fsdp x tensor) | notes                                  |
 |----------|---------------------------------|-----------------------------|----------------------------------------|

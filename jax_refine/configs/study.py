@@ -12,7 +12,7 @@
 """
 import ml_collections
 
-from configs import default
+from jax_refine.configs import default
 
 METHODS = ("clip_refine", "contrastive", "self_kd", "hycd", "rafa", "feature_distill", "logit_distill", "m2_mix")
 

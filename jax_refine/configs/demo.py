@@ -16,7 +16,7 @@ This is not the paper's setup (COCO + OpenAI CLIP + 12 zero-shot sets): it shows
 """
 import ml_collections
 
-from configs import default
+from jax_refine.configs import default
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

@@ -1,18 +1,18 @@
 """The base config every other config starts from: CLIP-Refine, ViT-B/32, COCO Captions, the paper's
 hyper-parameters (1 epoch, global batch 512, AdamW lr 1e-6, weight decay 0.1, constant lr, fp32).
 
-Override from the command line: `--config configs/default.py --config.train.batch_size=256`.
+Override from the command line: `--config default --config.train.batch_size=256`.
 Sections: model, method, data, train, optimizer, mesh, checkpoint, log, eval.
 """
 from __future__ import annotations
 
 import ml_collections
 
-from configs import presets
+from jax_refine.configs import presets
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """The base config; `preset` is a mesh preset from configs/presets.py (cpu, gpu1, gpu8, tpu_pod)."""
+    """The base config; `preset` is a mesh preset of presets.py (cpu, gpu1, gpu8, tpu_pod)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "outputs/clip_refine_vitb32_coco"

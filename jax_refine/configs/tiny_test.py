@@ -5,7 +5,7 @@ import copy
 
 import ml_collections
 
-from configs.default import get_config as base_config
+from jax_refine.configs.default import get_config as base_config
 
 TINY_CLIP = dict(
     text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

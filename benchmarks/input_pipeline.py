@@ -8,7 +8,8 @@ read in place, never copied), listed `--images` times over in a temporary COCO c
 file names) so an epoch is longer than the timed batches. Each core count runs in its own process pinned
 to the first N cores (`os.sched_setaffinity`, like `taskset -c 0,..,N-1`), each variant `--repeats` times
 on a fresh iterator (2 warm-up batches, then `--steps` timed batches); the table gives the median, the
-per-core rate and the 1-minute load average before/after. Variants, all at 224 px with tokenization:
+per-core rate, the examples per CPU-second of the process (user + system time of all its threads: what
+one core would give without other load) and the 1-minute load average before/after. Variants, all at 224 px with tokenization:
   exact    data.source=coco_json, the CLIPImageProcessor pixels (the default)
   draft    the same with data.fast_decode=True (JPEG DCT-domain downscale, then the exact resize)
   resized  prepare-data --image-size 224 (photos stored shortest side 224, JPEG q95), data.source=tfds_dir
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,20 +57,28 @@ def write_captions(out: Path, copies: int) -> Path:
     return out / "captions.json"
 
 
-def time_variant(cfg: dict, batch: int, steps: int, repeats: int) -> list[float]:
-    """examples/s of `repeats` fresh training iterators: 2 warm-up batches, then `steps` timed batches."""
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def time_variant(cfg: dict, batch: int, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """`repeats` fresh training iterators (2 warm-up batches, then `steps` timed batches): examples per wall
+    second and examples per CPU second of this process (the per-core capacity, insensitive to other load)."""
     from jax_refine.data import make_train_iterator
 
-    rates = []
+    rates, per_cpu = [], []
     for r in range(repeats):
         it = make_train_iterator(cfg, global_batch_size=batch, image_size=224, seed=r)
         next(it), next(it)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu_seconds()
         for _ in range(steps):
             next(it)
         rates.append(steps * batch / (time.perf_counter() - t))
+        per_cpu.append(steps * batch / (_cpu_seconds() - c))
         del it
-    return rates
+    return rates, per_cpu
 
 
 def run_one(args) -> None:
@@ -95,9 +105,9 @@ def run_one(args) -> None:
             else:
                 raise SystemExit(f"unknown variant {v!r}: use {', '.join(VARIANTS)}")
             load0 = os.getloadavg()[0]
-            rates = time_variant(cfg, args.batch, args.steps, args.repeats)
-            print(json.dumps({"variant": v, "cores": args.cores, "rates": rates, "load": [load0, os.getloadavg()[0]]}),
-                  flush=True)
+            rates, per_cpu = time_variant(cfg, args.batch, args.steps, args.repeats)
+            print(json.dumps({"variant": v, "cores": args.cores, "rates": rates, "per_cpu": per_cpu,
+                              "load": [load0, os.getloadavg()[0]]}), flush=True)
 
 
 def main() -> None:
@@ -113,7 +123,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         args.cores = int(args.cores)
-        return run_one(args)
+        run_one(args)
+        sys.stdout.flush()
+        os._exit(0)  # not a normal exit: TF's numpy_function threads can hang interpreter shutdown
     rows = []
     for n in [int(c) for c in args.cores.split(",")]:
         cmd = [sys.executable, __file__, "--child", "--cores", str(n), "--variants", args.variants, "--images",
@@ -123,12 +135,14 @@ def main() -> None:
     consume = f"{args.train_step_rate:.0f}" if args.train_step_rate else "n/a"
     print(f"\ntraining input pipeline, 224 px, COCO photos (mostly 640x480/640x427), batch {args.batch}, "
           f"median of {args.repeats} x {args.steps} batches; train step consumes {consume} ex/s")
-    print("| variant | cores | examples/s (median) | per core | all repeats | load avg before/after |")
-    print("|---|---:|---:|---:|---|---|")
+    print("| variant | cores | examples/s (median) | per core | all repeats | examples per CPU-second | "
+          "load avg before/after |")
+    print("|---|---:|---:|---:|---|---:|---|")
     for r in sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["cores"])):
         med = statistics.median(r["rates"])
         print(f"| {r['variant']} | {r['cores']} | {med:.0f} | {med / r['cores']:.0f} | "
-              f"{', '.join(f'{x:.0f}' for x in r['rates'])} | {r['load'][0]:.2f} / {r['load'][1]:.2f} |")
+              f"{', '.join(f'{x:.0f}' for x in r['rates'])} | {statistics.median(r['per_cpu']):.0f} | "
+              f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,11 @@ def test_training_with_fast_decode_and_from_a_pre_resized_prepared_set(coco_mini
                                                   image_size=size), records, size)
     assert 0.005 < fast.mean() <= 0.06 and fast.max() <= 2.5
 
-    out = prepare_coco_json(ann, images, tmp_path / "tfds", image_size=size)
-    assert out.parent.name.endswith(f"-{size}px")  # its own dataset beside an original-bytes one
+    from jax_refine import cli
+
+    assert cli.main(["prepare-data", "--annotations", str(ann), "--images", str(images), "--out",
+                     str(tmp_path / "tfds"), "--image-size", str(size)]) == 0
+    (out,) = (tmp_path / "tfds" / "coco_captions_json").glob(f"captions_train2017-*-{size}px/1.0.0")  # its own set
     prepared = {"source": "tfds_dir", "data_dir": str(out), "shuffle_buffer": 16}
     resized = _rows_vs_originals(make_train_iterator(prepared, global_batch_size=16, image_size=size), records, size)
     assert resized.max() <= 0.5 and resized.mean() <= 0.035

@@ -13,6 +13,8 @@ one core would give without other load) and the 1-minute load average before/aft
   exact    data.source=coco_json, the CLIPImageProcessor pixels (the default)
   draft    the same with data.fast_decode=True (JPEG DCT-domain downscale, then the exact resize)
   resized  prepare-data --image-size 224 (photos stored shortest side 224, JPEG q95), data.source=tfds_dir
+  eval     the evaluation loader (`load_classification("folder:coco_mini")`, all 239 photos, exact pixels,
+           no tokenization), one pass after its first batch; not run unless named in --variants
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/input_pipeline.py` from a checkout
 COCO = ROOT.parent / "shared" / "data" / "coco_mini"
-VARIANTS = ("exact", "draft", "resized")
+VARIANTS = ("exact", "draft", "resized", "eval")
 
 
 def write_captions(out: Path, copies: int) -> Path:
@@ -81,6 +83,23 @@ def time_variant(cfg: dict, batch: int, steps: int, repeats: int) -> tuple[list[
     return rates, per_cpu
 
 
+def time_eval(cfg: dict, batch: int, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Like `time_variant` for the class-folder evaluation loader over coco_mini (one pass, first batch untimed)."""
+    del cfg, steps
+    from jax_refine.data import load_classification
+
+    rates, per_cpu = [], []
+    for _ in range(repeats):
+        ev = load_classification(f"folder:{COCO}", batch_size=batch, image_size=224)
+        it = iter(ev.batches())
+        next(it)
+        t, c = time.perf_counter(), _cpu_seconds()
+        n = sum(int(b["mask"].sum()) for b in it)
+        rates.append(n / (time.perf_counter() - t))
+        per_cpu.append(n / (_cpu_seconds() - c))
+    return rates, per_cpu
+
+
 def run_one(args) -> None:
     """This process, pinned to `args.cores` cores: print one JSON line per variant."""
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
@@ -102,10 +121,12 @@ def run_one(args) -> None:
                 print(f"[bench] prepare-data --image-size 224: {prep:.1f} s for {159 * args.images} photos",
                       file=sys.stderr)
                 cfg = {"source": "tfds_dir", "data_dir": str(out), "shuffle_buffer": 1000}
+            elif v == "eval":
+                cfg = {}
             else:
                 raise SystemExit(f"unknown variant {v!r}: use {', '.join(VARIANTS)}")
             load0 = os.getloadavg()[0]
-            rates, per_cpu = time_variant(cfg, args.batch, args.steps, args.repeats)
+            rates, per_cpu = (time_eval if v == "eval" else time_variant)(cfg, args.batch, args.steps, args.repeats)
             print(json.dumps({"variant": v, "cores": args.cores, "rates": rates, "per_cpu": per_cpu,
                               "load": [load0, os.getloadavg()[0]]}), flush=True)
 
@@ -113,7 +134,7 @@ def run_one(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cores", default="1,2", help="core counts, each in its own pinned process (default 1,2)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="exact,draft,resized", help="of " + ", ".join(VARIANTS))
     ap.add_argument("--images", type=int, default=8, help="times the 159 photos are listed (default 8: 1272)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16, help="timed batches per repeat")

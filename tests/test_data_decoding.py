@@ -107,5 +107,7 @@ def test_training_with_fast_decode_and_from_a_pre_resized_prepared_set(coco_mini
     prepared = {"source": "tfds_dir", "data_dir": str(out), "shuffle_buffer": 16}
     resized = _rows_vs_originals(make_train_iterator(prepared, global_batch_size=16, image_size=size), records, size)
     assert resized.max() <= 0.5 and resized.mean() <= 0.035
+    with pytest.raises(ValueError, match=f"prepared at {size} px but the model takes {2 * size} px"):
+        make_train_iterator(prepared, global_batch_size=16, image_size=2 * size)  # would upsample: an error
     with pytest.raises(ValueError, match="image_size=0"):
         prepare_coco_json(ann, images, tmp_path / "tfds", image_size=0)

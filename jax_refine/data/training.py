@@ -20,6 +20,7 @@ State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds e
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -254,6 +255,10 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, image_size:
                                           split_seed=int(f(data_config, "split_seed", 42)))
     else:
         builder = sources.open_caption_builder(data_config, process_count=process_count)
+        stored = re.search(r"-(\d+)px(-png)?$", Path(str(f(data_config, "data_dir", ""))).parent.name)
+        if stored and int(stored.group(1)) < image_size:  # prepare-data --image-size smaller than the model's
+            raise ValueError(f"data.data_dir={f(data_config, 'data_dir')} holds photos prepared at {stored.group(1)} px "
+                             f"but the model takes {image_size} px: prepare again with --image-size {image_size}")
     return TrainIterator(
         builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, image_size=image_size,
         max_length=max_length, seed=seed, process_index=process_index, process_count=process_count,

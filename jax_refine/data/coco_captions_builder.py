@@ -172,7 +172,7 @@ def _stored_images(records, cfg: CocoJsonConfig):
                 log.warning("cannot resize %s (%s): stored as it is", path, e)
         return data
 
-    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(decoding.usable_cores()) as pool:
         for start in range(0, len(records), 256):  # in chunks: a bounded number of images held at a time
             yield from pool.map(load, records[start:start + 256])
 

@@ -52,12 +52,18 @@ def resize_for_storage(data: bytes, size: int, image_format: str = "jpeg", quali
     return buf.getvalue()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (`os.sched_getaffinity`: `taskset` and container CPU sets count;
+    `os.cpu_count()` where the platform has no affinity, e.g. macOS)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
+
+
 def thread_options(num_threads: int | None = None) -> "tf.data.Options":
-    """Deterministic tf.data options with a private threadpool of `num_threads` (default: the cores this
-    process may run on, `os.sched_getaffinity`, so `taskset` limits it)."""
+    """Deterministic tf.data options with a private threadpool of `num_threads` (default `usable_cores()`)."""
     options = tf.data.Options()
     options.deterministic = True
-    options.threading.private_threadpool_size = int(num_threads or len(os.sched_getaffinity(0)))
+    options.threading.private_threadpool_size = int(num_threads or usable_cores())
     return options
 
 

@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-
-from etils import epath
 
 from jax_refine import hf, model as model_lib
 from jax_refine import workdir as workdir_lib
@@ -190,9 +189,9 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
     itself) is moved to ``<workdir>/checkpoints.skipped/<step>`` (kept) with one printed line saying
     why, and the next older step is tried. The move is epath's rename: one rename locally, a copy and delete
     of each object in a bucket (not atomic: a move cut short leaves the rest of the step in place, unlisted
-    without its commit marker or skipped again at the next start). Returns ``(manager, step, state, data_state)``; step is None when
-    there is no checkpoint. A checkpoint of another model size raises ModelMismatchError (no fallback);
-    when every step is damaged, CheckpointError names them.
+    without its commit marker or skipped again at the next start). Returns ``(manager, step, state,
+    data_state)``; step is None when there is no checkpoint. A checkpoint of another model size raises
+    ModelMismatchError (no fallback); when every step is damaged, CheckpointError names them.
     """
     directory = workdir_lib.as_path(directory)
     mngr = make(directory)

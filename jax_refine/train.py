@@ -199,7 +199,10 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lib.locked(workdir):
         ckpt_dir = workdir / ckpt.CHECKPOINT_SUBDIR
-        resuming = ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir())
+        # in a bucket a step dir exists from the start of its save: only a committed one (marker) is a resume
+        remote = workdir_lib.is_remote(workdir)
+        resuming = ckpt_dir.is_dir() and any(
+            d.name.isdigit() and (not remote or (d / "commit_success.txt").exists()) for d in ckpt_dir.iterdir())
         workdir_lib.record_config(workdir, config, resuming=resuming, allow_change=allow_config_change)
         return _train(config, workdir, data_iter, mesh, return_state)
 

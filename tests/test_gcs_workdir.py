@@ -157,3 +157,18 @@ def test_gs_workdir_without_google_cloud_storage_fails_at_start(tmp_path):
         pass
     with pytest.raises(workdir_lib.WorkdirError, match="needs the google-cloud-storage package"):
         train.train(tiny_config("gs://test-bucket/run"))
+
+
+def test_standin_routes_orbax_arrays_to_files_and_closes_the_real_driver(tmp_path):
+    """What the trainer test relies on: Orbax's TensorStore spec for a gs:// path becomes a file under the
+    stand-in, and TensorStore's own GCS driver (anything not routed) fails at once instead of going online."""
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    with gcs_standin(tmp_path) as root:
+        spec = tensorstore_utils.build_kvstore_tspec(f"{WORKDIR}/checkpoints/1/params", use_ocdbt=True)
+        assert spec["base"]["driver"] == "file" and spec["base"]["path"].startswith(str(root / "test-bucket/run"))
+        real = ts.KvStore.open({"driver": "gcs", "bucket": "test-bucket",
+                                "gcs_request_retries": {"max_retries": 1}}).result()
+        with pytest.raises(ValueError, match="127.0.0.1 port 9"):
+            real.read("x").result()

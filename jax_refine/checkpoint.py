@@ -7,7 +7,9 @@ Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,train,data,meta}``
   the ``CLIPConfig`` dict and the method name (``load_model`` needs them).
 The teacher is never saved (``TrainState.NOT_SAVED``): it is the start weights, re-derived on resume.
 Orbax writes each step into a temporary directory and renames it when complete, so a save killed half
-way is never listed by ``all_steps``/``latest_step`` (and is removed at the next start).
+way is never listed by ``all_steps``/``latest_step`` (and is removed at the next start). In a ``gs://``
+bucket (no rename there) it writes the step in place and adds ``commit_success.txt`` last; a step without
+it is not listed. Directories are ``etils.epath`` paths (``workdir.as_path``): local and bucket alike.
 
 ``load_model(source)`` is the one way to get a model for evaluation, export and the commands: an in-memory
 model, a training workdir, a step directory, a Hugging Face export directory or a hub id.
@@ -23,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from jax_refine import hf, model as model_lib
+from jax_refine import workdir as workdir_lib
 from jax_refine.train_state import TrainState, path_str, split_model
 
 PyTree = Any
@@ -45,7 +49,7 @@ class ModelMismatchError(CheckpointError):
     """A readable checkpoint of another model size / structure (not a damage: no fallback)."""
 
 
-def _check_json(path: Path) -> None:
+def _check_json(path: epath.Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     text = path.read_bytes()
@@ -57,14 +61,14 @@ def _check_json(path: Path) -> None:
         raise CheckpointError(f"{path}: not valid JSON (truncated? {e})") from None
 
 
-def check_step_files(step_dir: str | Path) -> None:
+def check_step_files(step_dir: str | Path | epath.Path) -> None:
     """Raise CheckpointError naming the first missing, empty or unparsable file of a step directory.
 
     Checks ``_CHECKPOINT_METADATA``, each array item's ``_METADATA`` and ``manifest.ocdbt``, each JSON
     item's ``metadata``, and that no file in the step is empty. Truncation inside a data shard is only
     seen when it is read (``restore`` reports it as one line).
     """
-    d = Path(step_dir)
+    d = workdir_lib.as_path(step_dir)
     _check_json(d / "_CHECKPOINT_METADATA")
     for item in ARRAY_ITEMS + JSON_ITEMS:
         if not (d / item).is_dir():
@@ -78,8 +82,8 @@ def check_step_files(step_dir: str | Path) -> None:
             _check_json(f)
     for item in JSON_ITEMS:
         _check_json(d / item / "metadata")
-    for f in sorted(d.rglob("*")):
-        if f.is_file() and f.stat().st_size == 0 and f.name != "commit_success.txt":
+    for f in sorted(root / name for root, _, names in d.walk() for name in names):
+        if f.name != "commit_success.txt" and f.stat().length == 0:  # the commit marker is empty by design
             raise CheckpointError(f"{f}: empty file (truncated?)")
 
 
@@ -103,15 +107,16 @@ def one_line(err: BaseException, where: str | Path | None = None, limit: int = 3
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def make_manager(directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True,
+def make_manager(directory: str | Path | epath.Path, *, max_to_keep: int = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
-    """A ``CheckpointManager`` over ``directory`` (absolute), keep-N, async; stale tmp dirs cleaned."""
+    """A ``CheckpointManager`` over ``directory`` (made absolute; a ``gs://`` URL as is), keep-N, async;
+    stale tmp dirs cleaned."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=not read_only, read_only=read_only,
                                            create=not read_only)
     handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state", "train")}
     handlers.update(data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(workdir_lib.as_path(directory), options=options, item_handlers=handlers)
 
 
 def _gather_json(obj: Mapping[str, Any]) -> list[Any]:
@@ -176,17 +181,19 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: TrainState) -> tup
     return state, states[jax.process_index()]
 
 
-def restore_latest_good(directory: str | Path, abstract: TrainState, make: Any
+def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState, make: Any
                         ) -> tuple[ocp.CheckpointManager, int | None, TrainState | None, dict | None]:
     """Restore the newest step of ``directory`` that is intact, moving damaged newer ones aside.
 
     ``make(directory) -> CheckpointManager``. Each step that fails (``check_step_files`` or the restore
     itself) is moved to ``<workdir>/checkpoints.skipped/<step>`` (kept) with one printed line saying
-    why, and the next older step is tried. Returns ``(manager, step, state, data_state)``; step is None when
-    there is no checkpoint. A checkpoint of another model size raises ModelMismatchError (no fallback);
-    when every step is damaged, CheckpointError names them.
+    why, and the next older step is tried. The move is epath's rename: one rename locally, a copy and delete
+    of each object in a bucket (not atomic: a move cut short leaves the rest of the step in place, unlisted
+    without its commit marker or skipped again at the next start). Returns ``(manager, step, state,
+    data_state)``; step is None when there is no checkpoint. A checkpoint of another model size raises
+    ModelMismatchError (no fallback); when every step is damaged, CheckpointError names them.
     """
-    directory = Path(directory)
+    directory = workdir_lib.as_path(directory)
     mngr = make(directory)
     skipped = []
     while True:

@@ -7,15 +7,18 @@ Adding behaviour (a profiler, an EMA, an early stop) is a new entry in the list,
 
 The hooks here: ``Preemption`` (SIGTERM or Orbax's multi-host preemption notice -> stop),
 ``LogMetrics`` (tqdm, ``metrics.jsonl``, TensorBoard), ``Evaluate`` (the evaluation suite every N steps and
-at the end) and ``SaveCheckpoint`` (Orbax, every N steps, at the end and when stopping). Metrics are read
-on the host only when a hook asks (``ctx.values()``), which also stops training on a non-finite loss.
+at the end), ``SaveCheckpoint`` (Orbax, every N steps, at the end and when stopping) and ``FlushMetrics``
+(the metric files into a bucket workdir, at each checkpoint). Metrics are read on the host only when a hook
+asks (``ctx.values()``), which also stops training on a non-finite loss.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 
 from jax_refine import checkpoint as ckpt
 from jax_refine import distributed, evaluate
+from jax_refine import workdir as workdir_lib
 from jax_refine.train_state import TrainState
 
 
@@ -113,18 +117,31 @@ class MetricWriter:
     """``metrics.jsonl`` rows and TensorBoard scalars on process 0 (silent elsewhere).
 
     A row is ``{"step": N, "kind": KIND, name: value, ...}``; TensorBoard tags are ``KIND/name``.
+    A local workdir gets each row appended and flushed at once. A bucket cannot append and allows about one
+    write per second to an object, so for a ``gs://`` workdir both files are written in a local staging
+    directory (``metrics.jsonl`` starting from the bucket's copy) and ``flush()`` uploads them whole: the
+    ``FlushMetrics`` hook calls it at each checkpoint, ``close()`` at the end. Rows after the last flush are
+    lost if the process dies -- the steps they describe come after the last checkpoint and are redone.
     """
 
-    def __init__(self, workdir: Path, tensorboard: bool, enabled: bool):
+    def __init__(self, workdir: str | Path, tensorboard: bool, enabled: bool):
         self.enabled = enabled
-        self.jsonl = self.tb = None
+        self.jsonl = self.tb = self.staging = None
         if not enabled:
             return
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.workdir = workdir_lib.as_path(workdir)
+        local = self.workdir
+        if workdir_lib.is_remote(self.workdir):
+            self.staging = Path(tempfile.mkdtemp(prefix="jax_refine-metrics-"))
+            local = self.staging
+            remote_rows = self.workdir / "metrics.jsonl"
+            if remote_rows.exists():
+                (local / "metrics.jsonl").write_bytes(remote_rows.read_bytes())
+        self.jsonl = open(local / "metrics.jsonl", "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # optional: only when TensorBoard logging is on
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = SummaryWriter(str(local / "tensorboard"))
 
     def write(self, step: int, kind: str, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -135,10 +152,24 @@ class MetricWriter:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def flush(self) -> None:
+        """Make the files in the workdir complete: TensorBoard's buffer written, and for a bucket workdir the
+        staged ``metrics.jsonl`` and event files uploaded (each replaced whole)."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            self.tb.flush()
+        if self.staging is not None:
+            workdir_lib.upload_tree(self.staging, self.workdir)
+
     def close(self) -> None:
         for obj in (self.jsonl, self.tb):
             if obj is not None:
                 obj.close()
+        if self.staging is not None:
+            workdir_lib.upload_tree(self.staging, self.workdir)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
 
 class LogMetrics:
@@ -238,3 +269,15 @@ class SaveCheckpoint:
         if due(ctx.step, self.every, ctx.last) or ctx.stop:
             ctx.values()
             ckpt.save(self.checkpoints, ctx.step, ctx.state, ctx.data_iter.get_state(), self.meta, force=True)
+
+
+class FlushMetrics:
+    """With each checkpoint (every ``every`` steps, at the end, when stopping): ``writer.flush()``, so a
+    bucket workdir holds the metric rows of every step up to its newest checkpoint."""
+
+    def __init__(self, writer: MetricWriter, every: int):
+        self.writer, self.every = writer, max(1, every)
+
+    def __call__(self, ctx: StepContext) -> None:
+        if due(ctx.step, self.every, ctx.last) or ctx.stop:
+            self.writer.flush()

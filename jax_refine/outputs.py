@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from jax_refine import workdir as workdir_lib
+
 OWNER_FILE = ".jax_refine_output.json"  # {"kind": "demo"|"export"|"report"}: written by output_dir
 # Names that mark a directory as something we must never replace: (name, what it means).
 PROTECTED_MARKERS = ((".git", "a git repository"), ("_CHECKPOINT_METADATA", "an Orbax checkpoint"),
@@ -67,7 +69,11 @@ def check_target(target: str | Path, *, kind: str, overwrite: bool) -> Path:
     """Refuse ``target`` (one-line ``OutputError``) unless it is absent, empty, or ``overwrite`` is allowed.
 
     Returns the absolute target. A file (not a directory) at ``target`` is refused like a non-empty dir.
+    A URL (``gs://...``) is refused: outputs are local directories (a training workdir may be a bucket).
     """
+    if workdir_lib.is_remote(target):
+        raise OutputError(f"{kind} output {target}: a URL is not supported for --out (only a training workdir may "
+                          "be in a bucket); write to a local directory and copy it (gcloud storage cp -r)")
     out = Path(target).expanduser().absolute()
     if not out.exists():
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -184,33 +186,49 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
     the data package's ``make_train_iterator(config)``). Returns the last logged metrics and the paths
     (``workdir``, ``checkpoint_dir``, ``hf_dir``), ``steps``, ``preempted`` (and ``state`` if ``return_state``).
     The workdir is locked for the run (``workdir.locked``); its resolved config is saved, and a resume with a
-    changed config is refused unless ``allow_config_change`` (see ``jax_refine.workdir``).
+    changed config is refused unless ``allow_config_change`` (see ``jax_refine.workdir``). ``config.workdir``
+    may be a ``gs://`` URL: every workdir file goes through ``etils.epath`` (as Orbax's do).
     """
     distributed.initialize()
     config_lib.check_values(config)
     objectives.get_objective(config.method)
-    workdir = Path(config.workdir).expanduser().absolute()
+    workdir = workdir_lib.as_path(config.workdir)
+    workdir_lib.check_bucket(workdir)
     if not distributed.is_main():
         return _train(config, workdir, data_iter, mesh, return_state)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lib.locked(workdir):
         ckpt_dir = workdir / ckpt.CHECKPOINT_SUBDIR
-        resuming = ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir())
+        # in a bucket a step dir exists from the start of its save: only a committed one (marker) is a resume
+        remote = workdir_lib.is_remote(workdir)
+        resuming = ckpt_dir.is_dir() and any(
+            d.name.isdigit() and (not remote or (d / "commit_success.txt").exists()) for d in ckpt_dir.iterdir())
         workdir_lib.record_config(workdir, config, resuming=resuming, allow_change=allow_config_change)
         return _train(config, workdir, data_iter, mesh, return_state)
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
+def _drop_metrics_after(path: epath.Path, step: int) -> None:
     """Remove ``metrics.jsonl`` lines of steps after ``step`` (a resume redoes them); counts them in the log."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
     keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
     if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+        workdir_lib.write_text_atomic(path, "".join(keep))
         print(f"[train] {path}: dropped {len(lines) - len(keep)} lines of steps after {step} (redone now)", flush=True)
+
+
+def export_hf(model: nnx.Module, out: epath.Path) -> epath.Path:
+    """``hf.save_pretrained(model, out)``; for a bucket ``out``, written to a local directory first and then
+    uploaded file by file, ``config.json`` last (a reader that finds it finds the weights). Not atomic in a
+    bucket: a cut-short upload leaves some files, and a rerun replaces them. All processes call it."""
+    if not workdir_lib.is_remote(out):
+        return epath.Path(hf.save_pretrained(model, out))
+    with tempfile.TemporaryDirectory(prefix="jax_refine-export-") as local:
+        staged = hf.save_pretrained(model, Path(local) / "hf")
+        if distributed.is_main():
+            workdir_lib.upload_tree(staged, out, last=("config.json",))
+    return out
 
 
 def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkpoints: Any, start: int,
@@ -247,7 +265,7 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
     return state, start if ctx is None else ctx.step
 
 
-def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
+def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
     if data_iter is None:
         data_iter = make_data_iterator(config, clip_config_of(config))
     num_steps = config.train.get("num_steps")
@@ -258,7 +276,7 @@ def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return
         num_steps = int(per_epoch) * int(config.train.epochs)
     trainer = build_trainer(config, mesh, int(num_steps))
 
-    def make_manager(directory: Path):
+    def make_manager(directory: epath.Path):
         return ckpt.make_manager(directory, max_to_keep=int(config.checkpoint.max_to_keep),
                                  async_save=bool(config.checkpoint.async_save))
 
@@ -287,6 +305,7 @@ def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return
         hook_list.append(hooks.Evaluate(config.eval, eval_every, trainer.setup.graphdef, trainer.setup.rest,
                                         trainer.mesh, writer))
     hook_list.append(hooks.SaveCheckpoint(mngr, int(config.checkpoint.every_steps), meta))
+    hook_list.append(hooks.FlushMetrics(writer, int(config.checkpoint.every_steps)))
     try:
         with preemption:
             state, done = run_loop(trainer, state, data_iter, mngr, start, hook_list)
@@ -303,7 +322,7 @@ def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return
     hf_dir = None
     if not preemption.preempted and bool(config.train.get("export_hf", True)) and end > 0:
         model = nnx.merge(trainer.setup.graphdef, state.params, trainer.setup.rest)
-        hf_dir = str(hf.save_pretrained(model, workdir / "hf"))
+        hf_dir = str(export_hf(model, workdir / "hf"))
     out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}
     return {**out, "state": state} if return_state else out

@@ -1,7 +1,13 @@
 """What a training workdir holds besides checkpoints: the lock of the run using it and the config it ran with.
 
+A workdir is a local directory or a bucket URL (``gs://bucket/run``, what TPU pods use): every workdir path is
+an ``etils.epath.Path`` (``as_path``), the path type Orbax uses, so both take the same code.
 ``WORKDIR/train.lock``: JSON ``{"host", "pid", "started"}`` of the run holding the workdir. A second run
 fails fast naming the holder; a lock whose holder process is dead (same host) is taken over with a message.
+Locally the lock is created with ``O_EXCL``. A bucket has no exclusive create here: the lock object is
+written with a random ``token`` and read back after ``REMOTE_LOCK_SETTLE_S``; whoever does not read its own
+token back fails. Two runs can still both hold it if one of them stalls longer than the settle time between
+seeing no lock and writing its own (GCS reads after a write are strongly consistent; the race is that gap).
 ``WORKDIR/config.resolved.json``: the resolved config of the run, written at start. A resume compares the
 new config with it and refuses changes of anything but the run length, logging, checkpoint cadence,
 evaluation, export and mesh settings (``allow_change`` overrides), naming the keys that differ.
@@ -11,14 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
+import uuid
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 LOCK_FILE = "train.lock"
 CONFIG_FILE = "config.resolved.json"
+REMOTE_LOCK_SETTLE_S = 1.0  # seconds between writing a bucket lock object and reading it back
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # gs://, s3://, ... (and gs:/ as pathlib collapses it)
 # Keys (dotted prefixes) a resumed run may change: run length, logging, checkpoints, eval, export, mesh, data speed.
 RESUMABLE_CHANGES = ("train.epochs", "train.num_steps", "train.export_hf", "log.", "checkpoint.", "eval.",
                      "mesh.", "workdir", "data.num_parallel_calls", "data.prefetch")
@@ -26,6 +37,59 @@ RESUMABLE_CHANGES = ("train.epochs", "train.num_steps", "train.export_hf", "log.
 
 class WorkdirError(ValueError):
     """A workdir that cannot be used now (locked, or started with another config); one line."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL (``gs://bucket/...``) rather than a local path."""
+    return bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: a URL as is, a local path made absolute (``~`` expanded)."""
+    if is_remote(path):
+        return epath.Path(os.fspath(path))
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Replace the file ``path`` with ``text`` as a whole: locally through a temporary file and a rename; in a
+    bucket by one object write (an upload is all or nothing there)."""
+    if is_remote(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def upload_tree(local: os.PathLike, dest: epath.Path, *, last: tuple[str, ...] = ()) -> epath.Path:
+    """Copy the files under the local directory ``local`` to ``dest`` (a bucket or local directory), overwriting
+    files of the same name; the names in ``last`` are copied after all others (readers look for them)."""
+    base = epath.Path(os.fspath(local))
+    files = [(root / name) for root, _, names in base.walk() for name in names]
+    files.sort(key=lambda f: (f.name in last, str(f)))
+    for f in files:
+        target = dest / str(f.relative_to(base))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f.copy(target, overwrite=True)
+    return dest
+
+
+def check_bucket(workdir: epath.Path) -> None:
+    """Fail now (one line) when a ``gs://`` workdir cannot be used by Orbax: it lists and deletes steps through
+    ``google-cloud-storage``, asking the bucket whether it has a hierarchical namespace. No-op for local paths."""
+    if not os.fspath(workdir).startswith("gs://"):
+        return
+    from orbax.checkpoint._src.path import gcs_utils  # the very call Orbax makes before listing steps
+
+    try:
+        gcs_utils.is_hierarchical_namespace_enabled(workdir)
+    except ImportError:
+        raise WorkdirError(f"workdir {workdir}: Orbax needs the google-cloud-storage package for gs:// "
+                           "checkpoints (pip install google-cloud-storage)") from None
+    except Exception as e:  # noqa: BLE001 - credentials, a missing bucket, no network: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WorkdirError(f"workdir {workdir}: cannot reach its bucket ({type(e).__name__}: {first})") from None
 
 
 def _alive(pid: int) -> bool:
@@ -38,38 +102,67 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def locked(workdir: str | Path) -> Iterator[Path]:
-    """Hold ``workdir/train.lock`` for the duration; raises WorkdirError if another live run holds it."""
-    path = Path(workdir) / LOCK_FILE
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def _holder(path: epath.Path) -> tuple[str, int, dict]:
+    try:
+        holder = json.loads(path.read_text())
+        return str(holder["host"]), int(holder["pid"]), holder
+    except (OSError, ValueError, KeyError, TypeError):
+        raise WorkdirError(f"{path} exists but is unreadable: another run may be starting; delete it if "
+                           "no run uses this workdir") from None
+
+
+def _stale(path: epath.Path, me: dict) -> bool:
+    """True if the lock at ``path`` is this process's or a dead process's on this host (message printed);
+    raises WorkdirError naming the holder otherwise."""
+    host, pid, holder = _holder(path)
+    if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
+        print(f"[train] taking over the stale lock {path} of pid {pid} on {host} (that process is gone)", flush=True)
+        return True
+    raise WorkdirError(f"workdir {path.parent} is in use by pid {pid} on host {host} (since "
+                       f"{holder.get('started', '?')}); wait for it, or delete {path} if that run is gone")
+
+
+def _take_local(path: epath.Path, me: dict) -> None:
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                host, pid = str(holder["host"]), int(holder["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
-                raise WorkdirError(f"{path} exists but is unreadable: another run may be starting; delete it if "
-                                   "no run uses this workdir") from None
-            if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
-                print(f"[train] taking over the stale lock {path} of pid {pid} on {host} (that process is gone)",
-                      flush=True)
+            if _stale(path, me):
                 path.unlink(missing_ok=True)
-                continue
-            raise WorkdirError(f"workdir {path.parent} is in use by pid {pid} on host {host} (since "
-                               f"{holder.get('started', '?')}); wait for it, or delete {path} if that run is gone")
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me) + "\n")
-        break
+        return
+    raise WorkdirError(f"could not take the lock {path}")
+
+
+def _take_remote(path: epath.Path, me: dict) -> None:
+    if path.exists():
+        _stale(path, me)
+    path.write_text(json.dumps(me) + "\n")
+    time.sleep(REMOTE_LOCK_SETTLE_S)
+    _, _, holder = _holder(path)
+    if holder.get("token") != me["token"]:
+        raise WorkdirError(f"workdir {path.parent} was locked at the same time by pid {holder.get('pid')} on host "
+                           f"{holder.get('host')}; wait for it, or delete {path} if that run is gone")
+
+
+@contextlib.contextmanager
+def locked(workdir: str | os.PathLike) -> Iterator[epath.Path]:
+    """Hold ``workdir/train.lock`` for the duration; raises WorkdirError if another live run holds it."""
+    path = as_path(workdir) / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if is_remote(path):
+        me["token"] = uuid.uuid4().hex
+        _take_remote(path, me)
     else:
-        raise WorkdirError(f"could not take the lock {path}")
+        _take_local(path, me)
     try:
         yield path
     finally:
         with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == me["pid"]:
+            held = json.loads(path.read_text())
+            if held.get("pid") == me["pid"] and held.get("token") == me.get("token"):
                 path.unlink()
 
 
@@ -96,9 +189,11 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     return [k for k in keys if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
 
 
-def record_config(workdir: str | Path, config: Any, *, resuming: bool, allow_change: bool = False) -> Path:
+def record_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, allow_change: bool = False
+                  ) -> epath.Path:
     """Write ``workdir/config.resolved.json``; when ``resuming``, first refuse a changed config (WorkdirError)."""
-    path = Path(workdir) / CONFIG_FILE
+    workdir = as_path(workdir)
+    path = workdir / CONFIG_FILE
     current = resolved_config(config)
     if resuming and path.is_file():
         try:
@@ -110,11 +205,9 @@ def record_config(workdir: str | Path, config: Any, *, resuming: bool, allow_cha
             a, b = _flatten(saved), _flatten(current)
             shown = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed[:4])
             more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-            raise WorkdirError(f"resume of {Path(workdir)} with a changed config: {shown}{more}; use the saved "
+            raise WorkdirError(f"resume of {workdir} with a changed config: {shown}{more}; use the saved "
                                f"config ({path}), another workdir, or --allow-config-change")
         if changed:
             print(f"[train] resuming with a changed config (allowed): {', '.join(changed)}", flush=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
     return path

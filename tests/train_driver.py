@@ -1,11 +1,12 @@
 """Run the tiny trainer in a fresh process (for the kill -9, resume and multi-process tests).
 
 usage: python train_driver.py WORKDIR --steps N [--devices D] [--block-finalize-at STEP]
-       [--coordinator HOST:PORT --num-processes P --process-id I] [--mesh data,fsdp]
+       [--coordinator HOST:PORT --num-processes P --process-id I] [--mesh data,fsdp] [--export]
 
 --block-finalize-at STEP: when Orbax is about to rename the finished temporary directory of STEP into
 place, write WORKDIR/finalize_blocked and sleep, so the test can kill -9 the process mid-save.
-Prints one JSON line with the losses and the final step at the end.
+Prints one JSON line with the losses and the final step at the end. WORKDIR may be a gs:// URL: with
+JAX_REFINE_TEST_GCS_ROOT set, the bucket is the local stand-in of tests/gcs_standin.py.
 """
 from __future__ import annotations
 
@@ -27,13 +28,18 @@ def main() -> None:
     ap.add_argument("--process-id", type=int, default=None)
     ap.add_argument("--mesh", default="-1,1")
     ap.add_argument("--every", type=int, default=2)
+    ap.add_argument("--export", action="store_true", help="TensorBoard on and the HF export at the end")
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here), str(here.parent)]
 
     import jax
+    from etils import epath
 
+    import gcs_standin
+
+    gcs_standin.activate_from_env()
     jax.config.update("jax_num_cpu_devices", args.devices)
     from jax_refine import distributed
 
@@ -47,7 +53,7 @@ def main() -> None:
         def blocking(original):
             async def finalize(self, *a, **k):
                 if self.get_final().name == str(args.block_finalize_at):
-                    (Path(args.workdir) / "finalize_blocked").write_text(str(self.get()))
+                    (epath.Path(args.workdir) / "finalize_blocked").write_text(str(self.get()))
                     time.sleep(600)  # killed here: the data is written, the rename never happens
                 return await original(self, *a, **k)
             return finalize
@@ -61,11 +67,13 @@ def main() -> None:
 
     data, fsdp = (int(v) for v in args.mesh.split(","))
     config = tiny_config(args.workdir, **{"train.num_steps": args.steps, "checkpoint.every_steps": args.every,
-                                          "checkpoint.max_to_keep": 5})
+                                          "checkpoint.max_to_keep": 5,
+                                          "train.export_hf": args.export, "log.tensorboard": args.export})
     mesh = shd.make_mesh({"data": data, "fsdp": fsdp, "tensor": 1})
     out = train.train(config, data_iter=SyntheticIterator(int(config.train.batch_size)), mesh=mesh)
     if jax.process_index() == 0:
-        losses = [json.loads(line)["loss"] for line in (Path(args.workdir) / "metrics.jsonl").read_text().splitlines()]
+        text = (epath.Path(args.workdir) / "metrics.jsonl").read_text()
+        losses = [json.loads(line)["loss"] for line in text.splitlines()]
         print("RESULT " + json.dumps({"losses": losses, "steps": out["steps"]}), flush=True)
 
 

@@ -1,5 +1,12 @@
-"""The map between Hugging Face `CLIPModel` tensor names and our `jax_refine.model.CLIP` parameters.
+"""Hugging Face `CLIPModel` checkpoints in and out of our NNX `CLIP`: the name map, config, load and save.
 
+- `load(directory)`: `config.json` (model_type "clip") + `model.safetensors` (or a sharded index, or
+  `pytorch_model.bin`) through `jax_refine.hf.load_weights`.
+- `save(model, out_dir)`: `config.json` + `model.safetensors` + `preprocessor_config.json` +
+  `vocab.json`/`merges.txt` that `transformers.CLIPModel.from_pretrained(out_dir)` opens with no missing or
+  unexpected keys.
+
+The name map:
 One regex table, read in both directions: each row maps our parameter path (`/`-joined, e.g.
 `vision/layers/3/attn/qkv`) to the HF name(s) that hold it and a layout `kind`. `{x}` in an HF name
 marks a fused parameter: our `qkv` / `qkv_bias` hold HF's `q_proj`, `k_proj`, `v_proj` at index 0, 1, 2
@@ -11,10 +18,23 @@ Layouts (HF torch -> ours): `copy` same array; `linear` `(out, in)` -> `(in, out
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 import re
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from transformers import CLIPConfig
+from transformers.utils import logging as hf_logging
+
+from jax_refine import hf, preprocess
+from jax_refine.models.clip.modeling import CLIP, create_clip
 
 _L = r"(text|vision)/layers/(\d+)"
 _HL = r"\1_model.encoder.layers.\2"
@@ -122,3 +142,101 @@ def piece_index(kind: str, index: int) -> tuple:
     if kind == "qkv_bias":
         return (index,)
     return ()
+
+
+def name_map(channels: int = 3) -> hf.NameMap:
+    """The `hf.NameMap` of a `CLIP` with `channels` image channels."""
+    return hf.NameMap(hf_names, functools.partial(hf_shapes, channels=channels), to_ours, to_hf, piece_index, IGNORED)
+
+
+# --------------------------------------------------------------------------------------- config
+def config_from(obj: Any) -> CLIPConfig:
+    """A `transformers.CLIPConfig` from a CLIPConfig, a dict, a `config.json` path or a checkpoint dir.
+
+    Raises ValueError for a non-CLIP config (e.g. model_type 'siglip' or 'bert') and FileNotFoundError
+    for a missing file.
+    """
+    if isinstance(obj, CLIPConfig):
+        return obj
+    source = "config dict"
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        path = path / hf.CONFIG if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        source = str(path)
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"cannot make a CLIPConfig from {type(obj).__name__}")
+    model_type = obj.get("model_type", "clip")
+    if model_type != "clip":
+        raise ValueError(f"{source}: model_type is {model_type!r}, not 'clip' (transformers.CLIPModel)")
+    return CLIPConfig.from_dict(dict(obj))
+
+
+def detect(directory: Path) -> bool:
+    """A Hugging Face `CLIPModel` directory: `config.json` with model_type "clip"."""
+    return _model_type(directory) == "clip"
+
+
+def _model_type(directory: Path) -> str | None:
+    try:
+        return json.loads((Path(directory) / hf.CONFIG).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------- loading
+def load(directory: str | os.PathLike, dtype: Any = jnp.float32, shardings: Any = None, *,
+         param_dtype: Any = jnp.float32, **options: Any) -> CLIP:
+    """A `CLIP` with the weights of the HF checkpoint `directory`. `dtype`: compute dtype; `shardings` as in
+    `jax_refine.hf.load_weights`; `options`: `attention`, `remat`, `scan_layers` (see `CLIP`)."""
+    directory = Path(directory)
+    config = config_from(directory)
+    reader = hf.open_weights(directory)
+    abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                           **options))
+    return hf.load_weights(abstract, reader, name_map(config.vision_config.num_channels), directory,
+                           shardings=shardings)
+
+
+# ---------------------------------------------------------------------------------------- saving
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
+    """The model's parameters as HF `CLIPModel` tensors {name: numpy} (C-contiguous)."""
+    return hf.state_dict(model, name_map(model.config.vision_config.num_channels))
+
+
+def tokenizer(directory: str | os.PathLike | None = None) -> Any:
+    """CLIP's BPE tokenizer (`transformers.CLIPTokenizer`) of a checkpoint directory, else the packaged one."""
+    return preprocess.get_tokenizer(directory)
+
+
+def save(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+         overwrite: bool = True) -> Path:
+    """`config.json` + `model.safetensors` + `preprocessor_config.json` + `vocab.json`/`merges.txt` (from
+    `tokenizer_dir` when it holds both, else the packaged ones) in `out_dir`; see `hf.write_checkpoint`."""
+    given = tokenizer_dir is not None and all((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES)
+    source = Path(tokenizer_dir) if given else preprocess.TOKENIZER_DIR
+
+    def extras(tmp: Path) -> None:
+        size = int(model.image_size)  # CLIP's resize-shortest-edge + center crop at this size
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
+        try:  # imported here, under the raised verbosity: looking the class up is what warns
+            from transformers import CLIPImageProcessor
+
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        processor.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+
+    return hf.write_checkpoint(model, out_dir, lambda: hf_state_dict(model), extras, overwrite=overwrite)

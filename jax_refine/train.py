@@ -316,3 +316,10 @@ def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return
     out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}
     return {**out, "state": state} if return_state else out
+
+
+def _start_checkpoint_dir(config: Any) -> Path | None:
+    """The directory of the start checkpoint (its tokenizer files go into the export); None for a random init."""
+    if config.model.get("random_init") is not None:
+        return None
+    return hf.resolve_checkpoint(config.model.name_or_path)

@@ -26,11 +26,12 @@ from jax.sharding import Mesh
 from jax_refine import checkpoint as ckpt
 from jax_refine import config as config_lib
 from jax_refine import distributed, hf, hooks, objectives
-from jax_refine import model as model_lib
 from jax_refine import sharding as shd
 from jax_refine import step as step_lib
 from jax_refine import train_state as ts
 from jax_refine import workdir as workdir_lib
+from jax_refine.models import registry
+from jax_refine.models.interface import Family
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -46,25 +47,26 @@ def compute_dtype(config: Any) -> Any:
 
 
 def model_options(config: Any) -> dict[str, Any]:
-    """``config.model``'s speed/memory switches as ``CLIP`` keyword arguments (defaults: xla, none, False)."""
+    """``config.model``'s speed/memory switches as model keyword arguments (defaults: xla, none, False)."""
     return {"attention": config.model.get("attention", "xla"), "remat": config.model.get("remat", "none"),
             "scan_layers": bool(config.model.get("scan_layers", False))}
 
 
 def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
-    """Build the model abstractly (``nnx.eval_shape``), derive shardings from the logical names and
-    ``config.mesh.rules``, and return a loader that creates/loads the start params into them."""
+    """Build the model of any registered family abstractly (``nnx.eval_shape``), derive shardings from the
+    logical names and ``config.mesh.rules``, and return a loader that creates/loads the start params into them.
+
+    ``config.model.random_init``: a transformers config dict (its ``model_type`` picks the family, default
+    CLIP) drawn at random; else ``config.model.name_or_path``: a checkpoint of any family (``hf.load_pretrained``).
+    """
     dtype = compute_dtype(config)
-    clip_config = clip_config_of(config)
+    family, model_config = model_config_of(config)
     random_init = config.model.get("random_init") is not None
     seed = int(config.seed)
-
     opts = model_options(config)
 
     def make():
-        if random_init:
-            return model_lib.create_clip(clip_config, seed=seed, dtype=dtype, **opts)
-        return model_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0), **opts)
+        return family.create(model_config, seed=seed, dtype=dtype, **opts)
 
     abstract_model = nnx.eval_shape(make)
     graphdef, abstract_params, rest = ts.split_model(abstract_model)
@@ -77,9 +79,10 @@ def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
         by_path = {ts.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
 
         def load():
-            model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path)
+            model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path, **opts)
             return ts.split_model(model)[1]
-    return step_lib.ModelSetup(clip_config, graphdef, rest, abstract_params, params_sh, load, dtype, tuple(config.mesh.rules))
+    return step_lib.ModelSetup(abstract_model, graphdef, rest, abstract_params, params_sh, load, dtype,
+                               tuple(config.mesh.rules))
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -120,7 +123,7 @@ def build_trainer(config: Any, mesh: Mesh | None = None, total_steps: int | None
     shd.check_batch_size(int(config.train.batch_size), mesh, int(config.train.grad_accum))
     setup = setup_model(config, mesh)
     if objective.needs_reference:  # a bad RaFA prior fails here, not at the first step's trace
-        jax.eval_shape(lambda: step_lib.step_reference(jax.random.key(0), (2, int(setup.clip_config.projection_dim)),
+        jax.eval_shape(lambda: step_lib.step_reference(jax.random.key(0), (2, int(setup.model.feature_dim)),
                                               config.method))
     total_steps = int(total_steps if total_steps is not None else config.train.num_steps)
     frozen_extra = () if objective.uses_logit_scale else ("^logit_scale$",)
@@ -159,22 +162,27 @@ def describe_compiled(compiled: Any, batch_size: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- the loop
-def clip_config_of(config: Any) -> Any:
-    """The ``transformers.CLIPConfig`` of ``config.model`` (random-init dict or checkpoint's config.json)."""
+def model_config_of(config: Any) -> tuple[Family, Any]:
+    """The family and transformers config of ``config.model`` (a random-init dict, whose ``model_type`` picks
+    the family, default CLIP; or the checkpoint at ``name_or_path``, any registered family)."""
     init = config.model.get("random_init")
     if init is not None:
-        return hf.clip_config_from(init.to_dict() if hasattr(init, "to_dict") else dict(init))
-    return hf.clip_config_from(hf.resolve_checkpoint(config.model.name_or_path))
+        init = init.to_dict() if hasattr(init, "to_dict") else dict(init)
+        family = registry.family_of_config(init)
+        return family, family.config_from(init)
+    directory = hf.resolve_checkpoint(config.model.name_or_path)
+    family = registry.family_of(directory)
+    return family, family.config_from(directory)
 
 
-def make_data_iterator(config: Any, clip_config: Any) -> Iterator:
-    """This process's slice of the training data (the data package's resumable ``TrainIterator``)."""
+def make_data_iterator(config: Any, model: Any) -> Iterator:
+    """This process's slice of the training data (the data package's resumable ``TrainIterator``) at the
+    image size and text length of ``model`` (a ``Model``, abstract is enough)."""
     from jax_refine import data  # imports TensorFlow: only when the config's own data is read
 
     return data.make_train_iterator(
-        config.data, global_batch_size=int(config.train.batch_size),
-        image_size=int(clip_config.vision_config.image_size),
-        max_length=min(77, int(clip_config.text_config.max_position_embeddings)), seed=int(config.seed),
+        config.data, global_batch_size=int(config.train.batch_size), image_size=int(model.image_size),
+        max_length=min(77, int(model.text_length)), seed=int(config.seed),
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -218,14 +226,14 @@ def _drop_metrics_after(path: epath.Path, step: int) -> None:
         print(f"[train] {path}: dropped {len(lines) - len(keep)} lines of steps after {step} (redone now)", flush=True)
 
 
-def export_hf(model: nnx.Module, out: epath.Path) -> epath.Path:
-    """``hf.save_pretrained(model, out)``; for a bucket ``out``, written to a local directory first and then
-    uploaded file by file, ``config.json`` last (a reader that finds it finds the weights). Not atomic in a
+def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None) -> epath.Path:
+    """``hf.save_pretrained(model, out, tokenizer_dir=)``; for a bucket ``out``, written to a local directory
+    first and then uploaded file by file, ``config.json`` last (a reader that finds it finds the weights). Not atomic in a
     bucket: a cut-short upload leaves some files, and a rerun replaces them. All processes call it."""
     if not workdir_lib.is_remote(out):
-        return epath.Path(hf.save_pretrained(model, out))
+        return epath.Path(hf.save_pretrained(model, out, tokenizer_dir=tokenizer_dir))
     with tempfile.TemporaryDirectory(prefix="jax_refine-export-") as local:
-        staged = hf.save_pretrained(model, Path(local) / "hf")
+        staged = hf.save_pretrained(model, Path(local) / "hf", tokenizer_dir=tokenizer_dir)
         if distributed.is_main():
             workdir_lib.upload_tree(staged, out, last=("config.json",))
     return out
@@ -267,7 +275,8 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
 
 def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
     if data_iter is None:
-        data_iter = make_data_iterator(config, clip_config_of(config))
+        family, model_config = model_config_of(config)
+        data_iter = make_data_iterator(config, nnx.eval_shape(lambda: family.create(model_config)))
     num_steps = config.train.get("num_steps")
     if num_steps is None:
         per_epoch = getattr(data_iter, "steps_per_epoch", None)
@@ -280,7 +289,7 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
         return ckpt.make_manager(directory, max_to_keep=int(config.checkpoint.max_to_keep),
                                  async_save=bool(config.checkpoint.async_save))
 
-    meta = {"clip_config": trainer.setup.clip_config.to_dict(), "method": config.method.name,
+    meta = {**ckpt.model_meta(trainer.setup.model), "method": config.method.name,
             "dtype": config.model.get("dtype", "float32")}
     mngr, latest, saved, data_state = ckpt.restore_latest_good(workdir / ckpt.CHECKPOINT_SUBDIR,
                                                                trainer.abstract_saved(), make_manager)
@@ -322,7 +331,14 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
     hf_dir = None
     if not preemption.preempted and bool(config.train.get("export_hf", True)) and end > 0:
         model = nnx.merge(trainer.setup.graphdef, state.params, trainer.setup.rest)
-        hf_dir = str(export_hf(model, workdir / "hf"))
+        hf_dir = str(export_hf(model, workdir / "hf", tokenizer_dir=_start_checkpoint_dir(config)))
     out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}
     return {**out, "state": state} if return_state else out
+
+
+def _start_checkpoint_dir(config: Any) -> Path | None:
+    """The directory of the start checkpoint (its tokenizer files go into the export); None for a random init."""
+    if config.model.get("random_init") is not None:
+        return None
+    return hf.resolve_checkpoint(config.model.name_or_path)

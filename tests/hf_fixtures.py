@@ -106,3 +106,27 @@ def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mas
                                           attention_mask=mask)
             txt = out.pooler_output.numpy()
     return img, txt
+
+
+# --- SigLIP: random transformers SiglipModel checkpoints (tests/test_siglip.py, tests/test_model_registry.py) ---
+TINY_SIGLIP = dict(
+    text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=16, projection_size=48, pad_token_id=1, eos_token_id=1, bos_token_id=None),
+    vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+)
+
+
+def write_hf_siglip(out_dir, spec, seed=0):
+    """A random torch `SiglipModel(spec)` (every tensor perturbed, logit bias/scale non-zero), saved by HF.
+    Returns `(out_dir, torch_model)`."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(**spec)).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return out_dir, model

@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "train|val|test|restval, joined with + (default test)")
     d.add_argument("--out", required=True, help="TFDS data_dir to write")
     d.add_argument("--name", help="dataset config name (default: the annotations file name)")
+    d.add_argument("--image-size", type=int, help="store each photo with its shortest side resized to this many "
+                                                 "pixels (the model's image size; JPEG q95), so training decodes "
+                                                 "small images (default: the original bytes)")
+    d.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg", help="of the resized photos")
 
     g = add("config", "Print the fully resolved config (the method's preset weights filled in, overrides applied) "
                       "as JSON, to see and diff exactly what a run will use.")

@@ -90,7 +90,9 @@ def prepare_data(args, overrides: list[str]) -> int:
     if overrides:
         raise ValueError(f"prepare-data takes no config overrides, got {' '.join(overrides)}")
     out = data.prepare_coco_json(args.annotations, args.images, args.out, name=args.name,
-                                 format=getattr(args, "format", None), subset=getattr(args, "split", None))
+                                 format=getattr(args, "format", None), subset=getattr(args, "split", None),
+                                 image_size=getattr(args, "image_size", None),
+                                 image_format=getattr(args, "image_format", "jpeg"))
     print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out} "
           "--config.data.split=train")
     return 0

@@ -79,8 +79,9 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_crop(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
-    """Shortest side -> `size` (PIL bicubic on uint8), center crop: (size, size, 3) uint8."""
+def resize_shortest(image: Image.Image | np.ndarray, size: int = 224) -> Image.Image:
+    """RGB image with its shortest side resized to `size` (PIL bicubic on uint8; long side
+    `int(size * long / short)`), the `CLIPImageProcessor` resize; returned as is when already that size."""
     img = to_rgb(image)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
@@ -88,6 +89,13 @@ def resize_crop(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    return img
+
+
+def resize_crop(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
+    """Shortest side -> `size` (`resize_shortest`), center crop: (size, size, 3) uint8."""
+    img = resize_shortest(image, size)
+    new_w, new_h = img.size
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.asarray(img, np.uint8)[top : top + size, left : left + size]
 
@@ -103,8 +111,15 @@ def preprocess_image(image: Image.Image | np.ndarray, size: int = 224) -> np.nda
     return normalize(resize_crop(image, size))
 
 
-def decode_resize_crop(data: bytes, size: int = 224) -> np.ndarray:
-    """Encoded image bytes (JPEG/PNG/...) -> (size, size, 3) uint8; raises OSError/ValueError if corrupt."""
+def decode_resize_crop(data: bytes, size: int = 224, fast: bool = False) -> np.ndarray:
+    """Encoded image bytes (JPEG/PNG/...) -> (size, size, 3) uint8; raises OSError/ValueError if corrupt.
+
+    `fast=False`: exactly `CLIPImageProcessor`'s pixels. `fast=True`: a JPEG is first decoded at 1/2, 1/4 or
+    1/8 scale in the DCT domain (`Image.draft`: the largest that keeps both sides >= size; other formats
+    as is), then resized the same way: close to, not equal to, those pixels (tests/test_data_decoding.py).
+    """
     with Image.open(io.BytesIO(data)) as img:
+        if fast:
+            img.draft("RGB", (size, size))
         img.load()
         return resize_crop(img, size)

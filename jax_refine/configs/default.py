@@ -65,6 +65,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 10_000  # tfds / tfds_dir only (TFRecords have no random access)
     c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
     c.data.prefetch = 2
+    c.data.fast_decode = False  # JPEG decoded at 1/2-1/8 DCT scale before the exact resize (data/decoding.py)
 
     # --- training ------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

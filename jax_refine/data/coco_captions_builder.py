@@ -5,12 +5,15 @@ The caption set is read by `coco_format.read_coco_json` (the format is described
 
 The prepared dataset has the features of the catalog's `coco_captions` that the pipeline reads
 ("image" encoded bytes, "image/id", "image/filename", "captions" {"text", "id"}), so one reader serves
-both. Images are stored as their original bytes (never decoded at prepare time): a corrupt or missing
+both. Images are stored as their original bytes (never decoded at prepare time), or, with `image_size`,
+resized once to the model's resolution (`decoding.resize_for_storage`) so training decodes small images:
+a corrupt or missing
 file is stored as-is / empty and skipped-and-counted by the training pipeline; an image without
 captions is stored with an empty caption list and skipped-and-counted the same way.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_refine.data import decoding
 from jax_refine.data.coco_format import check_trainable
 from jax_refine.data.sources import read_captions
 from jax_refine.data.tf_runtime import tfds
@@ -50,6 +54,8 @@ class CocoJsonConfig(tfds.core.BuilderConfig):
     split: str = "train"
     format: str = ""
     subset: str = ""
+    image_size: int = 0  # > 0: photos stored with the shortest side resized to this (decoding.resize_for_storage)
+    image_format: str = "jpeg"  # of the resized photos: jpeg (quality 95) | png
 
 
 class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
@@ -83,9 +89,8 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, records):
         missing = 0
-        for rec in records:
+        for rec, data in zip(records, _stored_images(records, self.builder_config)):
             path = Path(rec["path"])
-            data = path.read_bytes() if path.is_file() else b""  # missing file: skipped + counted later
             if not data:
                 missing += 1
                 if missing <= 20:
@@ -98,17 +103,36 @@ class CocoCaptionsJson(tfds.core.GeneratorBasedBuilder):
             }
 
 
+def _stored_images(records, cfg: CocoJsonConfig):
+    """Each record's image bytes in order: the file's bytes (b"" when missing), or with `cfg.image_size`
+    resized on a thread per core (PIL releases the GIL); an unreadable file is stored as it is."""
+    def load(rec) -> bytes:
+        path = Path(rec["path"])
+        data = path.read_bytes() if path.is_file() else b""  # missing file: skipped + counted later
+        if data and cfg.image_size:
+            try:
+                return decoding.resize_for_storage(data, cfg.image_size, cfg.image_format)
+            except Exception as e:  # noqa: BLE001 - stored as is: training skips and counts it
+                log.warning("cannot resize %s (%s): stored as it is", path, e)
+        return data
+
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        for start in range(0, len(records), 256):  # in chunks: a bounded number of images held at a time
+            yield from pool.map(load, records[start:start + 256])
+
+
 def _config_name(annotations: str | Path, images: str | Path, name: str | None = None,
-                 subset: str | None = None) -> str:
-    """`<name or annotations stem[_subset]>-<content_key>`: one prepared dataset per content."""
+                 subset: str | None = None, image_size: int = 0) -> str:
+    """`<name or annotations stem[_subset]>-<content_key>[-<image_size>px]`: one prepared dataset per content."""
     stem = name or (Path(annotations).stem + (f"_{Path(subset).stem}" if subset else ""))
     base = re.sub(r"[^\w\-.]", "_", stem) or "default"
-    return f"{base}-{content_key(annotations, images)}"
+    return f"{base}-{content_key(annotations, images)}" + (f"-{image_size}px" if image_size else "")
 
 
 def prepare_coco_json(
     annotations: str | Path, images: str | Path, out_dir: str | Path, *, name: str | None = None,
-    split: str = "train", format: str | None = None, subset: str | None = None,
+    split: str = "train", format: str | None = None, subset: str | None = None, image_size: int | None = None,
+    image_format: str = "jpeg",
 ) -> Path:
     """Write the caption set as a TFDS dataset under `out_dir` once; returns its dataset directory.
 
@@ -118,14 +142,21 @@ def prepare_coco_json(
     `<name>-<content_key>` (hash of the annotations file and the image listing) under the builder's version,
     so a changed file or image set with the same file name is prepared anew (and the log says so).
     `format` / `subset`: any caption format `sources.read_captions` reads (Flickr token file + split list,
-    Karpathy JSON + split); the default is detected from the file.
+    Karpathy JSON + split); the default is detected from the file. `image_size`: store each photo with its
+    shortest side resized to it (the CLIPImageProcessor resize; JPEG quality 95 or `image_format="png"`), so
+    training at that size decodes small images and skips the resize; default: the original bytes.
     """
     fmt = format or ""
     records = read_captions(annotations, images, format=fmt or None, split=subset)  # fail fast, before TFDS
     check_trainable(records, annotations)
-    config_name = _config_name(annotations, images, name, subset)
+    if image_size is not None and int(image_size) < 1:
+        raise ValueError(f"image_size={image_size!r}: a positive number of pixels, or None for the original bytes")
+    if image_format not in ("jpeg", "png"):
+        raise ValueError(f"image_format={image_format!r}: use 'jpeg' or 'png'")
+    size = int(image_size or 0)
+    config_name = _config_name(annotations, images, name, subset, size) + ("-png" if size and image_format == "png" else "")
     cfg = CocoJsonConfig(name=config_name, annotations=str(annotations), images=str(images), split=split,
-                         format=fmt, subset=subset or "")
+                         format=fmt, subset=subset or "", image_size=size, image_format=image_format)
     out_dir = Path(out_dir).absolute()  # relative to the caller's directory, printed in full
     builder = CocoCaptionsJson(config=cfg, data_dir=str(out_dir))
     if not builder.is_prepared():

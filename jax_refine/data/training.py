@@ -10,7 +10,8 @@ The order of an epoch e (the first stage below):
     buffer (`data.shuffle_buffer`) seeded by (seed, e): an approximation of a permutation.
 Then (tf.data, all lazy):
   -> enumerate (index within the epoch) -> skip(position) [resume: raw records, nothing decoded]
-  -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, CLIPImageProcessor pixels)
+  -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, CLIPImageProcessor pixels; with
+     `data.fast_decode` a JPEG is decoded at reduced DCT scale first, see data/decoding.py)
   -> running counts of skipped examples (scan) -> drop skipped -> batch -> tokenize, normalize -> prefetch.
 The iterator is endless (epochs roll over, so hosts never wait on each other); a batch is always full.
 State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds epoch e and skips
@@ -19,6 +20,7 @@ State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds e
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,7 +46,8 @@ class TrainIterator:
 
     def __init__(self, builder, split: str | None, *, global_batch_size: int, image_size: int, max_length: int,
                  seed: int, process_index: int, process_count: int, tokenizer, caption_mode: str = "random",
-                 shuffle_buffer: int = 10_000, num_parallel_calls: int = -1, prefetch: int = 2):
+                 shuffle_buffer: int = 10_000, num_parallel_calls: int = -1, prefetch: int = 2,
+                 fast_decode: bool = False):
         if caption_mode not in ("random", "all"):
             raise ValueError(f"caption_mode={caption_mode!r}: use 'random' or 'all'")
         hosts.check_process(process_index, process_count)
@@ -57,6 +60,7 @@ class TrainIterator:
         self.seed, self.caption_mode = int(seed), caption_mode
         self.process_index, self.process_count = process_index, process_count
         self.shuffle_buffer, self.num_parallel_calls, self.prefetch = shuffle_buffer, num_parallel_calls, prefetch
+        self.fast_decode = bool(fast_decode)
         self.host_split = (tfds.even_splits(split, process_count)[process_index]
                            if process_count > 1 and not self.listed else split)
         self.num_examples = self._count_examples()
@@ -136,7 +140,7 @@ class TrainIterator:
         end = {"image": tf.constant(b""), "caption": tf.constant(b""), "key": tf.constant(b"<end>"),
                "status": tf.constant(decoding.END, tf.int32), "index": tf.constant(-1, tf.int64)}
         ds = ds.concatenate(tf.data.Dataset.from_tensors(end))
-        ds = decoding.decode_images(ds, self.image_size, self.num_parallel_calls)
+        ds = decoding.decode_images(ds, self.image_size, self.num_parallel_calls, fast=self.fast_decode)
 
         def count(totals, ex):
             totals = totals + tf.cast(tf.stack([ex["status"] == decoding.NO_CAPTION,
@@ -153,9 +157,7 @@ class TrainIterator:
                     "status": b["status"], "index": b["index"], "skipped": b["skipped"]}
 
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        options = tf.data.Options()
-        options.deterministic = True
-        return ds.with_options(options).prefetch(self.prefetch or tf.data.AUTOTUNE)
+        return ds.with_options(decoding.thread_options()).prefetch(self.prefetch or tf.data.AUTOTUNE)
 
     @staticmethod
     def _one_caption(rec, eseed: int):
@@ -253,10 +255,15 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, image_size:
                                           split_seed=int(f(data_config, "split_seed", 42)))
     else:
         builder = sources.open_caption_builder(data_config, process_count=process_count)
+        stored = re.search(r"-(\d+)px(-png)?$", Path(str(f(data_config, "data_dir", ""))).parent.name)
+        if stored and int(stored.group(1)) < image_size:  # prepare-data --image-size smaller than the model's
+            raise ValueError(f"data.data_dir={f(data_config, 'data_dir')} holds photos prepared at {stored.group(1)} px "
+                             f"but the model takes {image_size} px: prepare again with --image-size {image_size}")
     return TrainIterator(
         builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, image_size=image_size,
         max_length=max_length, seed=seed, process_index=process_index, process_count=process_count,
         tokenizer=tokenizer, caption_mode=f(data_config, "caption_mode", "random"),
         shuffle_buffer=int(f(data_config, "shuffle_buffer", 10_000)),
         num_parallel_calls=int(f(data_config, "num_parallel_calls", -1)), prefetch=int(f(data_config, "prefetch", 2)),
+        fast_decode=bool(f(data_config, "fast_decode", False)),
     )

@@ -428,12 +428,12 @@ def sigmoid_loss(image_features: Array, text_features: Array, logit_scale: Array
     if bias.size != 1:
         raise ValueError(f"{fn}: logit_bias must be a scalar, got shape {bias.shape}")
     bias = bias.astype(jnp.float32).reshape(())
-    fi, ft = _prep(image_features, normalize), _prep(text_features, normalize)
+    fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
     texts = ctx.gather(ft)
     rows = ctx.offset + jnp.arange(b)
 
     def block_sum(cols: Array, start: Array | int) -> Array:
-        logits = t * _dot(fi, cols) + bias
+        logits = t * dot(fi, cols) + bias
         sign = jnp.where(rows[:, None] == start + jnp.arange(cols.shape[0])[None, :], 1.0, -1.0)
         return -jnp.sum(jax.nn.log_sigmoid(sign * logits))
 

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jax_refine import checkpoint as ckpt
 from jax_refine import config as config_lib
-from jax_refine import distributed, hf, hooks, objectives
+from jax_refine import distributed, hf, hooks, objectives, preprocess
 from jax_refine import model as model_lib
 from jax_refine import sharding as shd
 from jax_refine import step as step_lib
@@ -49,6 +49,27 @@ def model_options(config: Any) -> dict[str, Any]:
             "scan_layers": bool(config.model.get("scan_layers", False))}
 
 
+def model_factory(config: Any) -> Callable[[], Any]:
+    """``() -> model`` of ``config.model``: random init (``random_init``) or the checkpoint's architecture with
+    placeholder weights (for ``nnx.eval_shape``; the weights are loaded into their shardings later)."""
+    dtype, clip_config, seed = compute_dtype(config), clip_config_of(config), int(config.seed)
+    opts = model_options(config)
+
+    def make():
+        if config.model.get("random_init") is not None:
+            return model_lib.create_clip(clip_config, seed=seed, dtype=dtype, **opts)
+        return model_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0), **opts)
+
+    return make
+
+
+def model_preprocessing(config: Any) -> preprocess.Preprocessing:
+    """The input preprocessing ``config.model`` takes (its abstract model's interface attributes; the tokenizer
+    from its checkpoint directory, CLIP's packaged BPE for a random-init CLIP)."""
+    source = None if config.model.get("random_init") is not None else hf.resolve_checkpoint(config.model.name_or_path)
+    return preprocess.Preprocessing.of_model(nnx.eval_shape(model_factory(config)), tokenizer_source=source)
+
+
 def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
     """Build the model abstractly (``nnx.eval_shape``), derive shardings from the logical names and
     ``config.mesh.rules``, and return a loader that creates/loads the start params into them."""
@@ -57,13 +78,7 @@ def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
     random_init = config.model.get("random_init") is not None
     seed = int(config.seed)
 
-    opts = model_options(config)
-
-    def make():
-        if random_init:
-            return model_lib.create_clip(clip_config, seed=seed, dtype=dtype, **opts)
-        return model_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0), **opts)
-
+    make = model_factory(config)
     abstract_model = nnx.eval_shape(make)
     graphdef, abstract_params, rest = ts.split_model(abstract_model)
     params_sh = shd.param_shardings(abstract_params, ts.logical_specs(abstract_model), mesh, config.mesh.rules)
@@ -121,8 +136,7 @@ def build_trainer(config: Any, mesh: Mesh | None = None, total_steps: int | None
         jax.eval_shape(lambda: step_lib.step_reference(jax.random.key(0), (2, int(setup.clip_config.projection_dim)),
                                               config.method))
     total_steps = int(total_steps if total_steps is not None else config.train.num_steps)
-    frozen_extra = () if objective.uses_logit_scale else ("^logit_scale$",)
-    labels = ts.freeze_labels(setup.abstract_params, tuple(config.train.get("freeze") or ()), frozen_extra)
+    labels = ts.freeze_labels(setup.abstract_params, tuple(config.train.get("freeze") or ()), objective.frozen)
     tx, schedule = ts.make_optimizer(config.optimizer, labels, total_steps, config.train.get("clip_norm"))
     state_sh = ts.state_shardings(tx, setup.abstract_params, setup.param_shardings, mesh, objective.needs_teacher)
     step = step_lib.make_train_step(setup, config.method, tx, schedule, labels, mesh, int(config.train.grad_accum))
@@ -165,14 +179,13 @@ def clip_config_of(config: Any) -> Any:
     return hf.clip_config_from(hf.resolve_checkpoint(config.model.name_or_path))
 
 
-def make_data_iterator(config: Any, clip_config: Any) -> Iterator:
-    """This process's slice of the training data (the data package's resumable ``TrainIterator``)."""
+def make_data_iterator(config: Any, prep: preprocess.Preprocessing) -> Iterator:
+    """This process's slice of the training data (the data package's resumable ``TrainIterator``), prepared
+    as the model takes it (``prep``: ``model_preprocessing(config)``)."""
     from jax_refine import data  # imports TensorFlow: only when the config's own data is read
 
     return data.make_train_iterator(
-        config.data, global_batch_size=int(config.train.batch_size),
-        image_size=int(clip_config.vision_config.image_size),
-        max_length=min(77, int(clip_config.text_config.max_position_embeddings)), seed=int(config.seed),
+        config.data, global_batch_size=int(config.train.batch_size), prep=prep, seed=int(config.seed),
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -249,7 +262,7 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
 
 def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
     if data_iter is None:
-        data_iter = make_data_iterator(config, clip_config_of(config))
+        data_iter = make_data_iterator(config, model_preprocessing(config))
     num_steps = config.train.get("num_steps")
     if num_steps is None:
         per_epoch = getattr(data_iter, "steps_per_epoch", None)

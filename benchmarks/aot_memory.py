@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PRESET_DEVICES = {"gpu8": 8, "tpu_pod": None}  # None: --pod-devices
+PRESET_DEVICES = {"cpu": 8, "gpu8": 8, "tpu_pod": None}  # None: --pod-devices; cpu: data parallel over 8
 
 
 def _setup_devices(n: int) -> None:

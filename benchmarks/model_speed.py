@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from hf_fixtures import SIZES, hf_clip_config  # noqa: E402
 
-from jax_refine.model import create_clip  # noqa: E402
+from jax_refine.models.clip.modeling import create_clip  # noqa: E402
 
 
 def _time(fn, reps: int) -> float:

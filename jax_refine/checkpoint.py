@@ -4,13 +4,15 @@ Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,train,data,meta}``
   params, opt_state: ``StandardSave`` pytrees (restored into the current mesh's shardings, so a run on 8
   devices restores on 1 and vice versa); train: every other saved field of the ``TrainState`` (``step``,
   ``rng`` and the fields a subclass adds); data: the data iterators' states (JSON, one per process); meta:
-  the ``CLIPConfig`` dict and the method name (``load_model`` needs them).
+  the model ``family`` and its transformers config dict (``model_config``), the method name and the dtype
+  (``load_model`` needs them; older checkpoints hold a ``clip_config`` and no family: CLIP).
 The teacher is never saved (``TrainState.NOT_SAVED``): it is the start weights, re-derived on resume.
 Orbax writes each step into a temporary directory and renames it when complete, so a save killed half
 way is never listed by ``all_steps``/``latest_step`` (and is removed at the next start).
 
 ``load_model(source)`` is the one way to get a model for evaluation, export and the commands: an in-memory
-model, a training workdir, a step directory, a Hugging Face export directory or a hub id.
+model, a training workdir, a step directory, a checkpoint directory of any registered family (Hugging Face
+CLIP or SigLIP, open_clip's format) or a hub id.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_refine import hf, model as model_lib
+from jax_refine import hf
+from jax_refine.models import registry
 from jax_refine.train_state import TrainState, path_str, split_model
 
 PyTree = Any
@@ -244,38 +247,52 @@ def _resolve(path: str | Path) -> tuple[Path, int]:
 
 
 def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings: Any = None) -> nnx.Module:
-    """The one model loader: a ``CLIP`` from ``source``.
+    """The one model loader: a model (`jax_refine.models.interface.Model`) from ``source``.
 
     ``source``: an in-memory ``nnx.Module`` (returned as is); a training workdir (its newest intact step), its
-    ``checkpoints`` dir or one step dir (the student params); a Hugging Face directory with ``config.json``
-    (``hf.load_pretrained``); or a hub id ``org/name``. ``dtype``: compute dtype (default: the checkpoint's
-    ``meta`` dtype, float32 for Hugging Face weights). ``shardings``: optional ``(path, logical_names) ->
-    Sharding`` callable (default one device).
+    ``checkpoints`` dir or one step dir (the student params, built as the family the run recorded); a checkpoint
+    directory of any registered family (``hf.load_pretrained``; an unknown one is a one-line error naming what
+    it holds); or a hub id ``org/name``. ``dtype``: compute dtype (default: the checkpoint's ``meta`` dtype,
+    float32 for Hugging Face weights). ``shardings``: optional ``(path, logical_names) -> Sharding`` callable
+    (default one device).
     """
     if isinstance(source, nnx.Module):
         return source
     path = Path(str(source)).expanduser()
     if path.exists():
-        if (path / "config.json").is_file():
-            return hf.load_pretrained(str(path), jnp.dtype(dtype or "float32"), shardings=shardings)
-        if path.is_dir():
+        if path.is_dir() and _is_orbax(path):
             return _load_checkpoint(path, dtype, shardings)
-        raise ValueError(f"model {source}: not a Hugging Face directory (no config.json) or a checkpoint directory")
+        if path.is_dir():
+            return hf.load_pretrained(str(path), jnp.dtype(dtype or "float32"), shardings=shardings)
+        raise ValueError(f"model {source}: a file, not a model checkpoint directory or a training workdir")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
     return hf.load_pretrained(str(source), jnp.dtype(dtype or "float32"), shardings=shardings)
 
 
+def _is_orbax(path: Path) -> bool:
+    """A training workdir, its checkpoints dir or a step dir (an Orbax layout, not a model checkpoint)."""
+    if (path / CHECKPOINT_SUBDIR).is_dir() or (path / "params").is_dir():
+        return True
+    return any(d.name.isdigit() and (d / "params").is_dir() for d in path.iterdir())
+
+
+def model_meta(model: nnx.Module) -> dict[str, Any]:
+    """What a checkpoint records to rebuild ``model``: its family and its transformers config dict."""
+    return {"family": model.family, "model_config": model.config.to_dict()}
+
+
 def _load_checkpoint(workdir_or_step_dir: Path, dtype: Any, shardings: Any) -> nnx.Module:
-    """The student ``CLIP`` of an Orbax checkpoint (a workdir -> its newest intact step, or a step dir)."""
+    """The student model of an Orbax checkpoint (a workdir -> its newest intact step, or a step dir)."""
     root, step = _resolve(workdir_or_step_dir)
     check_step_files(root / str(step))
     mngr = make_manager(root, read_only=True, async_save=False)
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        config = hf.clip_config_from(meta["clip_config"])
+        family = registry.family_named(meta.get("family", "clip"))
+        config = family.config_from(meta["model_config"] if "model_config" in meta else meta["clip_config"])
         dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
-        abstract_model = nnx.eval_shape(lambda: model_lib.CLIP(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        abstract_model = nnx.eval_shape(lambda: family.create(config, dtype=dtype))
         graphdef, abstract_params, rest = split_model(abstract_model)
         specs = nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)).to_pure_dict()
         default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -81,7 +81,7 @@ def export(args, overrides: list[str]) -> int:
     outputs.check_target(args.out, kind="export", overwrite=args.overwrite)  # before the checkpoint is read
     model = checkpoint.load_model(args.checkpoint)
     out = hf.save_pretrained(model, args.out, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} -> {out} (open with transformers.CLIPModel.from_pretrained)")
+    print(f"exported {args.checkpoint} ({model.family}) -> {out} (open with transformers.AutoModel.from_pretrained)")
     return 0
 
 

@@ -1,24 +1,27 @@
-"""Hugging Face CLIP checkpoints in and out of our NNX `CLIP` (no torch needed).
+"""Checkpoints in and out, for every model family: resolution, weight readers, one load loop, one writer.
 
-- `load_pretrained(name_or_path)`: a local directory with `config.json` + `model.safetensors`
-  (or a sharded `model.safetensors.index.json`, or `pytorch_model.bin`), or a hub id fetched (and
-  cached) through `huggingface_hub`. The model is built abstractly first and every tensor goes
-  straight into its final sharding.
-- `save_pretrained(model, out_dir)`: `config.json` + `model.safetensors` (+ tokenizer files) that
-  `transformers.CLIPModel.from_pretrained(out_dir)` opens with no missing or unexpected keys.
-
-Names and layouts are mapped by the regex table in `jax_refine.hf_names`.
+- `resolve_checkpoint(name_or_path)`: a local directory, or a hub id fetched (and cached) through
+  `huggingface_hub` (config, one weights format, tokenizer files).
+- Readers (`SafetensorsReader`, `TorchBinReader`, `open_weights(dir)`): lazy `shapes {name: shape}` and
+  `get(name) -> numpy`, no torch needed.
+- `load_weights(module, reader, names, source, shardings=)`: the one loop that fills an abstract NNX
+  module from a reader through a family's `NameMap` (checked: missing / unexpected / mis-shaped keys in one
+  line), each tensor placed straight into its final sharding. `state_dict(model, names)` is the way back.
+- `write_checkpoint(model, out_dir, tensors, write_extras)`: config + `model.safetensors` (+ the family's
+  processor and tokenizer files), replaced atomically, written by process 0.
+- `load_pretrained(path)` / `save_pretrained(model, path)`: any family, dispatched through
+  `jax_refine.models.registry` (CLIP, open_clip's format, SigLIP).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import re
-import shutil
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,49 +35,20 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from jax.experimental import multihost_utils
 import safetensors
 import safetensors.numpy
-from transformers import CLIPConfig
-from transformers.utils import logging as hf_logging
 
-from jax_refine import hf_names, outputs
-from jax_refine.model import CLIP
+from jax_refine import outputs
 
 ShardingFn = Callable[[str, tuple], "jax.sharding.Sharding | None"]
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-PACKAGED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Fetched from the hub when present: every family's tokenizer and processor files.
+HUB_EXTRAS = ("vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
+              OPEN_CLIP_CONFIG)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-# --------------------------------------------------------------------------------------- config
-def clip_config_from(obj: Any):
-    """A `transformers.CLIPConfig` from a CLIPConfig, a dict, a `config.json` path or a checkpoint dir.
-
-    Raises ValueError for a non-CLIP config (e.g. model_type 'siglip' or 'bert') and FileNotFoundError
-    for a missing file.
-    """
-    if isinstance(obj, CLIPConfig):
-        return obj
-    source = "config dict"
-    if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        path = path / CONFIG if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        source = str(path)
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"cannot make a CLIPConfig from {type(obj).__name__}")
-    model_type = obj.get("model_type", "clip")
-    if model_type != "clip":
-        raise ValueError(f"{source}: model_type is {model_type!r}, but jax_refine loads CLIP models only "
-                         "(model_type 'clip', transformers.CLIPModel)")
-    return CLIPConfig.from_dict(dict(obj))
 
 
 # ------------------------------------------------------------------------------------- resolving
@@ -82,7 +56,14 @@ def _is_local_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
-def _hub_download(repo_id: str, filename: str, required: bool) -> str | None:
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face hub repo id (`org/name`) and not as a local path."""
+    return not _is_local_path(name) and bool(_HUB_ID.fullmatch(name))
+
+
+def hub_download(repo_id: str, filename: str, required: bool) -> str | None:
+    """`filename` of hub repo `repo_id` from the cache or the network; None when absent and not `required`,
+    else a one-line FileNotFoundError naming the repo."""
     try:
         return huggingface_hub.hf_hub_download(repo_id, filename)
     except EntryNotFoundError as e:
@@ -102,23 +83,23 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     name = str(name_or_path)
-    if _is_local_path(name) or not _HUB_ID.fullmatch(name):
+    if not is_hub_id(name):
         raise FileNotFoundError(f"{name}: no such checkpoint directory (and not a Hugging Face hub id)")
-    config = _hub_download(name, CONFIG, required=True)
-    for weights in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN):
-        got = _hub_download(name, weights, required=False)
+    config = hub_download(name, CONFIG, required=False) or hub_download(name, OPEN_CLIP_CONFIG, required=True)
+    for weights in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, *OPEN_CLIP_WEIGHTS):
+        got = hub_download(name, weights, required=False)
         if got and weights == SAFETENSORS_INDEX:
             for shard in sorted(set(json.loads(Path(got).read_text())["weight_map"].values())):
-                _hub_download(name, shard, required=True)
+                hub_download(name, shard, required=True)
         if got:
             break
-    for extra in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json"):
-        _hub_download(name, extra, required=False)
+    for extra in HUB_EXTRAS:
+        hub_download(name, extra, required=False)
     return Path(config).parent
 
 
 # --------------------------------------------------------------------------------------- reading
-class _Safetensors:
+class SafetensorsReader:
     """Lazy reader over one or more safetensors files: `shapes` from headers, `get(key)` as numpy."""
 
     def __init__(self, files: list[Path]):
@@ -188,7 +169,7 @@ class _TorchUnpickler(pickle.Unpickler):
         return np.frombuffer(raw, dtype=dtype)
 
 
-def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
+def read_torch_bin(file: Path) -> dict[str, np.ndarray]:
     """`pytorch_model.bin` -> {name: numpy}. Reads the zip format without torch; torch for anything else."""
     try:
         with zipfile.ZipFile(file) as archive:
@@ -205,31 +186,56 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
         return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
-class _TorchBin:
+class TorchBinReader:
+    """A torch state dict file read whole: `shapes`, `get(key)` as numpy."""
+
     def __init__(self, file: Path):
-        self.tensors = _read_torch_bin(file)
+        self.tensors = read_torch_bin(file)
         self.shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
 
     def get(self, key: str) -> np.ndarray:
         return self.tensors[key]
 
 
-def _open_weights(directory: Path) -> _Safetensors | _TorchBin:
+def open_weights(directory: Path) -> SafetensorsReader | TorchBinReader:
+    """The reader of an HF checkpoint directory's weights: safetensors, a sharded index, or `pytorch_model.bin`."""
     if (directory / SAFETENSORS).is_file():
-        return _Safetensors([directory / SAFETENSORS])
+        return SafetensorsReader([directory / SAFETENSORS])
     if (directory / SAFETENSORS_INDEX).is_file():
         index = json.loads((directory / SAFETENSORS_INDEX).read_text())["weight_map"]
         files = [directory / f for f in sorted(set(index.values()))]
         if missing := [f for f in files if not f.is_file()]:
             raise FileNotFoundError(f"{missing[0]}: shard named in {SAFETENSORS_INDEX} not found")
-        return _Safetensors(files)
+        return SafetensorsReader(files)
     if (directory / TORCH_BIN).is_file():
-        return _TorchBin(directory / TORCH_BIN)
+        return TorchBinReader(directory / TORCH_BIN)
     raise FileNotFoundError(f"{directory}: no weights file ({SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN})")
 
 
-# --------------------------------------------------------------------------------------- loading
-def _flat_params(state: Any) -> Iterator[tuple[str, Any]]:
+
+# ------------------------------------------------------------------------------------- name maps
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """How one family names and lays out its parameters in a checkpoint format (built by the family's
+    `params.py`). Our paths are `/`-joined (`vision/layers/3/attn/qkv`); a `kind` names a layout.
+
+    names(path) -> (kind, checkpoint names: several for a parameter fused from several tensors);
+    shapes(path, shape) -> [(checkpoint name, checkpoint shape)] of each piece;
+    to_ours(kind, tensor, our_shape) -> one piece in our layout; to_hf(kind, array, piece_shape, index) ->
+    piece `index` of our array in the checkpoint's layout; piece_index(kind, index) -> where piece `index`
+    sits inside our array (`()` = all of it); ignored: checkpoint names that are never parameters.
+    """
+
+    names: Callable[[str], tuple[str, list[str]]]
+    shapes: Callable[[str, tuple[int, ...]], Iterable[tuple[str, tuple[int, ...]]]]
+    to_ours: Callable[[str, np.ndarray, tuple[int, ...]], np.ndarray]
+    to_hf: Callable[[str, np.ndarray, tuple[int, ...], int], np.ndarray]
+    piece_index: Callable[[str, int], tuple]
+    ignored: re.Pattern | None = None
+
+
+def flat_params(state: Any) -> Iterator[tuple[str, Any]]:
+    """`(path "a/b/0/c", variable)` of every variable in an `nnx.State`."""
     for path, var in nnx.to_flat_state(state):
         yield "/".join(str(p) for p in path), var
 
@@ -238,57 +244,69 @@ def _short(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _check_keys(source: Path, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
-    """One-line ValueError naming the missing / unexpected / mis-shaped keys, if any."""
+def check_keys(source: Any, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+               ignored: re.Pattern | None = None) -> None:
+    """One-line ValueError naming the missing / unexpected / mis-shaped keys of `source`, if any."""
     missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected and not hf_names.IGNORED.fullmatch(k)]
+    unexpected = [k for k in shapes if k not in expected and not (ignored and ignored.fullmatch(k))]
     bad = [f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
     problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)) if v]
     if problems:
-        raise ValueError(f"{source}: checkpoint does not match its config.json: " + "; ".join(problems))
+        raise ValueError(f"{source}: checkpoint does not match its config: " + "; ".join(problems))
 
 
-def _sharding_fn(shardings: Any) -> ShardingFn:
+def sharding_fn(shardings: Any) -> ShardingFn:
     """Normalize `shardings` (None, a callable, a mapping or `nnx.State` by path) to a callable."""
     if shardings is None:
         return lambda path, names: None
     if callable(shardings):
         return shardings
     if isinstance(shardings, nnx.State):
-        shardings = {p: getattr(v, "value", v) for p, v in _flat_params(shardings)}
+        shardings = {p: getattr(v, "value", v) for p, v in flat_params(shardings)}
     return lambda path, names: shardings.get(path)
 
 
-def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *, shardings: Any = None,
-                    param_dtype: Any = jnp.float32) -> CLIP:
-    """A `CLIP` with the weights of a HF checkpoint (local dir or hub id). `dtype`: compute dtype.
+# --------------------------------------------------------------------------------------- loading
+def load_weights(module: nnx.Module, reader: Any, names: NameMap, source: Any, *, shardings: Any = None
+                 ) -> nnx.Module:
+    """`module` (abstract, from `nnx.eval_shape`; its parameter dtypes are the storage dtypes) with every
+    parameter read from `reader` (`shapes`, `get(name)`) through `names`; returns the merged module.
 
     `shardings`: None (default device), a callable `(param_path, logical_names) -> Sharding | None`, or a
-    mapping / `nnx.State` of shardings by parameter path (`vision/layers/0/attn/qkv`). Each parameter is
-    assembled on the host and placed directly into its sharding.
+    mapping / `nnx.State` of shardings by parameter path. Each parameter is assembled on the host and placed
+    directly into its sharding. `source` names the checkpoint in errors.
     """
-    directory = resolve_checkpoint(name_or_path)
-    config = clip_config_from(directory)
-    reader = _open_weights(directory)
-    abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    channels = config.vision_config.num_channels
-    params = list(_flat_params(state))
-    sharding_for = _sharding_fn(shardings)
-    expected = {k: s for path, var in params for k, s in hf_names.hf_shapes(path, var.shape, channels)}
-    _check_keys(directory, reader.shapes, expected)
+    graphdef, state = nnx.split(module)
+    params = list(flat_params(state))
+    sharding_for = sharding_fn(shardings)
+    expected = {k: s for path, var in params for k, s in names.shapes(path, tuple(var.shape))}
+    check_keys(source, reader.shapes, expected, names.ignored)
     for path, var in params:
-        kind, keys = hf_names.hf_names(path)
+        kind, keys = names.names(path)
         host = np.empty(var.shape, np.dtype(var.dtype))
         for i, key in enumerate(keys):
-            host[hf_names.piece_index(kind, i)] = hf_names.to_ours(kind, reader.get(key), var.shape)
+            host[names.piece_index(kind, i)] = names.to_ours(kind, reader.get(key), tuple(var.shape))
         sharding = sharding_for(path, tuple(var.get_metadata().get("out_sharding") or ()))
         if sharding is None:
             var.set_value(jax.device_put(host))
         else:
             var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
     return nnx.merge(graphdef, state)
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *, shardings: Any = None,
+                    **options: Any) -> nnx.Module:
+    """The model of a checkpoint of any registered family (local dir or hub id), e.g. a `CLIP` or a `SigLIP`.
+
+    `dtype`: compute dtype; `shardings` as in `load_weights`; `options`: `param_dtype`, `attention`,
+    `remat`, `scan_layers`, and the family's own (open_clip: `config`). An unknown family is a one-line error
+    naming what the directory holds (`jax_refine.models.registry.family_of`).
+    """
+    from jax_refine.models import registry  # the families import this module
+
+    directory = resolve_checkpoint(name_or_path)
+    return registry.family_of(directory).load(directory, dtype, shardings, **options)
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -299,49 +317,45 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
-    """The model's parameters as HF `CLIPModel` tensors {name: numpy} (C-contiguous)."""
+def state_dict(model: nnx.Module, names: NameMap) -> dict[str, np.ndarray]:
+    """The model's parameters as checkpoint tensors `{name: numpy}` (C-contiguous) through `names`."""
     out = {}
-    channels = model.config.vision_config.num_channels
-    for path, var in _flat_params(nnx.state(model, nnx.Param)):
+    for path, var in flat_params(nnx.state(model, nnx.Param)):
         a = to_host(var[...])
-        kind, _ = hf_names.hf_names(path)
-        for i, (key, shape) in enumerate(hf_names.hf_shapes(path, a.shape, channels)):
-            out[key] = hf_names.to_hf(kind, a, shape, i)
+        kind, _ = names.names(path)
+        for i, (key, shape) in enumerate(names.shapes(path, a.shape)):
+            out[key] = names.to_hf(kind, a, shape, i)
     return out
 
 
-def save_pretrained(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-                    overwrite: bool = True) -> Path:
-    """Write `config.json` + `model.safetensors` + `preprocessor_config.json` + `vocab.json`/`merges.txt` to
-    `out_dir`, replaced atomically through `jax_refine.outputs.output_dir` (kind "export").
+def write_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, tensors: Callable[[], dict[str, np.ndarray]],
+                     write_extras: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """`config.json` (the model's transformers config) + `model.safetensors` (`tensors()`), then
+    `write_extras(dir)` (processor, tokenizer files), into `out_dir`, replaced atomically through
+    `jax_refine.outputs.output_dir` (kind "export").
 
     `overwrite=False` refuses a non-empty `out_dir`; a training workdir, checkpoint or git repository is never
-    replaced. Tokenizer files come from `tokenizer_dir` when given, else the packaged ones. Under multi-host,
-    every process must call this (parameters are gathered) and process 0 writes.
+    replaced. Under multi-host every process calls this (`tensors()` gathers) and process 0 writes.
     """
     out = Path(out_dir).expanduser().absolute()
     outputs.check_target(out, kind="export", overwrite=overwrite)
-    tensors = hf_state_dict(model)
+    arrays = tensors()
     if jax.process_index() != 0:
         return out
     with outputs.output_dir(out, kind="export", overwrite=overwrite) as tmp:
         config = model.config
-        config.dtype = str(next(iter(tensors.values())).dtype)
+        config.dtype = str(next(iter(arrays.values())).dtype)
         config.save_pretrained(tmp)
-        safetensors.numpy.save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
-        size = int(config.vision_config.image_size)  # CLIP's resize-shortest-edge + center crop at this size
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
-        try:  # imported here, under the raised verbosity: looking the class up is what warns
-            from transformers import CLIPImageProcessor
-
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        processor.save_pretrained(tmp)
-        source = Path(tokenizer_dir) if tokenizer_dir is not None else PACKAGED_TOKENIZER
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        safetensors.numpy.save_file(arrays, tmp / SAFETENSORS, metadata={"format": "pt"})
+        write_extras(tmp)
     return out
+
+
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                    overwrite: bool = True) -> Path:
+    """Write `model` in its family's Hugging Face format (`model.family`: a CLIP opens in
+    `transformers.CLIPModel.from_pretrained`, a SigLIP in `SiglipModel`) with its tokenizer files (from
+    `tokenizer_dir` when given, else the family's packaged ones, if any). See `write_checkpoint`."""
+    from jax_refine.models import registry  # the families import this module
+
+    return registry.family_named(model.family).save(model, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)

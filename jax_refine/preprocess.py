@@ -148,7 +148,6 @@ def decode_resize_crop(data: bytes, size: int = 224, fast: bool = False, resize:
 
 
 PADDINGS = ("longest", "max_length")
-TOKENIZERS = ("clip", "siglip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +158,9 @@ class Preprocessing:
     resize: "crop" (shortest side bicubic + center crop) | "squash" (bicubic to size x size);
     text_length: tokens per text; padding: "longest" (CLIP: pads masked, any pad length gives the same
     features; we pad to text_length) | "max_length" (SigLIP: pads are model input, attention mask all ones);
-    tokenizer: "clip" (BPE, `get_tokenizer`) | "siglip" (SentencePiece, `models.siglip.tokenizer`);
-    tokenizer_source: the checkpoint directory holding the tokenizer files (None: CLIP's packaged BPE).
+    tokenizer: the model family whose tokenizer it is (`jax_refine.models.registry`: "clip" BPE, "siglip"
+    SentencePiece); tokenizer_source: the checkpoint directory (or hub id) holding the tokenizer files (None:
+    the family's packaged one, CLIP's BPE; SigLIP has none).
     """
 
     image_size: int = 224
@@ -173,8 +173,7 @@ class Preprocessing:
     tokenizer_source: str | None = None
 
     def __post_init__(self):
-        for name, value, allowed in (("resize", self.resize, tuple(RESIZES)), ("padding", self.padding, PADDINGS),
-                                     ("tokenizer", self.tokenizer, TOKENIZERS)):
+        for name, value, allowed in (("resize", self.resize, tuple(RESIZES)), ("padding", self.padding, PADDINGS)):
             if value not in allowed:
                 raise ValueError(f"Preprocessing.{name}={value!r}: use one of {allowed}")
         for name in ("mean", "std"):
@@ -190,43 +189,24 @@ class Preprocessing:
 
     @classmethod
     def of_model(cls, model: Any, tokenizer_source: str | Path | None = None) -> "Preprocessing":
-        """The preprocessing of `model` (the model interface: family, image_size, pixel_mean/std, resize,
-        text_length, text_padding); `tokenizer_source`: its checkpoint directory (needed for SigLIP)."""
-        family = getattr(model, "family", None) or ("siglip" if getattr(model, "logit_bias", None) is not None
-                                                    else "clip")
-        if family not in TOKENIZERS:
-            raise ValueError(f"model family {family!r} has no tokenizer here; known: {TOKENIZERS}")
-        siglip = family == "siglip"
-        try:  # a model without the interface attributes: a transformers CLIPConfig-built CLIP
-            size = getattr(model, "image_size", None) or model.config.vision_config.image_size
-            length = getattr(model, "text_length", None) or min(77, model.config.text_config.max_position_embeddings)
-        except AttributeError as e:
-            raise TypeError(f"{type(model).__name__} has no image_size/text_length (the model interface)") from e
-        return cls(image_size=int(size), mean=tuple(getattr(model, "pixel_mean", CLIP_MEAN)),
-                   std=tuple(getattr(model, "pixel_std", CLIP_STD)),
-                   resize=getattr(model, "resize", "squash" if siglip else "crop"), text_length=int(length),
-                   padding=getattr(model, "text_padding", "max_length" if siglip else "longest"),
-                   tokenizer=family, tokenizer_source=None if tokenizer_source is None else str(tokenizer_source))
+        """The preprocessing of `model` (`jax_refine.models.interface.Model`: family, image_size, pixel_mean,
+        pixel_std, resize, text_length, text_padding; an abstract model is enough); `tokenizer_source`: the
+        checkpoint it came from (needed for SigLIP, whose tokenizer ships with the checkpoint)."""
+        return cls(image_size=int(model.image_size), mean=tuple(model.pixel_mean), std=tuple(model.pixel_std),
+                   resize=model.resize, text_length=int(model.text_length), padding=model.text_padding,
+                   tokenizer=model.family, tokenizer_source=tokenizer_source)
 
     def get_tokenizer(self) -> Any:
-        """The tokenizer object (cached per directory): CLIP's BPE (packaged when no source) or SigLIP's
-        SentencePiece from `tokenizer_source`."""
-        if self.tokenizer == "clip":
-            return get_tokenizer(self.tokenizer_source)
-        if self.tokenizer_source is None:
-            raise ValueError("SigLIP's SentencePiece tokenizer is read from its checkpoint directory: give "
-                             "Preprocessing.of_model(model, tokenizer_source=<dir with spiece.model>)")
-        return _siglip_tokenizer(self.tokenizer_source)
+        """The family's tokenizer (`Family.tokenizer`) read from `tokenizer_source` (None: its packaged one)."""
+        from jax_refine.models import registry  # here: the model families import this module
+
+        return registry.family_named(self.tokenizer).tokenizer(self.tokenizer_source)
 
     def tokenize(self, texts: str | Sequence[str], tokenizer: Any = None) -> dict[str, np.ndarray]:
-        """{"input_ids", "attention_mask": (N, text_length) int32}; `tokenizer` overrides `get_tokenizer()`.
-        With padding "max_length" the mask is all ones: the model attends to the pads (SigLIP)."""
-        tok = tokenizer if tokenizer is not None else self.get_tokenizer()
-        if self.tokenizer == "clip":
-            return tokenize(texts, tok, self.text_length)
-        from jax_refine.models.siglip import tokenizer as siglip_tok  # here: it imports jax_refine.hf
-
-        out = siglip_tok.tokenize([texts] if isinstance(texts, str) else list(texts), tok, self.text_length)
+        """{"input_ids", "attention_mask": (N, text_length) int32} (`tokenize`: every family's HF tokenizer pads
+        to text_length and truncates); `tokenizer` overrides `get_tokenizer()`. With padding "max_length" the
+        mask is all ones: the model attends to its pads (SigLIP, as transformers' SiglipModel runs unmasked)."""
+        out = tokenize(texts, tokenizer if tokenizer is not None else self.get_tokenizer(), self.text_length)
         if self.padding == "max_length":
             out["attention_mask"] = np.ones_like(out["attention_mask"])
         return out
@@ -242,13 +222,6 @@ class Preprocessing:
     def image(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """One PIL image / uint8 array -> (image_size, image_size, 3) float32, what `encode_image` takes."""
         return self.normalize(RESIZES[self.resize](image, self.image_size))
-
-
-@functools.lru_cache(maxsize=8)
-def _siglip_tokenizer(directory: str):
-    from jax_refine.models.siglip import tokenizer as siglip_tok
-
-    return siglip_tok.get_tokenizer(directory)
 
 
 def preprocessing_arg(prep: Preprocessing | None, image_size: int | None = None,

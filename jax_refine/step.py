@@ -27,7 +27,7 @@ BATCH_KEYS = ("image", "input_ids", "attention_mask")
 @dataclasses.dataclass
 class ModelSetup:
     """The model as the step needs it: graph, abstract params and their shardings, and a start-params loader."""
-    clip_config: Any  # transformers.CLIPConfig
+    model: Any  # the abstract model (jax_refine.models.interface.Model: feature_dim, image_size, config, ...)
     graphdef: nnx.GraphDef
     rest: nnx.State  # non-Param model state (empty for CLIP)
     abstract_params: PyTree  # ShapeDtypeStructs (pure dict)
@@ -64,7 +64,7 @@ def make_train_step(setup: ModelSetup, method_cfg: Any, tx: optax.GradientTransf
     """
     objective = objectives.get_objective(method_cfg)
     method_cfg = objectives.resolve_method(method_cfg)  # the preset's weights, alpha, normalize filled in
-    proj_dim = int(setup.clip_config.projection_dim)
+    proj_dim = int(setup.model.feature_dim)
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
     def features(params: PyTree, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -24,11 +24,12 @@ from jax.sharding import Mesh
 from jax_refine import checkpoint as ckpt
 from jax_refine import config as config_lib
 from jax_refine import distributed, hf, hooks, objectives, preprocess
-from jax_refine import model as model_lib
 from jax_refine import sharding as shd
 from jax_refine import step as step_lib
 from jax_refine import train_state as ts
 from jax_refine import workdir as workdir_lib
+from jax_refine.models import registry
+from jax_refine.models.interface import Family
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -44,41 +45,35 @@ def compute_dtype(config: Any) -> Any:
 
 
 def model_options(config: Any) -> dict[str, Any]:
-    """``config.model``'s speed/memory switches as ``CLIP`` keyword arguments (defaults: xla, none, False)."""
+    """``config.model``'s speed/memory switches as model keyword arguments (defaults: xla, none, False)."""
     return {"attention": config.model.get("attention", "xla"), "remat": config.model.get("remat", "none"),
             "scan_layers": bool(config.model.get("scan_layers", False))}
-
-
-def model_factory(config: Any) -> Callable[[], Any]:
-    """``() -> model`` of ``config.model``: random init (``random_init``) or the checkpoint's architecture with
-    placeholder weights (for ``nnx.eval_shape``; the weights are loaded into their shardings later)."""
-    dtype, clip_config, seed = compute_dtype(config), clip_config_of(config), int(config.seed)
-    opts = model_options(config)
-
-    def make():
-        if config.model.get("random_init") is not None:
-            return model_lib.create_clip(clip_config, seed=seed, dtype=dtype, **opts)
-        return model_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0), **opts)
-
-    return make
 
 
 def model_preprocessing(config: Any) -> preprocess.Preprocessing:
     """The input preprocessing ``config.model`` takes (its abstract model's interface attributes; the tokenizer
     from its checkpoint directory, CLIP's packaged BPE for a random-init CLIP)."""
-    source = None if config.model.get("random_init") is not None else hf.resolve_checkpoint(config.model.name_or_path)
-    return preprocess.Preprocessing.of_model(nnx.eval_shape(model_factory(config)), tokenizer_source=source)
+    family, model_config = model_config_of(config)
+    return preprocess.Preprocessing.of_model(nnx.eval_shape(lambda: family.create(model_config)),
+                                             tokenizer_source=_start_checkpoint_dir(config))
 
 
 def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
-    """Build the model abstractly (``nnx.eval_shape``), derive shardings from the logical names and
-    ``config.mesh.rules``, and return a loader that creates/loads the start params into them."""
+    """Build the model of any registered family abstractly (``nnx.eval_shape``), derive shardings from the
+    logical names and ``config.mesh.rules``, and return a loader that creates/loads the start params into them.
+
+    ``config.model.random_init``: a transformers config dict (its ``model_type`` picks the family, default
+    CLIP) drawn at random; else ``config.model.name_or_path``: a checkpoint of any family (``hf.load_pretrained``).
+    """
     dtype = compute_dtype(config)
-    clip_config = clip_config_of(config)
+    family, model_config = model_config_of(config)
     random_init = config.model.get("random_init") is not None
     seed = int(config.seed)
+    opts = model_options(config)
 
-    make = model_factory(config)
+    def make():
+        return family.create(model_config, seed=seed, dtype=dtype, **opts)
+
     abstract_model = nnx.eval_shape(make)
     graphdef, abstract_params, rest = ts.split_model(abstract_model)
     params_sh = shd.param_shardings(abstract_params, ts.logical_specs(abstract_model), mesh, config.mesh.rules)
@@ -90,9 +85,10 @@ def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
         by_path = {ts.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
 
         def load():
-            model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path)
+            model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path, **opts)
             return ts.split_model(model)[1]
-    return step_lib.ModelSetup(clip_config, graphdef, rest, abstract_params, params_sh, load, dtype, tuple(config.mesh.rules))
+    return step_lib.ModelSetup(abstract_model, graphdef, rest, abstract_params, params_sh, load, dtype,
+                               tuple(config.mesh.rules))
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -133,7 +129,7 @@ def build_trainer(config: Any, mesh: Mesh | None = None, total_steps: int | None
     shd.check_batch_size(int(config.train.batch_size), mesh, int(config.train.grad_accum))
     setup = setup_model(config, mesh)
     if objective.needs_reference:  # a bad RaFA prior fails here, not at the first step's trace
-        jax.eval_shape(lambda: step_lib.step_reference(jax.random.key(0), (2, int(setup.clip_config.projection_dim)),
+        jax.eval_shape(lambda: step_lib.step_reference(jax.random.key(0), (2, int(setup.model.feature_dim)),
                                               config.method))
     total_steps = int(total_steps if total_steps is not None else config.train.num_steps)
     labels = ts.freeze_labels(setup.abstract_params, tuple(config.train.get("freeze") or ()), objective.frozen)
@@ -171,12 +167,17 @@ def describe_compiled(compiled: Any, batch_size: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- the loop
-def clip_config_of(config: Any) -> Any:
-    """The ``transformers.CLIPConfig`` of ``config.model`` (random-init dict or checkpoint's config.json)."""
+def model_config_of(config: Any) -> tuple[Family, Any]:
+    """The family and transformers config of ``config.model`` (a random-init dict, whose ``model_type`` picks
+    the family, default CLIP; or the checkpoint at ``name_or_path``, any registered family)."""
     init = config.model.get("random_init")
     if init is not None:
-        return hf.clip_config_from(init.to_dict() if hasattr(init, "to_dict") else dict(init))
-    return hf.clip_config_from(hf.resolve_checkpoint(config.model.name_or_path))
+        init = init.to_dict() if hasattr(init, "to_dict") else dict(init)
+        family = registry.family_of_config(init)
+        return family, family.config_from(init)
+    directory = hf.resolve_checkpoint(config.model.name_or_path)
+    family = registry.family_of(directory)
+    return family, family.config_from(directory)
 
 
 def make_data_iterator(config: Any, prep: preprocess.Preprocessing) -> Iterator:
@@ -275,7 +276,7 @@ def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return
         return ckpt.make_manager(directory, max_to_keep=int(config.checkpoint.max_to_keep),
                                  async_save=bool(config.checkpoint.async_save))
 
-    meta = {"clip_config": trainer.setup.clip_config.to_dict(), "method": config.method.name,
+    meta = {**ckpt.model_meta(trainer.setup.model), "method": config.method.name,
             "dtype": config.model.get("dtype", "float32")}
     mngr, latest, saved, data_state = ckpt.restore_latest_good(workdir / ckpt.CHECKPOINT_SUBDIR,
                                                                trainer.abstract_saved(), make_manager)
@@ -316,7 +317,14 @@ def _train(config: Any, workdir: Path, data_iter: Any, mesh: Mesh | None, return
     hf_dir = None
     if not preemption.preempted and bool(config.train.get("export_hf", True)) and end > 0:
         model = nnx.merge(trainer.setup.graphdef, state.params, trainer.setup.rest)
-        hf_dir = str(hf.save_pretrained(model, workdir / "hf"))
+        hf_dir = str(hf.save_pretrained(model, workdir / "hf", tokenizer_dir=_start_checkpoint_dir(config)))
     out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}
     return {**out, "state": state} if return_state else out
+
+
+def _start_checkpoint_dir(config: Any) -> Path | None:
+    """The directory of the start checkpoint (its tokenizer files go into the export); None for a random init."""
+    if config.model.get("random_init") is not None:
+        return None
+    return hf.resolve_checkpoint(config.model.name_or_path)

@@ -1,4 +1,4 @@
-"""Numerics of `jax_refine.model.CLIP` against transformers' PyTorch `CLIPModel` on the same weights."""
+"""Numerics of `jax_refine.models.clip.modeling.CLIP` against transformers' PyTorch `CLIPModel` on the same weights."""
 from __future__ import annotations
 
 import jax
@@ -11,8 +11,9 @@ from hf_fixtures import (clip_tokenizer, hf_clip_config, hf_reference_features, 
                          random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
 
-from jax_refine.hf import hf_state_dict, load_pretrained
-from jax_refine.model import CLIP, create_clip
+from jax_refine.hf import load_pretrained
+from jax_refine.models.clip.modeling import CLIP, create_clip
+from jax_refine.models.clip.params import hf_state_dict
 
 CAPTIONS = ["a photo of a cat", "Two dogs, running on the beach at sunset (very fast)!", "x",
             "ünïcödé café — naïve 東京 🚀"]
@@ -158,7 +159,7 @@ def _size_config(name: str) -> CLIPConfig:
 @pytest.mark.parametrize("name", ["B/32", "B/16", "L/14", "L/14-336"])
 def test_every_clip_size_matches_hf_layout(name):
     """Abstract init of the full-size models: every HF tensor exists with HF's shape (torch meta model)."""
-    from jax_refine import hf_names
+    from jax_refine.models.clip import params as clip_params
 
     config = _size_config(name)
     with torch.device("meta"):
@@ -172,7 +173,7 @@ def test_every_clip_size_matches_hf_layout(name):
     model, fi, ft = nnx.eval_shape(build_and_run)
     assert fi.shape == (1, config.projection_dim) and ft.shape == (2, config.projection_dim)
     ours = {k: s for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            for k, s in hf_names.hf_shapes("/".join(map(str, path)), v.shape)}
+            for k, s in clip_params.hf_shapes("/".join(map(str, path)), v.shape)}
     assert ours == ref_shapes
 
 

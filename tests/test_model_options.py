@@ -17,7 +17,8 @@ from train_helpers import synthetic_batch, tiny_config
 from transformers import CLIPModel
 
 from jax_refine import hf, sharding as shd, train
-from jax_refine.model import create_clip, with_options
+from jax_refine.models.clip.modeling import create_clip, with_options
+from jax_refine.models.clip.params import hf_state_dict
 
 BATCH = synthetic_batch(0, 4)
 
@@ -72,7 +73,7 @@ def test_scan_remat_matches_pytorch(tiny_hf_clip_dir):
     np.testing.assert_allclose(np.asarray(model.encode_image(pixels)), ri, rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(model.encode_text(BATCH["input_ids"], BATCH["attention_mask"])), rt,
                                rtol=0, atol=1e-4)
-    assert set(hf.hf_state_dict(model)) == {k for k in ref.state_dict() if not k.endswith("position_ids")}
+    assert set(hf_state_dict(model)) == {k for k in ref.state_dict() if not k.endswith("position_ids")}
 
 
 def test_scanned_train_step_same_update(tmp_path):
@@ -108,7 +109,7 @@ def test_activation_names_become_batch_constraints():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_refine.configs.default import get_config
-    from jax_refine.model import ACT
+    from jax_refine.models.clip.modeling import ACT
 
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     x = jax.device_put(jnp.ones((8, 5, 12)), NamedSharding(mesh, P(None, None, "fsdp")))  # FSDP-like layout

@@ -157,7 +157,8 @@ def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
     cfg = _tiny_cfg(quick_gelu)
     ref = _open_clip_model(cfg)
     ckpt = _save(ref, cfg, tmp_path / "ckpt", fmt)
-    model = oc_params.load_openclip(ckpt)
+    model = hf.load_pretrained(ckpt)  # the registry finds open_clip's format
+    assert model.family == "clip"
     assert model.config.vision_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     _assert_same_features(model, ref, cfg)
     assert _max_err(model.logit_scale[...], ref.logit_scale.item()) == 0.0
@@ -205,7 +206,7 @@ def test_export_to_hf_opens_in_transformers_with_the_same_features(tmp_path):
 
     cfg = _tiny_cfg(True)
     ref = _open_clip_model(cfg, seed=3)
-    model = oc_params.load_openclip(_save(ref, cfg, tmp_path / "ckpt", "bin"))
+    model = hf.load_pretrained(_save(ref, cfg, tmp_path / "ckpt", "bin"))
     out = hf.save_pretrained(model, tmp_path / "hf")
     exported = CLIPModel.from_pretrained(out).eval()
     pixels, ids, mask = _inputs(cfg, seed=4)
@@ -286,7 +287,7 @@ def _count_ours(clip_config) -> int:
     import jax
     from flax import nnx
 
-    from jax_refine.model import CLIP
+    from jax_refine.models.clip.modeling import CLIP
 
     abstract = nnx.eval_shape(lambda: CLIP(clip_config, rngs=nnx.Rngs(0)))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

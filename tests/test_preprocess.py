@@ -165,10 +165,10 @@ def test_siglip_pipelines_feed_siglip_processor_pixels_and_padded_ids(tiny_sigli
     import torch
     from transformers import SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
 
+    from jax_refine import hf
     from jax_refine.data import load_retrieval, sources
-    from jax_refine.models.siglip import params
 
-    model = params.load_pretrained(tiny_siglip)
+    model = hf.load_pretrained(tiny_siglip)
     prep = preprocess.Preprocessing.of_model(model, tokenizer_source=tiny_siglip)
     assert (prep.image_size, prep.resize, prep.mean, prep.std, prep.text_length, prep.padding) == (
         32, "squash", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, "max_length")

@@ -9,7 +9,8 @@ import numpy as np
 
 from train_helpers import tiny_config
 
-from jax_refine import checkpoint as ckpt, hf, sharding as shd, train
+from jax_refine import checkpoint as ckpt, sharding as shd, train
+from jax_refine.models.clip.params import hf_state_dict
 
 
 def _coco_set(cifar10_dir, out, per_class=2):
@@ -47,6 +48,6 @@ def test_train_on_coco_format_photos_exports_hf(cifar10_dir, tmp_path):
     from transformers import CLIPModel
 
     exported = CLIPModel.from_pretrained(out["hf_dir"], torch_dtype=torch.float32).state_dict()
-    ours = hf.hf_state_dict(ckpt.load_model(tmp_path / "run"))
+    ours = hf_state_dict(ckpt.load_model(tmp_path / "run"))
     for k, v in ours.items():
         np.testing.assert_array_equal(exported[k].numpy(), v, err_msg=k)

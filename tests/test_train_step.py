@@ -10,7 +10,8 @@ from flax import nnx
 
 from train_helpers import SyntheticIterator, synthetic_batch, tiny_config, torch_clip_refine_steps
 
-from jax_refine import hf, sharding as shd, step as step_lib, train
+from jax_refine import sharding as shd, step as step_lib, train
+from jax_refine.models.clip.params import hf_state_dict
 
 
 def _one_device_mesh():
@@ -25,7 +26,7 @@ def _capture_grads_tx():
 
 def _hf(trainer, tree) -> dict:
     """A parameter-shaped tree (params or gradients) under HF names, in HF layouts."""
-    return hf.hf_state_dict(nnx.merge(trainer.setup.graphdef, jax.tree.map(np.asarray, tree), trainer.setup.rest))
+    return hf_state_dict(nnx.merge(trainer.setup.graphdef, jax.tree.map(np.asarray, tree), trainer.setup.rest))
 
 
 def test_clip_refine_gradients_and_three_adamw_steps_match_pytorch(tiny_hf_clip_dir, tmp_path):

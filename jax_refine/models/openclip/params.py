@@ -1,14 +1,14 @@
-"""open_clip's checkpoint format read into our `CLIP` through the Hugging Face loader.
+"""open_clip's checkpoint format read into our `CLIP` through the Hugging Face name map (no temporary copy).
 
 An open_clip checkpoint is a directory (or a weights file) with `open_clip_model.safetensors` or
 `open_clip_pytorch_model.bin` (a torch state dict: `visual.conv1.weight`,
 `visual.transformer.resblocks.N.attn.in_proj_weight`, `token_embedding.weight`, ...) and the model config
 `open_clip_config.json` (`jax_refine.models.openclip.config`). `TABLE` maps each open_clip name to the
-HF `CLIPModel` name(s) that `jax_refine.hf_names` already reads; `OpenClipWeights` is a lazy reader that
+HF `CLIPModel` name(s) that `jax_refine.models.clip.params` reads; `OpenClipWeights` is a lazy reader that
 serves the HF names (fused `in_proj_*` split into q/k/v, `visual.proj` / `text_projection` transposed to
-`Linear` layout). `load_openclip` writes those tensors and the converted `CLIPConfig` as an HF checkpoint
-into a temporary directory and loads it with `jax_refine.hf.load_pretrained` (so shardings, dtypes and
-key/shape checks are the HF path's own); `jax_refine.hf.save_pretrained` exports the result.
+`Linear` layout). `load_openclip` hands that reader and CLIP's name map to `jax_refine.hf.load_weights` (so
+shardings, dtypes and key/shape checks are the HF path's own, and each tensor is read once, straight into
+its sharding); `jax_refine.hf.save_pretrained` exports the result as an HF `CLIPModel`.
 """
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from jax_refine import hf
+from jax_refine.models.clip import params as clip_params
+from jax_refine.models.clip.modeling import CLIP
 from jax_refine.models.openclip import config as oc_config
 
 SAFETENSORS = "open_clip_model.safetensors"
@@ -186,9 +187,9 @@ def open_checkpoint(path: str | os.PathLike, *, config: Any = None) -> OpenClipC
     _, preprocess_cfg, _ = oc_config.read_open_clip_config(config)
     clip_config = oc_config.clip_config(config)
     if weights_file.suffix == ".safetensors":
-        reader = hf._Safetensors([weights_file])
+        reader = hf.SafetensorsReader([weights_file])
     else:
-        reader = hf._TorchBin(weights_file)
+        reader = hf.TorchBinReader(weights_file)
     if differences := preprocess_differences(preprocess_cfg):
         log.warning("%s: trained with preprocess_cfg %s; jax_refine's image pipeline uses CLIP's mean/std, "
                     "bicubic shortest-side resize and center crop", weights_file, ", ".join(differences))
@@ -212,36 +213,21 @@ def preprocess_differences(preprocess_cfg: dict) -> list[str]:
     return out
 
 
-def write_hf_checkpoint(checkpoint: OpenClipCheckpoint, out_dir: str | os.PathLike) -> Path:
-    """Write `config.json` + `model.safetensors` (HF `CLIPModel` names and layouts; bfloat16 tensors as
-    float32, which safetensors' numpy writer lacks) into the existing directory `out_dir`.
-
-    All tensors are held in host memory while the file is written (bigG float32: ~10 GB).
-    """
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir)
-    tensors = {}
-    for name in checkpoint.weights.shapes:
-        t = checkpoint.weights.get(name)
-        tensors[name] = t.astype(np.float32) if t.dtype == ml_dtypes.bfloat16 else t
-    checkpoint.config.save_pretrained(out)
-    save_file(tensors, out / hf.SAFETENSORS, metadata={"format": "pt"})
-    return out
+def detect(directory: Path) -> bool:
+    """A directory in open_clip's format: `open_clip_config.json` or an `open_clip_*` weights file."""
+    return any((Path(directory) / name).is_file() for name in (oc_config.OPEN_CLIP_CONFIG, *WEIGHT_FILES))
 
 
-def load_openclip(path: str | os.PathLike, dtype: Any = jnp.float32, *, config: Any = None, shardings: Any = None,
-                  param_dtype: Any = jnp.float32, work_dir: str | os.PathLike | None = None):
-    """A `jax_refine.model.CLIP` with the weights of the open_clip checkpoint at `path` (see
-    `open_checkpoint`). `dtype`, `shardings`, `param_dtype`: as `jax_refine.hf.load_pretrained`.
-
-    The checkpoint is converted to HF names in a temporary directory under `work_dir` (default: the
-    system's temp dir; it needs the size of the weights) and loaded by `hf.load_pretrained`.
+def load_openclip(path: str | os.PathLike, dtype: Any = jnp.float32, shardings: Any = None, *, config: Any = None,
+                  param_dtype: Any = jnp.float32, **options: Any) -> CLIP:
+    """A `jax_refine.models.clip.modeling.CLIP` with the weights of the open_clip checkpoint at `path` (see
+    `open_checkpoint`). `dtype`, `shardings`, `param_dtype`, `options` (`attention`, `remat`, `scan_layers`):
+    as `jax_refine.models.clip.params.load`. Missing or mis-shaped tensors are named against the user's file.
     """
     checkpoint = open_checkpoint(path, config=config)
-    with tempfile.TemporaryDirectory(prefix="openclip-hf-", dir=work_dir) as tmp:
-        write_hf_checkpoint(checkpoint, tmp)
-        try:
-            return hf.load_pretrained(tmp, dtype, shardings=shardings, param_dtype=param_dtype)
-        except ValueError as e:  # missing / mis-shaped tensors: name the user's file, not the temporary copy
-            raise ValueError(str(e).replace(tmp, f"{checkpoint.source} (read as HF names)")) from None
+    clip_config = checkpoint.config
+    abstract = nnx.eval_shape(lambda: CLIP(clip_config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                           **options))
+    names = clip_params.name_map(clip_config.vision_config.num_channels)
+    return hf.load_weights(abstract, checkpoint.weights, names, f"{checkpoint.source} (read as HF names)",
+                           shardings=shardings)

@@ -10,14 +10,14 @@ text to the model's length, so this is a pad token) -> `head` linear (with bias)
 L2-normalized features.
 
 The blocks, LayerNorm (float32), attention (`jax.nn.dot_product_attention`), activations and the
-speed/memory options (`attention`, `remat`, `scan_layers`) are those of `jax_refine.model`, so the
+speed/memory options (`attention`, `remat`, `scan_layers`) are those of `jax_refine.models.clip.modeling`, so the
 conventions match our CLIP: float32 parameters cast to the compute `dtype`, fused `qkv` kernels
 `(D, 3, heads, head_dim)`, dense kernels `(in, out)`, the patch kernel `(patch*patch*C, D)` in
 `(kh, kw, c)` order, and logical axis names on every parameter from the same vocabulary (`embed`,
 `mlp`, `heads`, `vocab`, `proj`, `norm`, `patch`, `pos`). The attention-pooling head always uses XLA
 attention (one query; cuDNN buys nothing there).
 
-Random init (`SigLIP(config, rngs=...)`) draws CLIP's init scheme (as `jax_refine.model` does), not
+Random init (`SigLIP(config, rngs=...)`) draws CLIP's init scheme (as our CLIP does), not
 SigLIP's lecun/xavier one: it is for tests and shapes; real use loads a checkpoint (`params.py`).
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_refine.model import MLP, Block, LayerNorm, _param, apply_layers, check_options
+from jax_refine.models.clip.modeling import (MLP, Block, LayerNorm, _param, apply_layers, check_options, create,
+                                             embed_patches)
 
 Array = jax.Array
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalizes pixels in [0, 1] to [-1, 1]
@@ -111,15 +112,8 @@ class VisionTower(nnx.Module):
         self.head = PoolingHead(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, pixel_values: Array) -> Array:
-        b, h, w, c = pixel_values.shape
-        if (h, w, c) != (self.image_size, self.image_size, self.channels):
-            raise ValueError(f"pixel_values have shape {pixel_values.shape}; this model takes "
-                             f"(B, {self.image_size}, {self.image_size}, {self.channels}) NHWC")
-        p = self.patch_size
-        kernel = self.patch[...].astype(self.dtype).reshape(p, p, c, -1)
-        x = jax.lax.conv_general_dilated(pixel_values.astype(self.dtype), kernel, (p, p), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        x = x.reshape(b, -1, x.shape[-1]) + self.patch_bias[...].astype(self.dtype)
+        x = embed_patches(pixel_values, self.patch[...], self.patch_size, self.image_size, self.dtype)
+        x = x + self.patch_bias[...].astype(self.dtype)
         x = x + self.position[...].astype(self.dtype)
         x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers)
         return self.head(self.post_ln(x))
@@ -160,8 +154,14 @@ class TextTower(nnx.Module):
 class SigLIP(nnx.Module):
     """HF `SiglipModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32);
     `attention` ("xla" | "cudnn"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: as in
-    `jax_refine.model.CLIP`. `config` returns a copy of the `transformers.SiglipConfig`.
+    `jax_refine.models.clip.modeling.CLIP`. `config` returns a copy of the `transformers.SiglipConfig`.
+    The `jax_refine.models.interface.Model` attributes: pixels normalized to [-1, 1], squash resize, every
+    text padded to `text_length` (64) and attended to, a learned logit bias.
     """
+
+    family = "siglip"
+    resize = "squash"
+    text_padding = "max_length"
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs, attention: str = "xla", remat: str = "none", scan_layers: bool = False):
@@ -200,6 +200,11 @@ class SigLIP(nnx.Module):
         return int(self.text.position.shape[0])
 
     @property
+    def feature_dim(self) -> int:
+        """Width of both towers' features (`vision_config.hidden_size` = `text_config.projection_size`)."""
+        return int(self.text.head.shape[1])
+
+    @property
     def pixel_mean(self) -> tuple[float, float, float]:
         return PIXEL_MEAN
 
@@ -221,3 +226,8 @@ class SigLIP(nnx.Module):
                  ) -> tuple[Array, Array]:
         """-> `(image_features (B, D), text_features (B, D))`, unnormalized."""
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+
+
+def create_siglip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, **options: Any) -> SigLIP:
+    """A randomly initialised `SigLIP` (CLIP's init scheme, one draw; see `jax_refine.models.clip.modeling.create`)."""
+    return create(SigLIP, config, seed=seed, dtype=dtype, **options)

@@ -1,13 +1,12 @@
 """Hugging Face `SiglipModel` checkpoints in and out of our NNX `SigLIP`.
 
-- `load_pretrained(path)`: a directory (or hub id) with `config.json` (model_type "siglip") and
-  `model.safetensors` (or a sharded index, or `pytorch_model.bin`), read with `jax_refine.hf`'s readers;
-  every tensor goes straight into its sharding.
-- `save_pretrained(model, out_dir)`: `config.json` + `model.safetensors` + `preprocessor_config.json`
+- `load(directory)`: `config.json` (model_type "siglip") and `model.safetensors` (or a sharded index, or
+  `pytorch_model.bin`) through `jax_refine.hf.load_weights`; every tensor goes straight into its sharding.
+- `save(model, out_dir)`: `config.json` + `model.safetensors` + `preprocessor_config.json`
   (+ the SentencePiece tokenizer files of `tokenizer_dir`) that `transformers.SiglipModel.from_pretrained`
   opens with no missing or unexpected keys.
 
-The name map is one regex table (ours -> HF, read both ways) that extends `jax_refine.hf_names.TABLE`:
+The name map is one regex table (ours -> HF, read both ways) that extends CLIP's (`jax_refine.models.clip.params.TABLE`):
 embeddings, LayerNorms and encoder layers have HF CLIP's names and layouts; SigLIP adds `reshape`
 (HF `(1,)` logit scale/bias and `(1, 1, D)` probe <-> our `()` / `(D,)`; the fused `(3D,)` in-proj bias of
 the pooling head <-> `(3, H, E)`) and `in_proj` (torch MultiheadAttention's fused `(3D, D)` weight ->
@@ -15,6 +14,7 @@ the pooling head <-> `(3, H, E)`) and `in_proj` (torch MultiheadAttention's fuse
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,13 +23,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers.utils import logging as hf_logging
 
-from jax_refine import hf, hf_names
-from jax_refine.models.siglip.modeling import SigLIP, square_image_size
+from jax_refine import hf
+from jax_refine.models.clip import params as clip_params
+from jax_refine.models.siglip.modeling import SigLIP
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -49,7 +50,7 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     (r"vision/head/ln/(scale|bias)", _HEAD + r".layernorm.\1", "copy"),
     (r"vision/head/mlp/(fc[12])", _HEAD + r".mlp.\1.weight", "linear"),
     (r"vision/head/mlp/(fc[12])_bias", _HEAD + r".mlp.\1.bias", "copy"),
-    *hf_names.TABLE,
+    *clip_params.TABLE,
 )
 
 
@@ -91,7 +92,7 @@ def hf_names_of(path: str) -> tuple[str, list[str]]:
     for pattern, template, kind in TABLE:
         if re.fullmatch(pattern, path):
             name = re.sub(pattern, template, path).replace(".scale", ".weight")
-            return kind, [name.format(x=x) for x in hf_names.FUSED] if "{x}" in name else [name]
+            return kind, [name.format(x=x) for x in clip_params.FUSED] if "{x}" in name else [name]
     raise KeyError(f"no Hugging Face SigLIP name for parameter {path!r}")
 
 
@@ -114,7 +115,7 @@ def hf_shapes(path: str, shape: tuple[int, ...], channels: int) -> Iterator[tupl
         yield names[0], (3 * shape[2] * shape[3], shape[0])
     else:
         for name in names:
-            yield name, hf_names.piece_shape(kind, shape)
+            yield name, clip_params.piece_shape(kind, shape)
 
 
 def to_ours(kind: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -123,7 +124,7 @@ def to_ours(kind: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return t.reshape(shape)
     if kind == "in_proj":
         return t.T.reshape(shape)
-    return hf_names.to_ours(kind, t, shape)
+    return clip_params.to_ours(kind, t, shape)
 
 
 def to_hf(kind: str, a: np.ndarray, hf_shape: tuple[int, ...], index: int = 0) -> np.ndarray:
@@ -132,77 +133,54 @@ def to_hf(kind: str, a: np.ndarray, hf_shape: tuple[int, ...], index: int = 0) -
         return np.ascontiguousarray(a).reshape(hf_shape)
     if kind == "in_proj":
         return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
-    return hf_names.to_hf(kind, a, hf_shape, index)
+    return clip_params.to_hf(kind, a, hf_shape, index)
+
+
+def name_map(channels: int = 3) -> hf.NameMap:
+    """The `hf.NameMap` of a `SigLIP` with `channels` image channels."""
+    return hf.NameMap(hf_names_of, functools.partial(hf_shapes, channels=channels), to_ours, to_hf,
+                      clip_params.piece_index, clip_params.IGNORED)
+
+
+def detect(directory: Path) -> bool:
+    """A Hugging Face `SiglipModel` directory: `config.json` with model_type "siglip"."""
+    try:
+        return json.loads((Path(directory) / hf.CONFIG).read_text()).get("model_type") == "siglip"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --------------------------------------------------------------------------------------- loading
-def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *, shardings: Any = None,
-                    param_dtype: Any = jnp.float32, **options: Any) -> SigLIP:
-    """A `SigLIP` with the weights of an HF `SiglipModel` checkpoint (local dir or hub id).
+def load(directory: str | os.PathLike, dtype: Any = jnp.float32, shardings: Any = None, *,
+         param_dtype: Any = jnp.float32, **options: Any) -> SigLIP:
+    """A `SigLIP` with the weights of the HF `SiglipModel` checkpoint `directory`.
 
-    `dtype`: compute dtype; `shardings` as in `jax_refine.hf.load_pretrained`; `options`: `attention`,
+    `dtype`: compute dtype; `shardings` as in `jax_refine.hf.load_weights`; `options`: `attention`,
     `remat`, `scan_layers` (see `SigLIP`).
     """
-    directory = hf.resolve_checkpoint(name_or_path)
+    directory = Path(directory)
     config = siglip_config_from(directory)
-    reader = hf._open_weights(directory)
+    reader = hf.open_weights(directory)
     abstract = nnx.eval_shape(lambda: SigLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
                                              **options))
-    graphdef, state = nnx.split(abstract)
-    channels = config.vision_config.num_channels
-    params = list(hf._flat_params(state))
-    sharding_for = hf._sharding_fn(shardings)
-    expected = {k: s for path, var in params for k, s in hf_shapes(path, var.shape, channels)}
-    hf._check_keys(directory, reader.shapes, expected)
-    for path, var in params:
-        kind, keys = hf_names_of(path)
-        host = np.empty(var.shape, np.dtype(var.dtype))
-        for i, key in enumerate(keys):
-            host[hf_names.piece_index(kind, i)] = to_ours(kind, reader.get(key), var.shape)
-        sharding = sharding_for(path, tuple(var.get_metadata().get("out_sharding") or ()))
-        if sharding is None:
-            var.set_value(jax.device_put(host))
-        else:
-            var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
-    return nnx.merge(graphdef, state)
+    return hf.load_weights(abstract, reader, name_map(config.vision_config.num_channels), directory,
+                           shardings=shardings)
 
 
 # ---------------------------------------------------------------------------------------- saving
 def hf_state_dict(model: SigLIP) -> dict[str, np.ndarray]:
     """The model's parameters as HF `SiglipModel` tensors {name: numpy} (C-contiguous)."""
-    out = {}
-    channels = model.config.vision_config.num_channels
-    for path, var in hf._flat_params(nnx.state(model, nnx.Param)):
-        a = hf._to_host(var[...])
-        kind, _ = hf_names_of(path)
-        for i, (key, shape) in enumerate(hf_shapes(path, a.shape, channels)):
-            out[key] = to_hf(kind, a, shape, i)
-    return out
+    return hf.state_dict(model, name_map(model.config.vision_config.num_channels))
 
 
-def save_pretrained(model: SigLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-                    overwrite: bool = True) -> Path:
-    """Write `config.json` + `model.safetensors` + `preprocessor_config.json` (+ `spiece.model` and the
-    tokenizer configs found in `tokenizer_dir`) to `out_dir`, replaced atomically through
-    `jax_refine.outputs.output_dir` (kind "export"). SigLIP has no packaged tokenizer: without
-    `tokenizer_dir` no tokenizer files are written. Under multi-host every process calls this; process 0 writes.
-    """
-    from safetensors.numpy import save_file
-    from transformers.utils import logging as hf_logging
+def save(model: SigLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+         overwrite: bool = True) -> Path:
+    """`config.json` + `model.safetensors` + `preprocessor_config.json` (+ `spiece.model` and the tokenizer
+    configs found in `tokenizer_dir`) in `out_dir`; see `hf.write_checkpoint`. SigLIP has no packaged
+    tokenizer: without `tokenizer_dir` no tokenizer files are written."""
 
-    from jax_refine import outputs
-
-    out = Path(out_dir).expanduser().absolute()
-    outputs.check_target(out, kind="export", overwrite=overwrite)
-    tensors = hf_state_dict(model)
-    if jax.process_index() != 0:
-        return out
-    with outputs.output_dir(out, kind="export", overwrite=overwrite) as tmp:
-        config = model.config
-        config.dtype = str(next(iter(tensors.values())).dtype)
-        config.save_pretrained(tmp)
-        save_file(tensors, tmp / hf.SAFETENSORS, metadata={"format": "pt"})
-        size = square_image_size(config.vision_config.image_size)
+    def extras(tmp: Path) -> None:
+        size = model.image_size
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -217,4 +195,5 @@ def save_pretrained(model: SigLIP, out_dir: str | os.PathLike, *, tokenizer_dir:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-    return out
+
+    return hf.write_checkpoint(model, out_dir, lambda: hf_state_dict(model), extras, overwrite=overwrite)

@@ -19,7 +19,7 @@ TEXT_LENGTH = 64  # SigLIP's text_config.max_position_embeddings
 HUB_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-def get_tokenizer(path: str | os.PathLike) -> Any:
+def get_tokenizer(path: str | os.PathLike | None) -> Any:
     """transformers' `SiglipTokenizer` on `path` (a checkpoint dir with `spiece.model`, and its
     `tokenizer_config.json` when present, the `.model` file itself, or a hub id fetched into the HF cache).
 
@@ -29,15 +29,17 @@ def get_tokenizer(path: str | os.PathLike) -> Any:
 
     from jax_refine import hf
 
+    if path is None:
+        raise ValueError("SigLIP has no packaged tokenizer: pass the checkpoint directory that holds spiece.model")
     name, path = str(path), Path(path).expanduser()
     if path.is_file():
         return SiglipTokenizer(str(path))
     if not path.is_dir():
-        if hf._is_local_path(name) or not hf._HUB_ID.fullmatch(name):
+        if not hf.is_hub_id(name):
             raise FileNotFoundError(f"{path}: no such tokenizer directory or SentencePiece file")
-        path = Path(hf._hub_download(name, SPIECE, required=True)).parent  # a hub id: its cached snapshot
+        path = Path(hf.hub_download(name, SPIECE, required=True)).parent  # a hub id: its cached snapshot
         for extra in HUB_EXTRAS:
-            hf._hub_download(name, extra, required=False)
+            hf.hub_download(name, extra, required=False)
     if not (path / SPIECE).is_file():
         found = sorted(p.name for p in path.iterdir())[:8]
         raise FileNotFoundError(f"{path}: no {SPIECE} (SigLIP's SentencePiece tokenizer); found {found or 'nothing'}")

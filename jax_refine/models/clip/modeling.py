@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPConfig
 
+from jax_refine.preprocess import CLIP_MEAN, CLIP_STD
 from jax_refine.sharding import constrain
 
 Array = jax.Array
@@ -125,6 +126,20 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: LogicalNames, s
 @functools.lru_cache(maxsize=16)
 def _config_from_json(text: str):
     return CLIPConfig.from_dict(json.loads(text))
+
+
+def embed_patches(pixel_values: Array, kernel: Array, patch: int, image_size: int, dtype: Any) -> Array:
+    """Non-overlapping patch embedding: `pixel_values (B, H, W, C)` NHWC, `kernel (P*P*C, D)` in `(kh, kw, c)`
+    order -> `(B, (H/P)*(W/P), D)` in `dtype`, row-major patches (a stride-P conv, no bias). One-line
+    ValueError unless H = W = `image_size` and C matches the kernel."""
+    b, h, w, c = pixel_values.shape
+    if (h, w) != (image_size, image_size) or kernel.shape[0] != patch * patch * c:
+        channels = kernel.shape[0] // (patch * patch)
+        raise ValueError(f"pixel_values have shape {pixel_values.shape}; this model takes "
+                         f"(B, {image_size}, {image_size}, {channels}) NHWC")
+    x = jax.lax.conv_general_dilated(pixel_values.astype(dtype), kernel.astype(dtype).reshape(patch, patch, c, -1),
+                                     (patch, patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return x.reshape(b, -1, x.shape[-1])
 
 
 class LayerNorm(nnx.Module):
@@ -240,15 +255,8 @@ class VisionTower(nnx.Module):
         self.post_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: Array) -> Array:
-        b, h, w, c = pixel_values.shape
-        if (h, w, c) != (self.image_size, self.image_size, self.channels):
-            raise ValueError(f"pixel_values have shape {pixel_values.shape}; this model takes "
-                             f"(B, {self.image_size}, {self.image_size}, {self.channels}) NHWC")
-        p = self.patch_size
-        kernel = self.patch[...].astype(self.dtype).reshape(p, p, c, -1)
-        x = jax.lax.conv_general_dilated(pixel_values.astype(self.dtype), kernel, (p, p), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        x = x.reshape(b, -1, x.shape[-1])
+        x = embed_patches(pixel_values, self.patch[...], self.patch_size, self.image_size, self.dtype)
+        b = x.shape[0]
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position[...].astype(self.dtype)
         x = self.pre_ln(x)
@@ -291,8 +299,15 @@ class CLIP(nnx.Module):
     `attention` ("xla" | "cudnn"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: see the module doc.
 
     `config` returns a copy of the `transformers.CLIPConfig`; the module itself only holds its JSON text,
-    so `nnx.split` gives a hashable graphdef.
+    so `nnx.split` gives a hashable graphdef. The `jax_refine.models.interface.Model` attributes: OpenAI's
+    pixel mean/std, shortest-side resize + center crop, texts padded to the longest (pads masked), no
+    logit bias.
     """
+
+    family = "clip"
+    resize = "crop"
+    text_padding = "longest"
+    logit_bias = None
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs, attention: str = "xla", remat: str = "none", scan_layers: bool = False):
@@ -316,6 +331,29 @@ class CLIP(nnx.Module):
     def config(self):
         """The `transformers.CLIPConfig` this model was built from (a fresh copy)."""
         return copy.deepcopy(_config_from_json(self._config_json))
+
+    @property
+    def image_size(self) -> int:
+        """Square input side in pixels (`vision_config.image_size`)."""
+        return int(self.vision.image_size)
+
+    @property
+    def text_length(self) -> int:
+        """The longest token sequence (`text_config.max_position_embeddings`, 77 for OpenAI's CLIP)."""
+        return int(self.text.position.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the projected features (`projection_dim`)."""
+        return int(self.visual_projection.shape[1])
+
+    @property
+    def pixel_mean(self) -> tuple[float, float, float]:
+        return tuple(float(x) for x in CLIP_MEAN)
+
+    @property
+    def pixel_std(self) -> tuple[float, float, float]:
+        return tuple(float(x) for x in CLIP_STD)
 
     def encode_image(self, pixel_values: Array) -> Array:
         """`pixel_values (B, H, W, 3)` normalized NHWC -> projected, unnormalized features `(B, D)`."""
@@ -348,15 +386,16 @@ def _draw_params(specs: tuple[tuple[tuple[int, ...], float | None, float], ...],
     return out
 
 
-def create_clip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, **options: Any) -> CLIP:
-    """A randomly initialised `CLIP` (HF's init scheme) with float32 parameters and compute `dtype`;
-    `options`: `attention`, `remat`, `scan_layers` (see `CLIP`).
+def create(cls: type[nnx.Module], config: Any, *, seed: int = 0, dtype: Any = jnp.float32, **options: Any
+           ) -> nnx.Module:
+    """A randomly initialised `cls(config, ...)` (a module whose parameters come from `_param`, e.g. `CLIP` or
+    `SigLIP`) with float32 parameters and compute `dtype`; `options`: `attention`, `remat`, `scan_layers`.
 
     All parameters come from one `jax.random.normal` draw (fast to compile, also inside `jax.jit` /
-    `nnx.eval_shape`); `CLIP(config, rngs=...)` draws the same distributions parameter by parameter.
+    `nnx.eval_shape`); `cls(config, rngs=...)` draws the same distributions parameter by parameter.
     """
-    abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
-                                           **options))
+    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
+                                          **options))
     graphdef, state = nnx.split(abstract)
     variables = [var for _, var in nnx.to_flat_state(state)]
     specs = tuple((tuple(var.shape), *var.get_metadata()["init"]) for var in variables)
@@ -365,15 +404,20 @@ def create_clip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, **optio
     return nnx.merge(graphdef, state)
 
 
-def with_options(model: CLIP, **options: Any) -> CLIP:
-    """The same parameters (shared, not copied) in a `CLIP` built with other `attention` / `remat` /
-    `scan_layers` options, e.g. a loaded checkpoint run with a scan over layers. The parameter tree is the
-    same in every mode, so the loaded state merges unchanged."""
+def create_clip(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, **options: Any) -> CLIP:
+    """A randomly initialised `CLIP` (HF's init scheme); see `create`."""
+    return create(CLIP, config, seed=seed, dtype=dtype, **options)
+
+
+def with_options(model: nnx.Module, **options: Any) -> nnx.Module:
+    """The same parameters (shared, not copied) in a model of the same class (`CLIP`, `SigLIP`) built with other
+    `attention` / `remat` / `scan_layers` options, e.g. a loaded checkpoint run with a scan over layers. The
+    parameter tree is the same in every mode, so the loaded state merges unchanged."""
     current = {"attention": model.vision.layers[0].attn.implementation, "remat": model.vision.remat,
                "scan_layers": model.vision.scan_layers}
     unknown = sorted(set(options) - set(current))
     if unknown:
         raise TypeError(f"with_options: unknown option {unknown[0]!r}; expected one of {sorted(current)}")
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CLIP(model.config, dtype=model.dtype, rngs=nnx.Rngs(0),
-                                                        **{**current, **options})))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(model)(model.config, dtype=model.dtype, rngs=nnx.Rngs(0),
+                                                               **{**current, **options})))
     return nnx.merge(graphdef, nnx.state(model))

@@ -15,18 +15,15 @@ give only what differs, big_vision style; `mesh=` too):
 - `mesh`: a mesh preset of `jax_refine.configs.presets` (cpu, gpu1, gpu8, tpu_pod), or `default`: the model's
   own (`MODELS[model].mesh`), with its remat / scan settings.
 
-Each model's default mesh and memory settings are meant to fit its fp32 step at global batch 512 on 8 GPUs
-of 80 GB. Only vitl14_336 and bigg14 are measured (the README's ahead-of-time memory table,
-`benchmarks/aot_memory.py`, bf16 compute); the other rows are scaled from them (activations ~ tokens x width
-x depth, attention ~ tokens^2 x heads x depth; fp32 about doubles the bf16 temporaries), so they are estimates:
-- vitb32, vitb16: `cpu`, i.e. plain data parallel over every local device (64 examples per GPU on 8), no remat:
-  about 11 / 44 GiB per device (vitl14_336 without remat: 170 GiB bf16 at 64 per device; B/32 is ~3% of it,
-  B/16 ~13%). On ONE GPU batch 512 does not fit so: add `--config.model.remat=full` or `train.grad_accum`;
-- vitl14 (257 tokens): `gpu8` (FSDP 8), `remat=save_dots`, scan: vitl14_336 (577 tokens) takes 40.7 GiB bf16
-  so, L/14 at 224 px about 0.45x of its temporaries; without remat it does not fit;
-- openclip_h14, openclip_bigg14, dfn_h14_378 (730 tokens), siglip_so400m (729 tokens): `gpu8`, `remat=full`,
-  scan: bigG/14 takes 16.4 GiB bf16 so (save_dots 75, none 222); the block boundaries remat=full keeps are
-  tokens x width x depth: H/14 0.5x, DFN 1.5x, SO400M 1.1x bigG's, so about 40 GiB fp32 at most (DFN).
+Each model's default mesh and memory settings fit its fp32 step at global batch 512 on 8 GPUs of 80 GB:
+`benchmarks/aot_memory.py --dtype float32` (the compiled step's per-device bytes on 8 fake devices: fp32 params,
+AdamW moments, teacher, activations; XLA:CPU's buffer assignment standing in for the GPU compiler's) measured
+- vitb32, vitb16: `cpu`, i.e. plain data parallel over every local device (64 examples per GPU on 8), no remat,
+  no scan: 8.7 / 20.1 GiB per device. On ONE GPU all 512 examples sit on it: by linear scaling of the
+  temporaries B/32 takes ~53 GiB (fits), B/16 ~145 GiB: add `--config.model.remat=full` or `train.grad_accum`;
+- vitl14: `gpu8` (FSDP over 8), `remat=save_dots`, scan: 17.5 GiB (without remat L/14-336 takes 170 GiB bf16);
+- openclip_bigg14, dfn_h14_378, siglip_so400m: `gpu8`, `remat=full`, scan: 17.2, 22.2, 18.5 GiB;
+  openclip_h14 takes the same settings (not measured: smaller than bigG/14 in width, depth and parameters).
 On a TPU pod pass `mesh=tpu_pod` (bigG with remat=full: 17 GiB per chip, fits v4/v5p, not v5e).
 The workdir is `outputs/<method>_<model>_<data>`. Paper (ViT-B/32, CLIP-Refine): 12-dataset zero-shot 54.69,
 ImageNet 60.93, COCO R@1 T->I 37.64 / I->T 38.78.

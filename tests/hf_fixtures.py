@@ -61,38 +61,6 @@ def random_pixels(n: int, image_size: int, seed: int = 0) -> np.ndarray:
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "jax_refine" / "assets" / "tokenizer"
 
 
-# A tiny SigLIP (transformers' SiglipConfig kwargs): 32 px, 16 tokens, features of width 48.
-TINY_SIGLIP = dict(
-    text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=16, projection_size=48, pad_token_id=1, eos_token_id=1, bos_token_id=None),
-    vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=32, patch_size=8),
-)
-SPM_SENTENCES = ["A photo of a cat.", "Two dogs play in the park!", "a man riding a horse on a beach",
-                 "people sitting at a table with food", "a red bus on the street", "images and captions"]
-
-
-def write_tiny_siglip(out_dir: Path, seed: int = 0) -> Path:
-    """A random torch `SiglipModel(TINY_SIGLIP)` (every tensor perturbed) saved by transformers, with a tiny
-    SentencePiece model trained here (SigLIP's ids: pad 0, </s> 1, <unk> 2) saved beside it by
-    `SiglipTokenizer.save_pretrained`: a complete SigLIP checkpoint directory."""
-    import sentencepiece as spm
-    import torch
-    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
-
-    torch.manual_seed(seed)
-    model = SiglipModel(SiglipConfig(**TINY_SIGLIP)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(out_dir)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_SENTENCES * 4), model_prefix=str(out_dir / "sp_train"),
-                                   vocab_size=48, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
-                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
-    SiglipTokenizer(str(out_dir / "sp_train.model")).save_pretrained(out_dir)
-    return Path(out_dir)
-
-
 def clip_tokenizer():
     """transformers' `CLIPTokenizer` on the packaged vocab.json / merges.txt (pads with <|endoftext|>)."""
     from transformers import CLIPTokenizer
@@ -139,3 +107,45 @@ def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mas
             txt = out.pooler_output.numpy()
     return img, txt
 
+
+# --- SigLIP: random transformers SiglipModel checkpoints (tests/test_siglip.py, tests/test_model_registry.py) ---
+TINY_SIGLIP = dict(
+    text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=16, projection_size=48, pad_token_id=1, eos_token_id=1, bos_token_id=None),
+    vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+)
+
+
+def write_hf_siglip(out_dir, spec, seed=0):
+    """A random torch `SiglipModel(spec)` (every tensor perturbed, logit bias/scale non-zero), saved by HF.
+    Returns `(out_dir, torch_model)`."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(**spec)).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return out_dir, model
+
+
+SPM_SENTENCES = ["A photo of a cat.", "Two dogs play in the park!", "a man riding a horse on a beach",
+                 "people sitting at a table with food", "a red bus on the street", "images and captions"]
+
+
+def write_tiny_siglip(out_dir: Path, seed: int = 0) -> Path:
+    """`write_hf_siglip(out_dir, TINY_SIGLIP)` plus a tiny SentencePiece model trained here (SigLIP's ids:
+    pad 0, </s> 1, <unk> 2) saved beside it by `SiglipTokenizer.save_pretrained`: a complete SigLIP checkpoint
+    directory, as the hub ships one (tests/test_train_families.py, test_preprocess.py, test_evaluate.py)."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    write_hf_siglip(out_dir, TINY_SIGLIP, seed)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_SENTENCES * 4), model_prefix=str(out_dir / "sp_train"),
+                                   vocab_size=48, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    SiglipTokenizer(str(out_dir / "sp_train.model")).save_pretrained(out_dir)
+    return Path(out_dir)

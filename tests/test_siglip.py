@@ -13,17 +13,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_fixtures import TINY_SIGLIP, write_hf_siglip
 from jax.sharding import AxisType
 
 from jax_refine import hf, losses
 from jax_refine.models.siglip import modeling, params, tokenizer
 
-TINY = dict(
-    text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=16, projection_size=48, pad_token_id=1, eos_token_id=1, bos_token_id=None),
-    vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=32, patch_size=8),
-)
 # SO400M/14's layer width (hidden 1152, 16 heads of 72, MLP 4304), one layer per tower and a 2x2 patch grid.
 REAL_WIDTH = dict(
     text_config=dict(vocab_size=64, hidden_size=1152, intermediate_size=4304, num_hidden_layers=1,
@@ -37,22 +32,9 @@ SENTENCES = ["A photo of a cat.", "Two dogs play in the park!", "a red circle on
              "The quick brown fox jumps over the lazy dog", "SigLIP uses a sigmoid loss", "images and captions"]
 
 
-def _write_siglip(out_dir, spec, seed=0):
-    """A random torch `SiglipModel(spec)` (every tensor perturbed, logit bias/scale non-zero), saved by HF."""
-    from transformers import SiglipConfig, SiglipModel
-
-    torch.manual_seed(seed)
-    model = SiglipModel(SiglipConfig(**spec)).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(out_dir)
-    return out_dir, model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return _write_siglip(tmp_path_factory.mktemp("tiny_siglip"), TINY)
+    return write_hf_siglip(tmp_path_factory.mktemp("tiny_siglip"), TINY_SIGLIP)
 
 
 def _pixels(n, size, seed=0):
@@ -91,7 +73,7 @@ def _max_err(a, b):
 # ------------------------------------------------------------------------------------ model parity
 @pytest.mark.parametrize("spec", ["tiny", "real_width"])
 def test_features_match_transformers(spec, tiny, tmp_path):
-    directory, torch_model = tiny if spec == "tiny" else _write_siglip(tmp_path, REAL_WIDTH, seed=1)
+    directory, torch_model = tiny if spec == "tiny" else write_hf_siglip(tmp_path, REAL_WIDTH, seed=1)
     cfg = torch_model.config
     ours = hf.load_pretrained(directory)
     pixels = _pixels(3, cfg.vision_config.image_size)
@@ -284,14 +266,14 @@ def test_tokenizer_missing_file_is_a_one_line_error(tiny, tmp_path):
 def test_bad_configs_are_one_line_errors():
     from transformers import SiglipConfig
 
-    no_head = SiglipConfig(**{**TINY, "vision_config": {**TINY["vision_config"], "vision_use_head": False}})
+    no_head = SiglipConfig(**{**TINY_SIGLIP, "vision_config": {**TINY_SIGLIP["vision_config"], "vision_use_head": False}})
     with pytest.raises(ValueError, match="vision_use_head=False"):
         nnx.eval_shape(lambda: modeling.SigLIP(no_head, rngs=nnx.Rngs(0)))
-    widths = SiglipConfig(**{**TINY, "text_config": {**TINY["text_config"], "projection_size": 24}})
+    widths = SiglipConfig(**{**TINY_SIGLIP, "text_config": {**TINY_SIGLIP["text_config"], "projection_size": 24}})
     with pytest.raises(ValueError, match=r"projection_size=24 != vision_config.hidden_size=48"):
         nnx.eval_shape(lambda: modeling.SigLIP(widths, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="needs a transformers.SiglipConfig, got dict"):
-        modeling.SigLIP(TINY, rngs=nnx.Rngs(0))
+        modeling.SigLIP(TINY_SIGLIP, rngs=nnx.Rngs(0))
 
 
 def test_save_copies_the_tokenizer(tiny, spm_dir, tmp_path):

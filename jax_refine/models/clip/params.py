@@ -34,7 +34,7 @@ from transformers import CLIPConfig
 from transformers.utils import logging as hf_logging
 
 from jax_refine import hf, preprocess
-from jax_refine.models.clip.modeling import CLIP, create_clip
+from jax_refine.models.clip.modeling import CLIP
 
 _L = r"(text|vision)/layers/(\d+)"
 _HL = r"\1_model.encoder.layers.\2"

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PRESET_DEVICES = {"gpu8": 8, "tpu_pod": None}  # None: --pod-devices
+PRESET_DEVICES = {"cpu": 8, "gpu8": 8, "tpu_pod": None}  # None: --pod-devices; cpu: data parallel over 8
 
 
 def _setup_devices(n: int) -> None:
@@ -56,7 +56,7 @@ def measure(model: str, preset: str, devices: int, remat: str, scan: bool, batch
     teacher = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            trainer.setup.abstract_params, trainer.state_sh.teacher)
     state = saved.replace(teacher=teacher)
-    size, length = spec["vision_config"]["image_size"], 77
+    size, length = trainer.setup.model.image_size, trainer.setup.model.text_length
     batch_in = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=shd.batch_sharding(mesh, 4)),
                 "input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shd.batch_sharding(mesh, 2)),
                 "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32,

@@ -8,8 +8,11 @@
 | vitl14      | 1024/24/16/4096, 14, 224                    | 768/12/12/3072                | 768  |
 | vitl14_336  | 1024/24/16/4096, 14, 336                    | 768/12/12/3072                | 768  |
 | bigg14      | 1664/48/16/8192, 14, 224 (gelu)             | 1280/32/20/5120 (gelu)        | 1280 |
+| dfn_h14_378 | 1280/32/16/5120, 14, 378                    | 1024/24/16/4096               | 1024 |
+| siglip_so400m | 1152/27/16/4304, 14, 384 (SigLIP: `model_type` siglip; 64 tokens, vocab 32000) | 1152/27/16/4304 | 1152 |
 
-bigG/14 is OpenCLIP's ViT-bigG-14 (LAION-2B) in HF's CLIPConfig form. Vocabulary 49408, 77 text positions.
+bigG/14 is OpenCLIP's ViT-bigG-14 (LAION-2B) in HF's CLIPConfig form; dfn_h14_378 is Apple's DFN5B ViT-H/14-378
+(quick_gelu, open_clip's ViT-H-14-378 config). Vocabulary 49408, 77 text positions.
 """
 from __future__ import annotations
 
@@ -40,6 +43,13 @@ def _sizes() -> dict[str, dict]:
         "bigg14": dict(text_config=_tower(1280, 32, 20, 5120, hidden_act="gelu"),
                        vision_config=_tower(1664, 48, 16, 8192, patch_size=14, image_size=224, hidden_act="gelu"),
                        projection_dim=1280),
+        "dfn_h14_378": dict(text_config=_tower(1024, 24, 16, 4096),
+                            vision_config=_tower(1280, 32, 16, 5120, patch_size=14, image_size=378),
+                            projection_dim=1024),
+        "siglip_so400m": dict(model_type="siglip",  # SiglipConfig kwargs: the registry picks the SigLIP family
+                              text_config=_tower(1152, 27, 16, 4304, vocab_size=32000, max_position_embeddings=64,
+                                                 projection_size=1152),
+                              vision_config=_tower(1152, 27, 16, 4304, patch_size=14, image_size=384)),
     }
 
 

@@ -54,7 +54,8 @@ def evaluate(args, overrides: list[str]) -> int:
     out = outputs.check_target(args.out or Path(config.workdir) / "eval", kind="report", overwrite=args.overwrite)
     model = checkpoint.load_model(source, dtype=evaluate_lib.config_dtype(config))
     with outputs.output_dir(out, kind="report", overwrite=args.overwrite) as tmp:
-        evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=tmp)
+        evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=tmp,
+                              prep=evaluate_lib.preprocessing_of(model, source))
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}")
     return 0

@@ -37,10 +37,11 @@ Batches = Iterable[Mapping[str, np.ndarray]]
 
 @dataclasses.dataclass
 class ZeroShotTask:
-    """A zero-shot set: `images(image_size)` yields `{"image": (b, S, S, 3) f32, "label": (b,) i32}`."""
+    """A zero-shot set: `images(prep)` yields `{"image": (b, S, S, 3) f32, "label": (b,) i32}` preprocessed as
+    `prep` (the model's `preprocess.Preprocessing`) says."""
 
     name: str
-    images: Callable[[int], Batches]
+    images: Callable[[preprocess.Preprocessing], Batches]
     classnames: Sequence[str]
     num_examples: int | None = None
     split: str = "test"
@@ -48,22 +49,24 @@ class ZeroShotTask:
 
 @dataclasses.dataclass
 class RetrievalTask:
-    """A caption set: `images(image_size)` yields `{"image": (b, S, S, 3), "image_index": (b,)}` and
+    """A caption set: `images(prep)` yields `{"image": (b, S, S, 3), "image_index": (b,)}` and
     `captions[j]` belongs to image `caption_image_index[j]` (every caption of every image)."""
 
     name: str
-    images: Callable[[int], Batches]
+    images: Callable[[preprocess.Preprocessing], Batches]
     captions: Sequence[str]
     caption_image_index: np.ndarray
     num_images: int | None = None
     split: str = "test"
 
 
-def _array_batches(name: str, arrays: Mapping[str, np.ndarray]) -> Callable[[int], Batches]:
-    """`images(size)` over in-memory preprocessed images `(N, S, S, 3)`; a different size is an error."""
+def _array_batches(name: str, arrays: Mapping[str, np.ndarray]) -> Callable[[preprocess.Preprocessing], Batches]:
+    """`images(prep)` over in-memory images `(N, S, S, 3)` already preprocessed for the model; a size other
+    than `prep.image_size` is an error (the mean/std and resize cannot be checked: they are the caller's)."""
     have = int(np.shape(arrays["image"])[1])
 
-    def images(size: int) -> Batches:
+    def images(prep: preprocess.Preprocessing) -> Batches:
+        size = prep.image_size
         if size != have:
             raise ValueError(f"dataset {name!r}: images are {have}x{have} but the model takes {size}x{size}")
         return emb_lib.iterate_arrays(arrays, 256)
@@ -166,20 +169,9 @@ def templates_name(spec: str | Sequence[str]) -> str:
     return spec if isinstance(spec, str) else "custom:" + emb_lib.cache_key(templates=list(spec))
 
 
-def text_max_length(model: nnx.Module) -> int:
-    """Token length for `model`'s text tower: 77, or less if its position table is shorter."""
-    try:
-        return min(77, int(model.config.text_config.max_position_embeddings))
-    except AttributeError:
-        return 77
-
-
-def image_size(model: nnx.Module) -> int:
-    """The input resolution of `model`'s vision tower (224 if the model has no CLIP config)."""
-    try:
-        return int(model.config.vision_config.image_size)
-    except AttributeError:
-        return 224
+def _image_key(prep: preprocess.Preprocessing) -> dict[str, Any]:
+    """The preprocessing fields that change image embeddings (cache key)."""
+    return {"size": prep.image_size, "resize": prep.resize, "mean": prep.mean, "std": prep.std}
 
 
 def _process() -> tuple[int, int]:
@@ -190,25 +182,25 @@ def zero_shot_task(spec: str, eval_config: Any) -> ZeroShotTask:
     """A zero-shot task from a config entry: a TFDS catalog name ("cifar10", ...) or "folder:<dir>".
 
     Images are read by `jax_refine.data.classification` (this host's slice, `eval_config.batch_size`
-    split over hosts), once per image size; the first load checks the set and its class names.
+    split over hosts), once per preprocessing; the first load (CLIP's) checks the set and its class names.
     """
     from jax_refine.data import classification  # TensorFlow: imported only when a dataset is read
 
     index, count = _process()
     batch = max(1, int(eval_config.get("batch_size", 256)) // count)
-    loaded: dict[int, Any] = {}
+    loaded: dict[preprocess.Preprocessing, Any] = {}
 
-    def load(size: int) -> Any:
-        if size not in loaded:
-            loaded[size] = classification.load_classification(
-                spec, batch_size=batch, image_size=size, max_examples=eval_config.get("max_examples"),
+    def load(prep: preprocess.Preprocessing) -> Any:
+        if prep not in loaded:
+            loaded[prep] = classification.load_classification(
+                spec, batch_size=batch, prep=prep, max_examples=eval_config.get("max_examples"),
                 process_index=index, process_count=count)
-        return loaded[size]
+        return loaded[prep]
 
-    first = load(224)
+    first = load(preprocess.Preprocessing())
     if not first.num_examples:
         raise ValueError(f"zero-shot dataset {spec!r} is empty")
-    return ZeroShotTask(spec, lambda size: load(size).batches(), list(first.class_names), first.num_examples,
+    return ZeroShotTask(spec, lambda prep: load(prep).batches(), list(first.class_names), first.num_examples,
                         split=classification.EVAL_SPLITS.get(spec, "all"))
 
 
@@ -219,19 +211,19 @@ def retrieval_task(spec: str, eval_config: Any) -> RetrievalTask:
 
     index, count = _process()
     batch = max(1, int(eval_config.get("batch_size", 256)) // count)
-    loaded: dict[int, Any] = {}
+    loaded: dict[preprocess.Preprocessing, Any] = {}
 
-    def load(size: int) -> Any:
-        if size not in loaded:
-            loaded[size] = retrieval.load_retrieval(spec, batch_size=batch, image_size=size,
+    def load(prep: preprocess.Preprocessing) -> Any:
+        if prep not in loaded:  # captions only: the texts are tokenized by the model's tokenizer at embedding
+            loaded[prep] = retrieval.load_retrieval(spec, batch_size=batch, prep=prep,
                                                     max_examples=eval_config.get("max_examples"),
                                                     process_index=index, process_count=count)
-        return loaded[size]
+        return loaded[prep]
 
-    first = load(224)
+    first = load(preprocess.Preprocessing())
     if not first.num_images:
         raise ValueError(f"retrieval dataset {spec!r} has no images")
-    return RetrievalTask(spec, lambda size: load(size).image_batches(), list(first.captions),
+    return RetrievalTask(spec, lambda prep: load(prep).image_batches(), list(first.captions),
                          np.asarray(first.texts["caption_image_index"]), first.num_images)
 
 
@@ -245,6 +237,7 @@ class _Context:
     mesh: Mesh | None
     batch_size: int
     cache_dir: str | None
+    prep: preprocess.Preprocessing  # the model's image and text preprocessing
     tokenizer: Any
     max_examples: int | None
     progress: bool
@@ -270,16 +263,15 @@ def _take(batches: Batches, limit: int | None) -> Iterable[dict[str, np.ndarray]
 
 def _image_embeddings(ctx: _Context, name: str, split: str, images: Callable[[int], Batches],
                       total: int | None) -> dict[str, np.ndarray]:
-    size = image_size(ctx.model)
-
     def compute() -> dict[str, np.ndarray]:
         n = total if ctx.max_examples is None or total is None else min(total, ctx.max_examples)
-        feats, extras = emb_lib.extract(ctx.model, _take(images(size), ctx.max_examples), "image", mesh=ctx.mesh,
+        feats, extras = emb_lib.extract(ctx.model, _take(images(ctx.prep), ctx.max_examples), "image", mesh=ctx.mesh,
                                         batch_size=ctx.batch_size, total=n, desc=f"{name} images",
                                         progress=ctx.progress)
         return {"features": feats, **extras}
 
-    return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, split=split, kind="image", size=size))
+    return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, split=split, kind="image",
+                                                                **_image_key(ctx.prep)))
 
 
 def _text_embeddings(ctx: _Context, name: str, texts: Sequence[str], **key: Any) -> np.ndarray:
@@ -291,7 +283,7 @@ def _text_embeddings(ctx: _Context, name: str, texts: Sequence[str], **key: Any)
         valid = rows < len(texts)
         rows = np.where(valid, rows, 0)
         mine = [texts[r] for r in rows] if len(texts) else []
-        tokens = preprocess.tokenize(mine, ctx.tokenizer, max_length=text_max_length(ctx.model))
+        tokens = ctx.prep.tokenize(mine, ctx.tokenizer)  # SigLIP: an all-ones mask (it attends to its pads)
         arrays = {**tokens, "row": rows, "mask": valid}
         feats, extra = emb_lib.extract(ctx.model, emb_lib.iterate_arrays(arrays, ctx.batch_size), "text",
                                        mesh=ctx.mesh, batch_size=ctx.batch_size, total=len(mine),
@@ -299,7 +291,10 @@ def _text_embeddings(ctx: _Context, name: str, texts: Sequence[str], **key: Any)
         return {"features": feats[np.argsort(extra["row"], kind="stable")]}
 
     texts_id = emb_lib.cache_key(texts=list(texts))
-    return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, kind="text", texts=texts_id, **key)
+    return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, kind="text", texts=texts_id,
+                                                                tokenizer=ctx.prep.tokenizer,
+                                                                text_length=ctx.prep.text_length,
+                                                                padding=ctx.prep.padding, **key)
                           )["features"]
 
 
@@ -360,14 +355,19 @@ def _retrieval(ctx: _Context, dataset: RetrievalTask) -> tuple[dict[str, Any], d
 # --------------------------------------------------------------------------------------------------
 
 def run_suite(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh: Mesh | None = None,
-              tokenizer: Any = None, zero_shot: Sequence[ZeroShotTask] | None = None,
+              tokenizer: Any = None, prep: preprocess.Preprocessing | None = None,
+              zero_shot: Sequence[ZeroShotTask] | None = None,
               retrieval: Sequence[RetrievalTask] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The suite on one model -> `(result, pairs)`; `pairs[dataset]` is a `plots.Embeddings` of the
     embeddings behind the feature metrics (for the pictures).
 
     `eval_config`: the `config.eval` section (batch_size, templates, zero_shot, retrieval, max_examples,
     cache_dir, progress). `zero_shot` / `retrieval`: already-built sets instead of the config's names.
+    `prep`: how images and texts are prepared (default `Preprocessing.of_model(model)`: the model's size,
+    mean/std, resize, text length; a SigLIP model needs `prep` with its `tokenizer_source`, or `tokenizer`).
+    `tokenizer`: overrides `prep.get_tokenizer()`.
     """
+    prep = prep if prep is not None else preprocess.Preprocessing.of_model(model)
     if zero_shot is None:
         zero_shot = [zero_shot_task(s, eval_config) for s in eval_config.get("zero_shot", ())]
     if retrieval is None:
@@ -376,8 +376,7 @@ def run_suite(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh:
         raise ValueError("config.eval: nothing to evaluate (zero_shot and retrieval are both empty)")
     mesh = mesh or emb_lib.default_mesh()
     ctx = _Context(emb_lib.place_model(model, mesh), mesh, int(eval_config.get("batch_size", 256)),
-                   eval_config.get("cache_dir"),
-                   tokenizer if tokenizer is not None else preprocess.get_tokenizer(),
+                   eval_config.get("cache_dir"), prep, tokenizer if tokenizer is not None else prep.get_tokenizer(),
                    eval_config.get("max_examples"), bool(eval_config.get("progress", True)))
     templates_spec = eval_config.get("templates", "single")
     templates = resolve_templates(templates_spec)
@@ -398,14 +397,14 @@ def run_suite(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh:
 
 
 def evaluate(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh: Mesh | None = None,
-             tokenizer: Any = None, out_dir: str | Path | None = None,
+             tokenizer: Any = None, prep: preprocess.Preprocessing | None = None, out_dir: str | Path | None = None,
              zero_shot: Sequence[ZeroShotTask] | None = None,
              retrieval: Sequence[RetrievalTask] | None = None) -> dict[str, Any]:
     """Zero-shot, retrieval and feature metrics of one model (result dict: see jax_refine/report.py).
 
     With `out_dir`, also writes report.md / report.json and (if `eval_config.plots`) the PNGs there.
     """
-    result, pairs = run_suite(model, eval_config, name=name, mesh=mesh, tokenizer=tokenizer,
+    result, pairs = run_suite(model, eval_config, name=name, mesh=mesh, tokenizer=tokenizer, prep=prep,
                               zero_shot=zero_shot, retrieval=retrieval)
     if out_dir is not None:
         _write(out_dir, [result], {name: pairs}, bool(eval_config.get("plots", True)))
@@ -466,6 +465,12 @@ def model_name(source: str) -> str:
     return p.name or source
 
 
+def preprocessing_of(model: nnx.Module, source: Any) -> preprocess.Preprocessing:
+    """`model`'s preprocessing with the tokenizer of `source`, the checkpoint it came from (a directory or hub
+    id: SigLIP's spiece.model; CLIP's BPE from there or the packaged one); none for an in-memory model."""
+    return preprocess.Preprocessing.of_model(model, str(source) if isinstance(source, (str, Path)) else None)
+
+
 def config_dtype(config: Any) -> str:
     """The compute dtype a config asks for (`config.model.dtype`, default float32), for `checkpoint.load_model`."""
     model_cfg = config.get("model", {}) if hasattr(config, "get") else {}
@@ -501,7 +506,7 @@ def compare(checkpoints: Sequence[Any] | Mapping[str, Any], config: Any, out_dir
     for name, source in named:
         model = checkpoint.load_model(source, dtype=config_dtype(config))
         result, pairs = run_suite(model, eval_config, name=name, mesh=mesh, tokenizer=tokenizer,
-                                  zero_shot=zero_shot, retrieval=retrieval)
+                                  prep=preprocessing_of(model, source), zero_shot=zero_shot, retrieval=retrieval)
         results.append(result)
         pairs_by_model[name] = pairs
         del model

@@ -4,11 +4,12 @@ The reference's updater (yshinya6/clip-refine, `updater/contrastive.py`) compute
 ``lambda_cont * contrastive + lambda_kd * distill + lambda_rand * RaFA`` with ``lambda_cont = 1`` unless a
 method's config sets it; only CLIP-Refine (`clip-refine.yaml`) sets it to 0. Here::
 
-    L = sum_t  w_t * L_t,   t in TERMS = (contrastive, kd, rafa, feature, logit, m2)
+    L = sum_t  w_t * L_t,   t in TERMS = (contrastive, sigmoid, kd, rafa, feature, logit, m2)
 
 | term          | loss (jax_refine/losses.py)                                  | needs            |
 |---------------|--------------------------------------------------------------|------------------|
 | `contrastive` | `contrastive_loss(fi, ft, exp(logit_scale))`                 | the logit scale  |
+| `sigmoid`     | `sigmoid_loss(fi, ft, exp(logit_scale), logit_bias)` (SigLIP's own; unit vectors always) | scale + bias |
 | `kd`          | `hycd_loss(fi, ft, gi, gt, alpha, temperature)` (HyCD; Self-KD at alpha 0) | teacher |
 | `rafa`        | `rafa_loss(fi, ft, z)`, z from `config.method.prior`         | reference z      |
 | `feature`     | `feature_distill_loss(fi, ft, gi, gt)`                       | teacher          |
@@ -22,10 +23,16 @@ None takes the preset's value; a value set in the config or on the command line 
 section (the `config` command prints it). A term of weight 0 is not computed.
 
 What trains: all parameters, except the logit scale, which is trainable iff a term that uses it
-(`contrastive`, `m2`) has a nonzero weight (otherwise it gets no gradient and no weight decay).
+(`contrastive`, `sigmoid`, `m2`) has a nonzero weight, and the logit bias (SigLIP), trainable iff `sigmoid`
+has (otherwise they get no gradient and no weight decay: `Objective.frozen`).
 
-Normalization: `normalize` (False by default) applies to every term but `m2`, which always mixes unit
-vectors (slerp needs them). False is what the reference computes: its model returns unnormalized features
+SigLIP: its own contrastive baseline is the `sigmoid` preset (SigLIP's pairwise sigmoid loss with the
+model's logit scale and bias, as SigLIP was pre-trained); `configs/clip_refine.py` picks it for
+`method=contrastive` on a SigLIP model. The `sigmoid` term needs a model with a logit bias (an error
+otherwise). HyCD, RaFA and the distillation terms use the projected features only and apply unchanged.
+
+Normalization: `normalize` (False by default) applies to every term but `sigmoid` and `m2`, which always
+take unit vectors (SigLIP's loss is defined on them; slerp needs them). False is what the reference computes: its model returns unnormalized features
 and its CLIP loss multiplies their dot products by a logit scale initialised at log 100. The m2-mix preset
 sets True, so its contrastive term is CLIP's own loss on unit vectors, as in Oh et al. (NeurIPS 2023).
 
@@ -46,9 +53,10 @@ from jax_refine import losses
 
 Array = jax.Array
 
-TERMS = ("contrastive", "kd", "rafa", "feature", "logit", "m2")
+TERMS = ("contrastive", "sigmoid", "kd", "rafa", "feature", "logit", "m2")
 TEACHER_TERMS = ("kd", "feature", "logit")
-LOGIT_SCALE_TERMS = ("contrastive", "m2")
+LOGIT_SCALE_TERMS = ("contrastive", "sigmoid", "m2")
+LOGIT_BIAS_TERMS = ("sigmoid",)
 
 
 class Preset(NamedTuple):
@@ -68,6 +76,9 @@ PRESETS: Mapping[str, Preset] = {
     "clip_refine": Preset({"kd": 1.0, "rafa": 1.0}, 0.5, False,
                           "clip-refine.yaml: lambda_cont 0, lambda_kd 1, lambda_rand 1, kd, alpha_blending 0.5"),
     "contrastive": Preset({"contrastive": 1.0}, 0.5, False, "contrastive.yaml: CLIPUpdater, lambda_cont 1"),
+    "sigmoid": Preset({"sigmoid": 1.0}, 0.5, False,
+                      "SigLIP's contrastive fine-tuning: its pairwise sigmoid loss (Zhai et al. 2023) on unit "
+                      "vectors with the learned logit scale and bias"),
     "self_kd": Preset({"contrastive": 1.0, "kd": 1.0}, 0.0, False,
                       "CLIPUpdater, lambda_cont 1 (default), lambda_kd 1, kd, alpha_blending 0 (default)"),
     "feature_distill": Preset({"contrastive": 1.0, "feature": 1.0}, 0.5, False,
@@ -89,6 +100,7 @@ class Outputs(NamedTuple):
     z: Array | None  # RaFA reference (B, D)
     log_logit_scale: Array  # model.logit_scale (log of the scale), ()
     key: Array  # PRNG key for stochastic losses (m2)
+    logit_bias: Array | None = None  # model.logit_bias (SigLIP), (); None for CLIP
 
 
 class Objective(NamedTuple):
@@ -97,6 +109,13 @@ class Objective(NamedTuple):
     needs_teacher: bool
     needs_reference: bool
     uses_logit_scale: bool  # False: the logit scale gets no gradient and is frozen (no weight decay)
+    uses_logit_bias: bool = False  # False: the logit bias (SigLIP) is frozen the same way
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Regexes (re.search on parameter paths) of the parameters this objective does not train."""
+        return (() if self.uses_logit_scale else ("^logit_scale$",)) + (
+            () if self.uses_logit_bias else ("^logit_bias$",))
 
 
 def _preset(name: str) -> Preset:
@@ -141,6 +160,12 @@ def total_loss(out: Outputs, method_cfg: Any) -> tuple[Array, dict[str, Array]]:
     parts: dict[str, Array] = {}
     if w.contrastive:
         parts["contrastive"] = losses.contrastive_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), normalize=n)
+    if w.sigmoid:
+        if out.logit_bias is None:
+            raise ValueError("config.method.weights.sigmoid > 0 needs a model with a logit bias (SigLIP); this model "
+                             "has none: use the contrastive term")
+        parts["sigmoid"] = losses.sigmoid_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), out.logit_bias,
+                                               normalize=True)
     if w.kd:
         parts["kd"] = losses.hycd_loss(out.fi, out.ft, out.gi, out.gt, alpha=c.alpha, temperature=c.temperature,
                                        normalize=n)
@@ -164,7 +189,7 @@ def get_objective(method: Any) -> Objective:
     c = resolve_method(method)
     weights = {t: w for t, w in c.weights.items() if w}
     return Objective(total_loss, weights, any(t in weights for t in TEACHER_TERMS), "rafa" in weights,
-                     any(t in weights for t in LOGIT_SCALE_TERMS))
+                     any(t in weights for t in LOGIT_SCALE_TERMS), any(t in weights for t in LOGIT_BIAS_TERMS))
 
 
 def reference(key: Array, shape: tuple[int, int], c: Any) -> Array:

@@ -1,4 +1,8 @@
-"""Text and image preprocessing with Hugging Face CLIP numerics, shared by model users and the data pipeline.
+"""Text and image preprocessing of every model family, shared by model users and the data pipelines.
+
+`Preprocessing` is the one description training and evaluation read (built from a model with
+`Preprocessing.of_model`, or `Preprocessing.clip()` for CLIP's defaults): image size, mean/std, resize mode
+("crop": CLIPImageProcessor; "squash": SiglipImageProcessor), tokenizer, text length and padding. CLIP's:
 
 - Text: `transformers.CLIPTokenizer` built from the checkpoint's own `vocab.json`/`merges.txt` when a
   checkpoint directory has them, else from the files packaged in `jax_refine/assets/tokenizer/` (derived
@@ -8,13 +12,18 @@
 - Image: the `CLIPImageProcessor` pipeline: convert to RGB, resize the shortest side to `size` with PIL
   bicubic on uint8 (long side `int(size * long / short)`), center crop `size x size`
   (top = (h - size) // 2), rescale by 1/255, normalize with the OpenAI CLIP mean/std. Output HWC float32.
+SigLIP's (`jax_refine.models.siglip`): the whole image resized to size x size (bicubic, aspect not kept),
+mean = std = 0.5; SentencePiece ids padded to the model's length with `</s>`, and no attention mask: SigLIP
+attends to its pad tokens (transformers' `SiglipModel` is run without one), so `Preprocessing.tokenize`
+gives an all-ones mask, which `encode_text` treats exactly as no mask.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -100,10 +109,10 @@ def resize_crop(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(img, np.uint8)[top : top + size, left : left + size]
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32 (..., 3): x / 255, then (x - CLIP_MEAN) / CLIP_STD."""
+def normalize(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """uint8 (..., 3) -> float32 (..., 3): x / 255, then (x - mean) / std (default CLIP's, in float32)."""
     x = pixels.astype(np.float32) * np.float32(1 / 255)
-    return (x - CLIP_MEAN) / CLIP_STD
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def preprocess_image(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
@@ -111,15 +120,119 @@ def preprocess_image(image: Image.Image | np.ndarray, size: int = 224) -> np.nda
     return normalize(resize_crop(image, size))
 
 
-def decode_resize_crop(data: bytes, size: int = 224, fast: bool = False) -> np.ndarray:
+def resize_squash(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
+    """The whole image bicubic-resized to (size, size, 3) uint8, aspect not kept (`SiglipImageProcessor`)."""
+    from jax_refine.models.siglip import image as siglip_image  # here: that module imports this one
+
+    return siglip_image.resize(image, size)
+
+
+RESIZES = {"crop": resize_crop, "squash": resize_squash}
+
+
+def decode_resize_crop(data: bytes, size: int = 224, fast: bool = False, resize: str = "crop") -> np.ndarray:
     """Encoded image bytes (JPEG/PNG/...) -> (size, size, 3) uint8; raises OSError/ValueError if corrupt.
 
-    `fast=False`: exactly `CLIPImageProcessor`'s pixels. `fast=True`: a JPEG is first decoded at 1/2, 1/4 or
+    `resize`: "crop" (`resize_crop`, CLIPImageProcessor) or "squash" (`resize_squash`, SiglipImageProcessor).
+    `fast=False`: exactly the processor's pixels. `fast=True`: a JPEG is first decoded at 1/2, 1/4 or
     1/8 scale in the DCT domain (`Image.draft`: the largest that keeps both sides >= size; other formats
     as is), then resized the same way: close to, not equal to, those pixels (tests/test_data_decoding.py).
     """
+    if resize not in RESIZES:
+        raise ValueError(f"resize={resize!r}: use one of {sorted(RESIZES)}")
     with Image.open(io.BytesIO(data)) as img:
         if fast:
             img.draft("RGB", (size, size))
         img.load()
-        return resize_crop(img, size)
+        return RESIZES[resize](img, size)
+
+
+PADDINGS = ("longest", "max_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its inputs; the defaults are OpenAI CLIP's (224 px, CLIPImageProcessor, 77 tokens).
+
+    image_size: square side in pixels; mean, std: per-channel, on pixels scaled to [0, 1];
+    resize: "crop" (shortest side bicubic + center crop) | "squash" (bicubic to size x size);
+    text_length: tokens per text; padding: "longest" (CLIP: pads masked, any pad length gives the same
+    features; we pad to text_length) | "max_length" (SigLIP: pads are model input, attention mask all ones);
+    tokenizer: the model family whose tokenizer it is (`jax_refine.models.registry`: "clip" BPE, "siglip"
+    SentencePiece); tokenizer_source: the checkpoint directory (or hub id) holding the tokenizer files (None:
+    the family's packaged one, CLIP's BPE; SigLIP has none).
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = tuple(float(x) for x in CLIP_MEAN)
+    std: tuple[float, float, float] = tuple(float(x) for x in CLIP_STD)
+    resize: str = "crop"
+    text_length: int = 77
+    padding: str = "longest"
+    tokenizer: str = "clip"
+    tokenizer_source: str | None = None
+
+    def __post_init__(self):
+        for name, value, allowed in (("resize", self.resize, tuple(RESIZES)), ("padding", self.padding, PADDINGS)):
+            if value not in allowed:
+                raise ValueError(f"Preprocessing.{name}={value!r}: use one of {allowed}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"Preprocessing.{name}={getattr(self, name)!r}: need 3 channel values")
+        if min(self.std) <= 0 or self.image_size < 1 or self.text_length < 1:
+            raise ValueError(f"Preprocessing: std {self.std}, image_size {self.image_size} and text_length "
+                             f"{self.text_length} must be positive")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if self.tokenizer_source is not None:
+            object.__setattr__(self, "tokenizer_source", str(self.tokenizer_source))
+
+    @classmethod
+    def of_model(cls, model: Any, tokenizer_source: str | Path | None = None) -> "Preprocessing":
+        """The preprocessing of `model` (`jax_refine.models.interface.Model`: family, image_size, pixel_mean,
+        pixel_std, resize, text_length, text_padding; an abstract model is enough); `tokenizer_source`: the
+        checkpoint it came from (needed for SigLIP, whose tokenizer ships with the checkpoint)."""
+        return cls(image_size=int(model.image_size), mean=tuple(model.pixel_mean), std=tuple(model.pixel_std),
+                   resize=model.resize, text_length=int(model.text_length), padding=model.text_padding,
+                   tokenizer=model.family, tokenizer_source=tokenizer_source)
+
+    def get_tokenizer(self) -> Any:
+        """The family's tokenizer (`Family.tokenizer`) read from `tokenizer_source` (None: its packaged one)."""
+        from jax_refine.models import registry  # here: the model families import this module
+
+        return registry.family_named(self.tokenizer).tokenizer(self.tokenizer_source)
+
+    def tokenize(self, texts: str | Sequence[str], tokenizer: Any = None) -> dict[str, np.ndarray]:
+        """{"input_ids", "attention_mask": (N, text_length) int32} (`tokenize`: every family's HF tokenizer pads
+        to text_length and truncates); `tokenizer` overrides `get_tokenizer()`. With padding "max_length" the
+        mask is all ones: the model attends to its pads (SigLIP, as transformers' SiglipModel runs unmasked)."""
+        out = tokenize(texts, tokenizer if tokenizer is not None else self.get_tokenizer(), self.text_length)
+        if self.padding == "max_length":
+            out["attention_mask"] = np.ones_like(out["attention_mask"])
+        return out
+
+    def decode(self, data: bytes, fast: bool = False) -> np.ndarray:
+        """Encoded image bytes -> (image_size, image_size, 3) uint8 (`decode_resize_crop` with `resize`)."""
+        return decode_resize_crop(data, self.image_size, fast, self.resize)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3) -> float32 (x / 255 - mean) / std."""
+        return normalize(pixels, self.mean, self.std)
+
+    def image(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """One PIL image / uint8 array -> (image_size, image_size, 3) float32, what `encode_image` takes."""
+        return self.normalize(RESIZES[self.resize](image, self.image_size))
+
+
+def preprocessing_arg(prep: Preprocessing | None, image_size: int | None = None,
+                      text_length: int | None = None) -> Preprocessing:
+    """`prep`, or, when None, CLIP's preprocessing at `image_size` / `text_length` (default 224 / 77): the
+    shorthand the data loaders accept. Giving both `prep` and a size is an error (which would win?)."""
+    if prep is None:
+        return Preprocessing(image_size=int(image_size or 224), text_length=int(text_length or 77))
+    if not isinstance(prep, Preprocessing):
+        raise TypeError(f"prep must be a jax_refine.preprocess.Preprocessing, got {type(prep).__name__}")
+    if image_size is not None or text_length is not None:
+        raise ValueError(f"give prep (image_size {prep.image_size}) or image_size/max_length "
+                         f"({image_size}/{text_length}), not both")
+    return prep

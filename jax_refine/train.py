@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from jax_refine import checkpoint as ckpt
 from jax_refine import config as config_lib
-from jax_refine import distributed, hf, hooks, objectives
+from jax_refine import distributed, hf, hooks, objectives, preprocess
 from jax_refine import sharding as shd
 from jax_refine import step as step_lib
 from jax_refine import train_state as ts
@@ -50,6 +50,14 @@ def model_options(config: Any) -> dict[str, Any]:
     """``config.model``'s speed/memory switches as model keyword arguments (defaults: xla, none, False)."""
     return {"attention": config.model.get("attention", "xla"), "remat": config.model.get("remat", "none"),
             "scan_layers": bool(config.model.get("scan_layers", False))}
+
+
+def model_preprocessing(config: Any) -> preprocess.Preprocessing:
+    """The input preprocessing ``config.model`` takes (its abstract model's interface attributes; the tokenizer
+    from its checkpoint directory, CLIP's packaged BPE for a random-init CLIP)."""
+    family, model_config = model_config_of(config)
+    return preprocess.Preprocessing.of_model(nnx.eval_shape(lambda: family.create(model_config)),
+                                             tokenizer_source=_start_checkpoint_dir(config))
 
 
 def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
@@ -126,8 +134,7 @@ def build_trainer(config: Any, mesh: Mesh | None = None, total_steps: int | None
         jax.eval_shape(lambda: step_lib.step_reference(jax.random.key(0), (2, int(setup.model.feature_dim)),
                                               config.method))
     total_steps = int(total_steps if total_steps is not None else config.train.num_steps)
-    frozen_extra = () if objective.uses_logit_scale else ("^logit_scale$",)
-    labels = ts.freeze_labels(setup.abstract_params, tuple(config.train.get("freeze") or ()), frozen_extra)
+    labels = ts.freeze_labels(setup.abstract_params, tuple(config.train.get("freeze") or ()), objective.frozen)
     tx, schedule = ts.make_optimizer(config.optimizer, labels, total_steps, config.train.get("clip_norm"))
     state_sh = ts.state_shardings(tx, setup.abstract_params, setup.param_shardings, mesh, objective.needs_teacher)
     step = step_lib.make_train_step(setup, config.method, tx, schedule, labels, mesh, int(config.train.grad_accum))
@@ -175,14 +182,13 @@ def model_config_of(config: Any) -> tuple[Family, Any]:
     return family, family.config_from(directory)
 
 
-def make_data_iterator(config: Any, model: Any) -> Iterator:
-    """This process's slice of the training data (the data package's resumable ``TrainIterator``) at the
-    image size and text length of ``model`` (a ``Model``, abstract is enough)."""
+def make_data_iterator(config: Any, prep: preprocess.Preprocessing) -> Iterator:
+    """This process's slice of the training data (the data package's resumable ``TrainIterator``), prepared
+    as the model takes it (``prep``: ``model_preprocessing(config)``)."""
     from jax_refine import data  # imports TensorFlow: only when the config's own data is read
 
     return data.make_train_iterator(
-        config.data, global_batch_size=int(config.train.batch_size), image_size=int(model.image_size),
-        max_length=min(77, int(model.text_length)), seed=int(config.seed),
+        config.data, global_batch_size=int(config.train.batch_size), prep=prep, seed=int(config.seed),
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -275,8 +281,7 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
 
 def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
     if data_iter is None:
-        family, model_config = model_config_of(config)
-        data_iter = make_data_iterator(config, nnx.eval_shape(lambda: family.create(model_config)))
+        data_iter = make_data_iterator(config, model_preprocessing(config))
     num_steps = config.train.get("num_steps")
     if num_steps is None:
         per_epoch = getattr(data_iter, "steps_per_epoch", None)

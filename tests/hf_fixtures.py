@@ -130,3 +130,22 @@ def write_hf_siglip(out_dir, spec, seed=0):
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     return out_dir, model
+
+
+SPM_SENTENCES = ["A photo of a cat.", "Two dogs play in the park!", "a man riding a horse on a beach",
+                 "people sitting at a table with food", "a red bus on the street", "images and captions"]
+
+
+def write_tiny_siglip(out_dir: Path, seed: int = 0) -> Path:
+    """`write_hf_siglip(out_dir, TINY_SIGLIP)` plus a tiny SentencePiece model trained here (SigLIP's ids:
+    pad 0, </s> 1, <unk> 2) saved beside it by `SiglipTokenizer.save_pretrained`: a complete SigLIP checkpoint
+    directory, as the hub ships one (tests/test_train_families.py, test_preprocess.py, test_evaluate.py)."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    write_hf_siglip(out_dir, TINY_SIGLIP, seed)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_SENTENCES * 4), model_prefix=str(out_dir / "sp_train"),
+                                   vocab_size=48, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    SiglipTokenizer(str(out_dir / "sp_train.model")).save_pretrained(out_dir)
+    return Path(out_dir)

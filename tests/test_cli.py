@@ -81,7 +81,7 @@ def test_unknown_mesh_preset():
     ("clip_refine:method=clip-refine", "config clip_refine: method='clip-refine' is not one of clip_refine, "),
     ("clip_refine:modle=vitb32", "config clip_refine: unknown argument 'modle=vitb32'; expected KEY=VALUE with KEY "
                                  "one of model, method, data, mesh"),
-    ("clip_refine_vitb32_coco:tpu", "config clip_refine: mesh='tpu' is not one of cpu, gpu1, gpu8, tpu_pod"),
+    ("clip_refine_vitb32_coco:tpu", "config clip_refine: mesh='tpu' is not one of default, cpu, gpu1, gpu8, tpu_pod"),
 ])
 def test_bad_config_names_and_arguments_are_one_line(spec, message):
     out = run_cli("config", spec)

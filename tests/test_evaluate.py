@@ -346,3 +346,44 @@ def test_bad_input(cifar_subset, tiny_hf_clip_dir, tmp_path):
     (not_clip / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="not_clip"):
         evaluate.compare([str(not_clip)], config, tmp_path / "out")
+
+
+def test_compare_on_a_siglip_checkpoint_prepares_as_siglip(coco_mini_dir, tmp_path):
+    """`compare` on a SigLIP checkpoint directory: real COCO photos squash-resized to [-1, 1], captions through
+    the directory's SentencePiece tokenizer padded to 16 and attended to. Recall against transformers'
+    SiglipImageProcessor + SiglipTokenizer + PyTorch SiglipModel (no mask) and the NumPy recall."""
+    import torch
+    from transformers import SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+    from PIL import Image
+
+    from hf_fixtures import write_tiny_siglip
+    from jax_refine.configs import default
+    from jax_refine.data import sources
+
+    directory = write_tiny_siglip(tmp_path / "siglip")
+    ann = coco_mini_dir / "annotations" / "captions_val2017.json"
+    spec = f"coco_json:{ann}:{coco_mini_dir / 'val2017'}"
+    config = default.get_config()
+    config.eval.update({"zero_shot": (), "retrieval": (spec,), "max_examples": 6, "batch_size": 8, "plots": False,
+                        "progress": False})
+    result = evaluate.compare({"siglip": str(directory)}, config, tmp_path / "report")["results"][0]
+    got, gap = result["retrieval"][spec], result["features"][spec]["modality_gap"]
+
+    records = sources.read_captions(ann, coco_mini_dir / "val2017")[:6]
+    captions = [t for r in records for _, t in r["captions"]]
+    idx = np.array([i for i, r in enumerate(records) for _ in r["captions"]])
+    processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    pixels = np.concatenate([processor(images=Image.open(r["path"]).convert("RGB"), return_tensors="np")["pixel_values"]
+                             for r in records])
+    ids = SiglipTokenizer.from_pretrained(str(directory))(captions, padding="max_length", truncation=True,
+                                                          max_length=16, return_tensors="pt")["input_ids"]
+    ref = SiglipModel.from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        ti = ref.get_image_features(pixel_values=torch.from_numpy(pixels)).pooler_output.numpy()
+        tt = ref.get_text_features(input_ids=ids).pooler_output.numpy()
+    want = _numpy_recall(ti, tt, idx)
+    assert (got["n_images"], got["n_captions"]) == (6, len(captions))
+    for direction in ("i2t", "t2i"):
+        assert got[direction] == pytest.approx(want[direction])
+    fi, ft = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (ti, tt))  # a continuous check of the features
+    assert gap == pytest.approx(np.linalg.norm(fi.mean(0) - ft.mean(0)), rel=1e-4)

@@ -1,8 +1,11 @@
 """The model registry and interface: which family a checkpoint is, what every model tells its users, the
-one-line error for an unknown family, and one trainer run per family (CLIP, open_clip's format, SigLIP).
+one-line error for an unknown family, and one trainer run per family (CLIP, open_clip's format, SigLIP) through
+the real input pipeline on real COCO photos.
 
 References: transformers' PyTorch models open what we export, transformers' default image processors give the
-pixel statistics, and the checkpoints themselves (written by torch) give the start parameters."""
+pixel statistics, each family's own processors and tokenizers (CLIPImageProcessor / CLIPTokenizer,
+SiglipImageProcessor / SiglipTokenizer) give the batches, and the checkpoints themselves (written by torch) give
+the start parameters."""
 from __future__ import annotations
 
 import json
@@ -12,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import TINY_SIGLIP, write_hf_siglip
+from hf_fixtures import clip_tokenizer, write_tiny_siglip
 from test_openclip_format import _open_clip_model, _save, _tiny_cfg
 from train_helpers import tiny_config
 
@@ -25,8 +28,9 @@ from jax_refine.models.interface import Model
 def family_dirs(tmp_path_factory, tiny_hf_clip_dir):
     """One tiny random checkpoint per registered family, each written by its own PyTorch library."""
     root = tmp_path_factory.mktemp("families")
-    siglip_dir, _ = write_hf_siglip(root / "siglip", TINY_SIGLIP, seed=2)
+    siglip_dir = write_tiny_siglip(root / "siglip", seed=2)  # with its SentencePiece tokenizer, as the hub has
     cfg = _tiny_cfg(True)
+    cfg["text_cfg"]["vocab_size"] = 49408  # CLIP's BPE: the pipeline tokenizes real captions
     openclip_dir = _save(_open_clip_model(cfg, seed=4), cfg, root / "openclip", "safetensors")
     return {"clip": tiny_hf_clip_dir, "openclip": openclip_dir, "siglip": siglip_dir}
 
@@ -93,58 +97,61 @@ def test_unknown_family_is_a_one_line_error(family_dirs, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def _batches(model, batch: int, seed: int = 0):
-    """Endless global batches the model can read: pixels at its image size, ids within its vocabulary, texts
-    padded its way (SigLIP: every text at its full length, mask all ones)."""
-    vocab = int(model.config.text_config.vocab_size)
-    length = model.text_length
-    rng = np.random.default_rng(seed)
+def _coco_config(workdir, directory, coco_mini_dir, **overrides):
+    """tiny_test from the checkpoint `directory`, on coco_mini's captioned train photos read in place."""
+    return tiny_config(workdir, **{
+        "model.random_init": None, "model.name_or_path": str(directory), "train.num_steps": 1,
+        "data.source": "coco_json", "data.annotations": str(coco_mini_dir / "annotations" / "captions_train2017.json"),
+        "data.images": str(coco_mini_dir / "train2017"), "data.split": "train", **overrides})
 
-    class It:
-        index = 0
 
-        def __iter__(self):
-            return self
+def _processors_batch(model, directory, paths, captions) -> tuple[np.ndarray, np.ndarray]:
+    """The family's own transformers processors on these photos and captions: NHWC pixels, token ids."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, SiglipImageProcessorPil, SiglipTokenizer
 
-        def __next__(self):
-            image = rng.normal(size=(batch, model.image_size, model.image_size, 3)).astype(np.float32)
-            ids = rng.integers(2, vocab, size=(batch, length)).astype(np.int32)
-            mask = np.ones((batch, length), np.int32)
-            if model.text_padding == "longest":
-                ends = rng.integers(2, length, size=batch)
-                mask = (np.arange(length)[None] <= ends[:, None]).astype(np.int32)
-                ids[np.arange(batch), ends] = vocab - 1  # the highest id: the EOS that argmax pooling finds
-                ids = np.where(mask == 1, ids, 0).astype(np.int32)
-            self.index += 1
-            return {"image": image, "input_ids": ids, "attention_mask": mask}
-
-        def get_state(self):
-            return {"index": self.index}
-
-        def set_state(self, state):
-            self.index = int(state["index"])
-
-    return It()
+    size, length = model.image_size, model.text_length
+    if model.family == "siglip":
+        processor, tokenizer = (SiglipImageProcessorPil(size={"height": size, "width": size}),
+                                SiglipTokenizer.from_pretrained(str(directory)))
+    else:
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        tokenizer = clip_tokenizer()
+    pixels = np.concatenate([processor(images=Image.open(p).convert("RGB"), return_tensors="np")["pixel_values"]
+                             for p in paths]).transpose(0, 2, 3, 1)
+    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=length)["input_ids"]
+    return pixels, np.asarray(ids)
 
 
 @pytest.mark.parametrize("name", ["clip", "openclip", "siglip"])
-def test_one_clip_refine_run_per_family(family_dirs, tmp_path, name):
-    """train.train on each family's checkpoint: the params move, the workdir restores as the same family
-    with the trained params, and the export opens in transformers."""
+def test_one_clip_refine_run_per_family(family_dirs, coco_mini_dir, tmp_path, name):
+    """train.train on each family's checkpoint through the input pipeline on real (non-square) COCO photos and
+    captions: its first batch is what the family's own processors make of them (SigLIP: squashed, [-1, 1],
+    SentencePiece ids padded to 16 and all attended to); the params move, the workdir restores as the same
+    family with the trained params, and the export opens in transformers."""
     from transformers import AutoModel
 
     directory = family_dirs[name]
     start = hf.load_pretrained(directory)
-    config = tiny_config(tmp_path / "run", **{"model.random_init": None, "model.name_or_path": str(directory),
-                                              "train.num_steps": 1, "train.export_hf": True})
-    out = train.train(config, data_iter=_batches(start, 8), return_state=True)
-    assert out["steps"] == 1
+    config = _coco_config(tmp_path / "run", directory, coco_mini_dir, **{"train.export_hf": True})
+    it = train.make_data_iterator(config, train.model_preprocessing(config))  # what train() reads, first batch
+    batch, order = next(it), it.epoch_examples(0)
+    assert it.stats()["skipped_bad_image"] == it.stats()["skipped_no_caption"] == 0
+    pixels, ids = _processors_batch(start, directory, order["path"][:8], order["caption"][:8])
+    assert np.abs(batch["image"] - pixels).max() <= 1e-5
+    np.testing.assert_array_equal(batch["input_ids"], ids)
+    if name == "siglip":
+        assert (batch["attention_mask"] == 1).all()
+
+    out = train.train(config, return_state=True)
+    assert out["steps"] == 1 and np.isfinite(out["metrics"]["loss"])
     before = nnx.state(start, nnx.Param).to_pure_dict()
     after = jax.tree.map(np.asarray, out["state"].params)
     changed = {jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(after),
                                                            jax.tree.leaves(before)) if not np.array_equal(a, b)}
     every = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(after)}
-    assert changed == every - {"['logit_scale']"}  # CLIP-Refine does not use (and freezes) the logit scale
+    # CLIP-Refine does not use (and freezes) the logit scale, nor SigLIP's logit bias
+    assert changed == every - {"['logit_scale']", "['logit_bias']"}
 
     restored = ckpt.load_model(tmp_path / "run")
     assert type(restored) is type(start) and restored.family == start.family
@@ -153,3 +160,19 @@ def test_one_clip_refine_run_per_family(family_dirs, tmp_path, name):
     assert registry.family_of(out["hf_dir"]).name == start.family
     _, info = AutoModel.from_pretrained(out["hf_dir"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_sigmoid_baseline_trains_siglip_logit_scale_and_bias(family_dirs, coco_mini_dir, tmp_path):
+    """SigLIP's own contrastive baseline (the `sigmoid` preset) through the same pipeline trains the logit scale
+    and bias with everything else."""
+    directory = family_dirs["siglip"]
+    before = nnx.state(hf.load_pretrained(directory), nnx.Param).to_pure_dict()
+    config = _coco_config(tmp_path / "run", directory, coco_mini_dir, **{"method.name": "sigmoid",
+                                                                         "train.export_hf": False})
+    out = train.train(config, return_state=True)
+    assert out["steps"] == 1 and np.isfinite(out["metrics"]["sigmoid"])
+    after = out["state"].params
+    for key in ("logit_scale", "logit_bias"):
+        assert not np.array_equal(np.asarray(after[key]), np.asarray(before[key])), key
+    assert all(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))

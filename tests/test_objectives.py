@@ -123,7 +123,7 @@ def test_contrastive_weight_makes_the_logit_scale_trainable():
 def test_resolve_method_fills_presets_and_keeps_overrides():
     r = objectives.resolve_method(_method("self_kd"))
     assert r.alpha == 0.0 and r.normalize is False and r.weights.to_dict() == {
-        "contrastive": 1.0, "kd": 1.0, "rafa": 0.0, "feature": 0.0, "logit": 0.0, "m2": 0.0}
+        "contrastive": 1.0, "sigmoid": 0.0, "kd": 1.0, "rafa": 0.0, "feature": 0.0, "logit": 0.0, "m2": 0.0}
     r = objectives.resolve_method(_method("self_kd", alpha=0.3, **{"weights.contrastive": 0.0}))
     assert r.alpha == 0.3 and r.weights.contrastive == 0.0 and r.weights.kd == 1.0
 
@@ -136,3 +136,48 @@ def test_resolve_method_fills_presets_and_keeps_overrides():
 def test_bad_method_config_is_one_line_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         objectives.resolve_method(_method("clip_refine", **overrides))
+
+
+# SigLIP SO400M/14-384's trained logit scale (exp ~112) and bias (~-16.5): the sigmoid term at real values
+SIGLIP_LOG_SCALE, SIGLIP_BIAS = float(np.log(112.0)), -16.5
+
+
+@pytest.mark.parametrize("norm", [1.0, 10.0])
+@pytest.mark.parametrize("weights", [{"sigmoid": 1.0}, {"sigmoid": 0.5, "kd": 1.0, "rafa": 1.0}])
+def test_sigmoid_term_matches_torch_float64_through_the_objective(norm, weights):
+    """The `sigmoid` term (alone: the `sigmoid` preset; and next to HyCD + RaFA) through `total_loss`: value and
+    gradients w.r.t. both features, the log scale and the bias against the float64 transcription of the paper."""
+    fi, ft, gi, gt, z = _realistic(norm=norm, seed=7)
+    overrides = {f"weights.{t}": w for t, w in weights.items()}
+
+    def loss(fi_, ft_, s, b):
+        out = objectives.Outputs(fi_, ft_, jnp.asarray(gi), jnp.asarray(gt), jnp.asarray(z), s, KEY, b)
+        return objectives.total_loss(out, _method("sigmoid", **overrides))[0]
+
+    v, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))(jnp.asarray(fi), jnp.asarray(ft),
+                                                                jnp.float32(SIGLIP_LOG_SCALE), jnp.float32(SIGLIP_BIAS))
+    t = [torch.tensor(np.asarray(x, np.float64), requires_grad=i in (0, 1)) for i, x in enumerate((fi, ft, gi, gt, z))]
+    s = torch.tensor(SIGLIP_LOG_SCALE, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(SIGLIP_BIAS, dtype=torch.float64, requires_grad=True)
+    want = weights["sigmoid"] * ref.sigmoid(t[0], t[1], torch.exp(s), b)
+    rest = {k: w for k, w in weights.items() if k != "sigmoid"}
+    if rest:
+        want = want + ref.objective("clip_refine", *t, s, LAM, weights={"kd": 0.0, "rafa": 0.0, **rest})
+    want.backward()
+    want = float(want.detach())
+    assert abs(float(v) - want) <= 2e-5 * max(abs(want), 1e-3), (float(v), want)
+    for ours, theirs in zip(grads, (t[0].grad, t[1].grad, s.grad, b.grad)):
+        theirs = theirs.numpy()
+        err = np.linalg.norm(np.asarray(ours, np.float64) - theirs) / max(np.linalg.norm(theirs), 1e-8)
+        assert err <= 2e-5, err
+
+
+def test_sigmoid_preset_trains_scale_and_bias_and_needs_a_bias():
+    o = objectives.get_objective("sigmoid")
+    assert dict(o.weights) == {"sigmoid": 1.0} and o.uses_logit_scale and o.uses_logit_bias and o.frozen == ()
+    assert not o.needs_teacher and not o.needs_reference
+    assert objectives.get_objective("clip_refine").frozen == ("^logit_scale$", "^logit_bias$")
+    assert objectives.get_objective("contrastive").frozen == ("^logit_bias$",)
+    fi, ft, gi, gt, z = (jnp.asarray(x) for x in _realistic(b=4, d=8))
+    with pytest.raises(ValueError, match="needs a model with a logit bias"):  # a CLIP has none
+        objectives.total_loss(objectives.Outputs(fi, ft, gi, gt, z, jnp.float32(1.0), KEY), _method("sigmoid"))

@@ -54,7 +54,7 @@ OLD_NAMES = {"clip_refine_vitb32_coco": ("clip_refine", "vitb32"), "clip_refine_
              "self_kd_vitb32_coco": ("self_kd", "vitb32"), "feature_distill_vitb32_coco": ("feature_distill", "vitb32"),
              "logit_distill_vitb32_coco": ("logit_distill", "vitb32"), "hycd_vitb32_coco": ("hycd", "vitb32"),
              "rafa_vitb32_coco": ("rafa", "vitb32"), "m2_mix_vitb32_coco": ("m2_mix", "vitb32")}
-NO_WEIGHTS = {"contrastive": 0.0, "kd": 0.0, "rafa": 0.0, "feature": 0.0, "logit": 0.0, "m2": 0.0}
+NO_WEIGHTS = {"contrastive": 0.0, "sigmoid": 0.0, "kd": 0.0, "rafa": 0.0, "feature": 0.0, "logit": 0.0, "m2": 0.0}
 
 
 def _resolved(spec: str, *overrides: str) -> dict:
@@ -104,6 +104,39 @@ def test_config_command_prints_the_resolved_config_and_overrides():
     assert out.returncode == 0, out.stderr[-2000:]
     c = json.loads(out.stdout)
     # Self-KD as the reference's CLIPUpdater builds it: contrastive 1 + KD (alpha 0); kd overridden to 2.5
-    assert c["method"]["weights"] == {"contrastive": 1.0, "kd": 2.5, "rafa": 0.0, "feature": 0.0, "logit": 0.0,
+    assert c["method"]["weights"] == {"contrastive": 1.0, "sigmoid": 0.0, "kd": 2.5, "rafa": 0.0, "feature": 0.0, "logit": 0.0,
                                       "m2": 0.0}
     assert c["method"]["alpha"] == 0.0 and c["optimizer"]["lr"] == 2e-6 and c["optimizer"]["weight_decay"] == 0.1
+
+
+# The reference's model list (its loader's checkpoints; issue 13), written out here, not read from the configs.
+REFERENCE_MODELS = {
+    "vitb32": "openai/clip-vit-base-patch32", "vitb16": "openai/clip-vit-base-patch16",
+    "vitl14": "openai/clip-vit-large-patch14", "openclip_h14": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "openclip_bigg14": "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "dfn_h14_378": "apple/DFN5B-CLIP-ViT-H-14-378",
+    "siglip_so400m": "google/siglip-so400m-patch14-384",
+}
+DATA_PARALLEL, FSDP8 = {"data": -1, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1}
+# batch 512 on 8 x 80 GB (README's AOT table: L/14-336 needs remat on fsdp 8, bigG/14 remat=full)
+FITS = {"vitb32": (DATA_PARALLEL, "none"), "vitb16": (DATA_PARALLEL, "none"), "vitl14": (FSDP8, "save_dots"),
+        **{m: (FSDP8, "full") for m in ("openclip_h14", "openclip_bigg14", "dfn_h14_378", "siglip_so400m")}}
+
+
+@pytest.mark.parametrize("model", list(REFERENCE_MODELS))
+def test_each_reference_model_resolves_to_its_checkpoint_and_a_mesh_that_fits(model):
+    c = _resolved(f"clip_refine:model={model}")
+    mesh, remat = FITS[model]
+    assert c["model"]["name_or_path"] == REFERENCE_MODELS[model]
+    assert (c["mesh"]["shape"], c["model"]["remat"]) == (mesh, remat)
+    assert c["model"]["scan_layers"] == (remat != "none")
+    assert _subset(c, PAPER) == [] and c["workdir"] == f"outputs/clip_refine_{model}_coco"
+    pod = _resolved(f"clip_refine:model={model},mesh=tpu_pod")  # an explicit mesh wins, the memory settings stay
+    assert pod["mesh"]["shape"] == {"data": -1, "fsdp": 4, "tensor": 1} and pod["model"]["remat"] == remat
+
+
+def test_siglip_contrastive_baseline_is_its_sigmoid_loss_and_clip_has_none():
+    c = _resolved("clip_refine:model=siglip_so400m,method=contrastive")
+    assert c["method"]["name"] == "sigmoid" and c["method"]["weights"] == {**NO_WEIGHTS, "sigmoid": 1.0}
+    assert _resolved("clip_refine:model=siglip_so400m")["method"]["weights"] == {**NO_WEIGHTS, "kd": 1.0, "rafa": 1.0}
+    with pytest.raises(ValueError, match="method=sigmoid needs a model with a logit bias"):
+        _resolved("clip_refine:model=vitb32,method=sigmoid")

@@ -136,3 +136,60 @@ def test_preprocess_image_rejects_bad_arrays():
         preprocess.preprocess_image(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"\(H,W"):
         preprocess.preprocess_image(np.zeros((8, 8, 5), np.uint8))
+
+
+# ------------------------------------------------------------------ the model's preprocessing (families)
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory):
+    from hf_fixtures import write_tiny_siglip
+
+    return write_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))
+
+
+def test_clip_defaults_are_the_clip_image_processor_constants(tiny_hf_clip_dir):
+    from jax_refine import hf
+
+    prep = preprocess.Preprocessing.of_model(hf.load_pretrained(tiny_hf_clip_dir))
+    assert (prep.image_size, prep.resize, prep.text_length, prep.padding, prep.tokenizer) == (32, "crop", 77,
+                                                                                                "longest", "clip")
+    assert np.array_equal(np.float32(prep.mean), preprocess.CLIP_MEAN)  # OpenAI's constants, float32-exact
+    assert np.array_equal(np.float32(prep.std), preprocess.CLIP_STD)
+    with pytest.raises(ValueError, match="Preprocessing.resize='letterbox'"):
+        preprocess.Preprocessing(resize="letterbox")
+
+
+def test_siglip_pipelines_feed_siglip_processor_pixels_and_padded_ids(tiny_siglip, coco_mini_dir):
+    """The retrieval pipeline with a SigLIP model's preprocessing, on real non-square COCO photos: images equal
+    transformers' SiglipImageProcessor, ids its SiglipTokenizer's max-length padding, and the all-ones mask
+    gives the features transformers' SiglipModel gives WITHOUT a mask (SigLIP attends to its pads)."""
+    import torch
+    from transformers import SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+
+    from jax_refine import hf
+    from jax_refine.data import load_retrieval, sources
+
+    model = hf.load_pretrained(tiny_siglip)
+    prep = preprocess.Preprocessing.of_model(model, tokenizer_source=tiny_siglip)
+    assert (prep.image_size, prep.resize, prep.mean, prep.std, prep.text_length, prep.padding) == (
+        32, "squash", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, "max_length")
+    ann = coco_mini_dir / "annotations" / "captions_val2017.json"
+    rset = load_retrieval(f"coco_json:{ann}:{coco_mini_dir / 'val2017'}", batch_size=4, prep=prep, max_examples=4)
+    batch = next(iter(rset.image_batches()))
+    paths = [r["path"] for r in sources.read_captions(ann, coco_mini_dir / "val2017")]  # image_index -> photo
+    processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    assert batch["mask"].all()
+    for row, index in zip(batch["image"], batch["image_index"]):
+        with Image.open(paths[index]) as im:
+            assert im.size[0] != im.size[1]
+            want = processor(images=im.convert("RGB"), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        assert np.abs(row - want).max() <= 1e-5
+    ref = SiglipTokenizer.from_pretrained(str(tiny_siglip))(rset.captions, padding="max_length", truncation=True,
+                                                             max_length=16)
+    np.testing.assert_array_equal(rset.texts["input_ids"], np.asarray(ref["input_ids"]))
+    assert (rset.texts["attention_mask"] == 1).all()
+    ids = rset.texts["input_ids"][:6]
+    ours = np.asarray(model.encode_text(ids, rset.texts["attention_mask"][:6]))
+    with torch.no_grad():
+        theirs = SiglipModel.from_pretrained(str(tiny_siglip)).eval().get_text_features(
+            input_ids=torch.tensor(ids, dtype=torch.long)).pooler_output.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4

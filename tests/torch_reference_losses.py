@@ -83,6 +83,15 @@ METHOD_WEIGHTS = {
     "rafa": {"rafa": 1.0},  # ablation: CLIP-Refine without HyCD
     "m2_mix": {"contrastive": 1.0, "m2": 0.01},  # Oh et al.: CLIP loss + m2 (weight from their sweep)
 }
+def sigmoid(fi, ft, scale, bias):
+    """SigLIP's loss, written from the paper (Zhai et al. 2023, Algorithm 1): on unit vectors, logits
+    t <x_i, y_j> + b, labels +1 on the diagonal and -1 elsewhere, -sum log sigmoid(label * logit) / B."""
+    fi, ft = F.normalize(fi, dim=-1), F.normalize(ft, dim=-1)
+    logits = scale * fi @ ft.T + bias
+    labels = 2 * torch.eye(fi.shape[0], dtype=fi.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / fi.shape[0]
+
+
 METHOD_ALPHA = {"self_kd": 0.0}  # HyCD alpha 0.5 otherwise (alpha_blending 0.5 in clip-refine.yaml)
 METHOD_NORMALIZE = {"m2_mix": True}  # unnormalized features otherwise (the reference's model output)
 

@@ -1,17 +1,36 @@
-"""The paper's experiments: one method, one OpenAI CLIP, one caption set, the paper's hyper-parameters.
+"""The paper's experiments: one method, one model of the reference's list, one caption set, the paper's
+hyper-parameters (global batch 512, AdamW lr 1e-6, 1 epoch, fp32).
 
-`--config clip_refine:ARG` with ARG = `model=vitb32,method=clip_refine,data=coco,mesh=cpu` (these are the
-defaults; give only what differs, big_vision style):
-- `model`: vitb32 | vitb16 | vitl14 (OpenAI's checkpoints; use mesh=gpu8 or tpu_pod for vitl14);
+`--config clip_refine:ARG` with ARG = `model=vitb32,method=clip_refine,data=coco` (these are the defaults;
+give only what differs, big_vision style; `mesh=` too):
+- `model`: the models the reference refines (`MODELS`): vitb32, vitb16, vitl14 (OpenAI CLIP); openclip_h14,
+  openclip_bigg14 (OpenCLIP, LAION-2B, HF CLIPModel format); dfn_h14_378 (Apple DFN5B, open_clip format,
+  quick_gelu); siglip_so400m (SigLIP ViT-SO400M/14-384);
 - `method`: a preset of `jax_refine.objectives.PRESETS` (clip_refine = HyCD + RaFA, the paper's method;
-  contrastive, self_kd, feature_distill, logit_distill, m2_mix: the baselines; hycd, rafa: the ablations);
+  contrastive, self_kd, feature_distill, logit_distill, m2_mix: the baselines; hycd, rafa: the ablations).
+  On siglip_so400m `method=contrastive` means SigLIP's own contrastive loss, the `sigmoid` preset (pairwise
+  sigmoid with the learned logit scale and bias); `sigmoid` on a CLIP (no logit bias) is an error;
 - `data`: coco (COCO Captions 2017 train read in place, the paper's set) | coco_karpathy (TFDS's
   coco_captions, COCO 2014 Karpathy train+restval, read through a shuffle buffer);
-- `mesh`: a mesh preset of `jax_refine.configs.presets` (cpu, gpu1, gpu8, tpu_pod).
+- `mesh`: a mesh preset of `jax_refine.configs.presets` (cpu, gpu1, gpu8, tpu_pod), or `default`: the model's
+  own (`MODELS[model].mesh`), with its remat / scan settings.
+
+Each model's default mesh and memory settings fit its fp32 step at global batch 512 on 8 GPUs of 80 GB:
+`benchmarks/aot_memory.py --dtype float32` (the compiled step's per-device bytes on 8 fake devices: fp32 params,
+AdamW moments, teacher, activations; XLA:CPU's buffer assignment standing in for the GPU compiler's) measured
+- vitb32, vitb16: `cpu`, i.e. plain data parallel over every local device (64 examples per GPU on 8), no remat,
+  no scan: 8.7 / 20.1 GiB per device. On ONE GPU all 512 examples sit on it: by linear scaling of the
+  temporaries B/32 takes ~53 GiB (fits), B/16 ~145 GiB: add `--config.model.remat=full` or `train.grad_accum`;
+- vitl14: `gpu8` (FSDP over 8), `remat=save_dots`, scan: 17.5 GiB (without remat L/14-336 takes 170 GiB bf16);
+- openclip_bigg14, dfn_h14_378, siglip_so400m: `gpu8`, `remat=full`, scan: 17.2, 22.2, 18.5 GiB;
+  openclip_h14 takes the same settings (not measured: smaller than bigG/14 in width, depth and parameters).
+On a TPU pod pass `mesh=tpu_pod` (bigG with remat=full: 17 GiB per chip, fits v4/v5p, not v5e).
 The workdir is `outputs/<method>_<model>_<data>`. Paper (ViT-B/32, CLIP-Refine): 12-dataset zero-shot 54.69,
 ImageNet 60.93, COCO R@1 T->I 37.64 / I->T 38.78.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import ml_collections
 
@@ -19,10 +38,25 @@ from jax_refine import config as config_lib
 from jax_refine import objectives
 from jax_refine.configs import default, presets
 
+
+class ModelChoice(NamedTuple):
+    """A model of the reference's list: its checkpoint, family and the mesh / memory settings of batch 512."""
+
+    checkpoint: str  # hub id (HF CLIPModel / SiglipModel format, or open_clip's own)
+    family: str  # "clip" | "siglip"
+    mesh: str  # default mesh preset (configs/presets.py)
+    remat: str = "none"  # config.model.remat
+    scan_layers: bool = False  # config.model.scan_layers
+
+
 MODELS = {
-    "vitb32": "openai/clip-vit-base-patch32",
-    "vitb16": "openai/clip-vit-base-patch16",
-    "vitl14": "openai/clip-vit-large-patch14",
+    "vitb32": ModelChoice("openai/clip-vit-base-patch32", "clip", "cpu"),
+    "vitb16": ModelChoice("openai/clip-vit-base-patch16", "clip", "cpu"),
+    "vitl14": ModelChoice("openai/clip-vit-large-patch14", "clip", "gpu8", "save_dots", True),
+    "openclip_h14": ModelChoice("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "clip", "gpu8", "full", True),
+    "openclip_bigg14": ModelChoice("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "clip", "gpu8", "full", True),
+    "dfn_h14_378": ModelChoice("apple/DFN5B-CLIP-ViT-H-14-378", "clip", "gpu8", "full", True),
+    "siglip_so400m": ModelChoice("google/siglip-so400m-patch14-384", "siglip", "gpu8", "full", True),
 }
 # data choice -> the `c.data` fields it sets (the rest are default.py's)
 DATA = {
@@ -31,13 +65,26 @@ DATA = {
 }
 
 
+def method_for(method: str, family: str) -> str:
+    """The preset `method` means on a model of `family`: SigLIP's contrastive baseline is its sigmoid loss."""
+    if family == "siglip" and method == "contrastive":
+        return "sigmoid"
+    if family != "siglip" and method == "sigmoid":
+        raise config_lib.ConfigError(f"config clip_refine: method=sigmoid needs a model with a logit bias (SigLIP); "
+                                     f"this is a {family} model: use method=contrastive")
+    return method
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of `arg` ("model=vitb16,method=contrastive"; unset keys take the first allowed value)."""
+    """The config of `arg` ("model=vitb16,method=contrastive"; unset keys take the first allowed value,
+    mesh the model's own)."""
     a = config_lib.parse_arg(arg, "clip_refine", model=tuple(MODELS), method=tuple(objectives.PRESETS),
-                             data=tuple(DATA), mesh=tuple(presets.MESH_PRESETS))
-    c = default.get_config(a["mesh"])
+                             data=tuple(DATA), mesh=("default", *presets.MESH_PRESETS))
+    m = MODELS[a["model"]]
+    c = default.get_config(m.mesh if a["mesh"] == "default" else a["mesh"])
     c.workdir = f"outputs/{a['method']}_{a['model']}_{a['data']}"
-    c.method.name = a["method"]
-    c.model.name_or_path = MODELS[a["model"]]
+    c.method.name = method_for(a["method"], m.family)
+    c.model.name_or_path = m.checkpoint
+    c.model.remat, c.model.scan_layers = m.remat, m.scan_layers
     c.data.update(DATA[a["data"]])
     return c

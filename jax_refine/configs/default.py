@@ -32,10 +32,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # `name` is a preset: it sets the default term weights, alpha and normalize (objectives.PRESETS); any of
     # these left at None takes the preset's value, a value set here or on the command line wins.
     c.method = ml_collections.ConfigDict()
-    c.method.name = "clip_refine"  # clip_refine|hycd|rafa|contrastive|self_kd|feature_distill|logit_distill|m2_mix
+    c.method.name = "clip_refine"  # clip_refine|hycd|rafa|contrastive|sigmoid|self_kd|feature_distill|logit_distill|m2_mix
     # L = sum_t weights.t * L_t; None: the preset's weight (clip_refine: kd 1, rafa 1, the rest 0)
     c.method.weights = ml_collections.ConfigDict(
-        {t: ml_collections.config_dict.placeholder(float) for t in ("contrastive", "kd", "rafa", "feature", "logit", "m2")})
+        {t: ml_collections.config_dict.placeholder(float)
+         for t in ("contrastive", "sigmoid", "kd", "rafa", "feature", "logit", "m2")})
     c.method.alpha = ml_collections.config_dict.placeholder(float)  # HyCD identity weight; None: preset (0.5; self_kd 0)
     c.method.temperature = 1.0  # HyCD / KD temperature T
     c.method.prior = "normal"  # RaFA prior: normal|uniform|precomputed|fixed

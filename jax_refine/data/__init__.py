@@ -1,8 +1,10 @@
 """TFDS input pipelines (tf.data, CPU-only TensorFlow): training pairs, zero-shot sets, retrieval sets.
 
 Training (trainer):
-    make_train_iterator(data_config, *, global_batch_size, image_size=224, max_length=77, seed=0,
+    make_train_iterator(data_config, *, global_batch_size, prep=None, seed=0,
                         process_index=0, process_count=1, tokenizer=None) -> TrainIterator
+        prep: the model's `preprocess.Preprocessing` (size, resize, mean/std, tokenizer, text length); every
+        loader here takes it (None: CLIP's; image_size= / max_length= give CLIP's at another size).
         data_config: jax_refine/configs/default.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
         manual_dir, annotations, images, train_fraction, split_seed, try_gcs, caption_mode random|all,
         shuffle_buffer, num_parallel_calls, prefetch). coco_json is read in place (split "train"/"val" at
@@ -15,11 +17,11 @@ Training (trainer):
     prepare_coco_json(annotations, images, out_dir, *, name=None, split="train") -> Path of the TFDS dataset dir.
 
 Evaluation (evaluator):
-    load_classification(spec, *, batch_size, image_size=224, split=None, data_dir=None, manual_dir=None,
+    load_classification(spec, *, batch_size, prep=None, split=None, data_dir=None, manual_dir=None,
                         try_gcs=False, process_index=0, process_count=1, max_examples=None) -> ClassificationSet
         spec: catalog name ("cifar10", "imagenet2012", ...) or "folder:<dir>". .class_names, .num_examples,
         .num_batches, .batches() -> {"image": (b,H,W,3) f32, "label": (b,) i32, "mask": (b,) bool}, .stats().
-    load_retrieval(spec, *, batch_size, image_size=224, max_length=77, tokenizer=None, data_dir=None,
+    load_retrieval(spec, *, batch_size, prep=None, tokenizer=None, data_dir=None,
                    try_gcs=False, process_index=0, process_count=1, max_examples=None) -> RetrievalSet
         spec: "coco_karpathy_test" | "tfds:<name>:<split>" | "tfds_dir:<dir>[:<split>]" |
         "coco_json:<annotations.json>:<image dir>". .num_images, .texts {"input_ids", "attention_mask":

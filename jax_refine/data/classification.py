@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from jax_refine import preprocess
 from jax_refine.data import decoding, hosts, sources
 from jax_refine.data.tf_runtime import tf, tfds
 
@@ -44,13 +45,13 @@ class ClassificationSet:
     num_examples: int
     batch_size: int
     num_batches: int
-    image_size: int
+    prep: preprocess.Preprocessing  # the model's image size, resize mode and mean/std
     _records: Callable[[], "tf.data.Dataset"]
     num_parallel_calls: int = -1
     _stats: dict = dataclasses.field(default_factory=lambda: {"skipped_bad_image": 0})
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        return decoding.eval_batches(self._records(), batch_size=self.batch_size, image_size=self.image_size,
+        return decoding.eval_batches(self._records(), batch_size=self.batch_size, prep=self.prep,
                                      num_batches=self.num_batches, meta=("label",), stats=self._stats,
                                      num_parallel_calls=self.num_parallel_calls)
 
@@ -130,14 +131,17 @@ def _folder_set(directory, *, max_examples, process_index, process_count):
     return names, len(paths), max(b - a for a, b in bounds), records
 
 
-def load_classification(spec: str, *, batch_size: int, image_size: int = 224, split: str | None = None,
+def load_classification(spec: str, *, batch_size: int, prep: preprocess.Preprocessing | None = None,
+                        image_size: int | None = None, split: str | None = None,
                         data_dir: str | None = None, manual_dir: str | None = None, try_gcs: bool = False,
                         process_index: int = 0, process_count: int = 1, max_examples: int | None = None,
                         num_parallel_calls: int = -1) -> ClassificationSet:
     """A zero-shot set: a catalog name ("cifar10", "imagenet2012", ...) or "folder:<dir>" (class folders).
 
     `batch_size` is per host; `split` defaults to `EVAL_SPLITS[name]`; `max_examples` cuts the set.
+    `prep`: the model's preprocessing (or CLIP's at `image_size`, default 224).
     """
+    prep = preprocess.preprocessing_arg(prep, image_size)
     hosts.check_process(process_index, process_count)
     if spec.startswith("folder:"):
         name = spec[len("folder:"):]
@@ -149,5 +153,5 @@ def load_classification(spec: str, *, batch_size: int, image_size: int = 224, sp
             spec, split=split, data_dir=data_dir, manual_dir=manual_dir, try_gcs=try_gcs,
             max_examples=max_examples, process_index=process_index, process_count=process_count)
     return ClassificationSet(name=name, class_names=names, num_examples=total, batch_size=batch_size,
-                             num_batches=max(1, math.ceil(per_host / batch_size)), image_size=image_size,
+                             num_batches=max(1, math.ceil(per_host / batch_size)), prep=prep,
                              _records=records, num_parallel_calls=num_parallel_calls)

@@ -1,9 +1,10 @@
-"""Image decoding inside tf.data with CLIPImageProcessor numerics, bad images flagged instead of raised.
+"""Image decoding inside tf.data with the model's processor numerics, bad images flagged instead of raised.
 
-Decode + resize + crop run in `preprocess.decode_resize_crop` (PIL, bicubic on uint8: exactly the `CLIPImageProcessor`
-pixels) through `tf.numpy_function` in a parallel, order-preserving `map`; PIL releases the GIL while
-decoding and resizing, so the map scales with cores. Normalization (/255, CLIP mean/std) runs in TensorFlow
-on whole batches. Two ways to make training decode less (measured in benchmarks/input_pipeline.py):
+Every function takes the model's `preprocess.Preprocessing` (`prep`: size, resize mode, mean/std, tokenizer).
+Decode + resize (+ crop) run in `prep.decode` (PIL, bicubic on uint8: exactly the `CLIPImageProcessor`
+pixels, or `SiglipImageProcessor`'s for resize "squash") through `tf.numpy_function` in a parallel,
+order-preserving `map`; PIL releases the GIL while decoding and resizing, so the map scales with cores.
+Normalization (/255, the model's mean/std) runs in TensorFlow on whole batches. Two ways to make training decode less (measured in benchmarks/input_pipeline.py):
   - `fast=True` (`data.fast_decode`): JPEG DCT-domain downscaling (`Image.draft`) by the largest power of
     two that keeps the shortest side >= the target, then the same exact resize; close to, not equal to,
     the CLIPImageProcessor pixels (bound in tests/test_data_decoding.py).
@@ -67,14 +68,16 @@ def thread_options(num_threads: int | None = None) -> "tf.data.Options":
     return options
 
 
-def _decode_np(data: bytes, status: np.int32, key: bytes, size: int, fast: bool = False) -> tuple[np.ndarray, np.int32]:
+def _decode_np(data: bytes, status: np.int32, key: bytes, prep: preprocess.Preprocessing, fast: bool = False
+               ) -> tuple[np.ndarray, np.int32]:
+    size = prep.image_size
     if status != OK:
         return np.zeros((size, size, 3), np.uint8), np.int32(status)
     if not data:  # a photo that was missing (or empty) on disk: read as b"" by `read_image_files` / the builder
         _warn("skipping missing or empty image file %s", key.decode("utf-8", "replace"))
         return np.zeros((size, size, 3), np.uint8), np.int32(BAD_IMAGE)
     try:
-        return preprocess.decode_resize_crop(data, size, fast), np.int32(OK)
+        return prep.decode(data, fast), np.int32(OK)
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image"
         _warn("skipping unreadable image %s: %s", key.decode("utf-8", "replace"), e)
         return np.zeros((size, size, 3), np.uint8), np.int32(BAD_IMAGE)
@@ -103,17 +106,19 @@ def read_image_files(paths: list[str], extra: dict[str, np.ndarray]) -> "tf.data
     return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def decode_images(ds: "tf.data.Dataset", image_size: int, num_parallel_calls: int = -1,
+def decode_images(ds: "tf.data.Dataset", prep: preprocess.Preprocessing, num_parallel_calls: int = -1,
                   fast: bool = False) -> "tf.data.Dataset":
-    """Map {"image": encoded bytes, "status", "key", ...} -> "image" (S,S,3) uint8; status BAD_IMAGE if corrupt.
+    """Map {"image": encoded bytes, "status", "key", ...} -> "image" (S,S,3) uint8 (S = prep.image_size, resized
+    by `prep.resize`); status BAD_IMAGE if corrupt.
 
     Order-preserving (deterministic) and parallel. Elements whose status is not OK are not decoded.
     `fast`: `preprocess.decode_resize_crop`'s JPEG draft decode (training only; evaluation keeps the exact pixels).
     """
+    image_size = prep.image_size
 
     def fn(ex):
         pixels, status = tf.numpy_function(
-            lambda d, s, k: _decode_np(d, s, k, image_size, fast), [ex["image"], ex["status"], ex["key"]],
+            lambda d, s, k: _decode_np(d, s, k, prep, fast), [ex["image"], ex["status"], ex["key"]],
             [tf.uint8, tf.int32], stateful=False,
         )
         pixels.set_shape((image_size, image_size, 3))
@@ -124,21 +129,23 @@ def decode_images(ds: "tf.data.Dataset", image_size: int, num_parallel_calls: in
     return ds.map(fn, num_parallel_calls=calls, deterministic=True)
 
 
-_SCALE = (1 / (255 * preprocess.CLIP_STD.astype(np.float64))).astype(np.float32)
-_SHIFT = (preprocess.CLIP_MEAN.astype(np.float64) / preprocess.CLIP_STD).astype(np.float32)
+def normalize(pixels: "tf.Tensor", prep: preprocess.Preprocessing) -> "tf.Tensor":
+    """uint8 (..., 3) -> float32 (x / 255 - mean) / std (`prep`'s), as one multiply and one subtract per pixel
+    (within 1e-6 of the image processors' order of operations; 0.5 instead of 0.7 ms of CPU per 224 px image)."""
+    mean, std = np.asarray(prep.mean, np.float32).astype(np.float64), np.asarray(prep.std, np.float32).astype(np.float64)
+    scale, shift = (1 / (255 * std)).astype(np.float32), (mean / std).astype(np.float32)
+    return tf.cast(pixels, tf.float32) * scale - shift
 
 
-def normalize(pixels: "tf.Tensor") -> "tf.Tensor":
-    """uint8 (..., 3) -> float32 (x / 255 - CLIP_MEAN) / CLIP_STD, as one multiply and one subtract per pixel
-    (within 1e-6 of the CLIPImageProcessor order of operations; 0.5 instead of 0.7 ms of CPU per 224 px image)."""
-    return tf.cast(pixels, tf.float32) * _SCALE - _SHIFT
-
-
-def tokenize_batch(captions: "tf.Tensor", tokenizer, max_length: int) -> tuple["tf.Tensor", "tf.Tensor"]:
-    """(b,) tf.string -> input_ids, attention_mask (b, max_length) int32, with the HF CLIP tokenizer."""
+def tokenize_batch(captions: "tf.Tensor", prep: preprocess.Preprocessing, tokenizer=None
+                   ) -> tuple["tf.Tensor", "tf.Tensor"]:
+    """(b,) tf.string -> input_ids, attention_mask (b, prep.text_length) int32 (`prep.tokenize`; `tokenizer`
+    overrides `prep.get_tokenizer()`)."""
+    tokenizer = tokenizer if tokenizer is not None else prep.get_tokenizer()
+    max_length = prep.text_length
 
     def fn(texts: np.ndarray):
-        out = preprocess.tokenize([t.decode("utf-8", "replace") for t in texts], tokenizer, max_length)
+        out = prep.tokenize([t.decode("utf-8", "replace") for t in texts], tokenizer)
         return out["input_ids"], out["attention_mask"]
 
     ids, mask = tf.numpy_function(fn, [captions], [tf.int32, tf.int32], stateful=False)
@@ -147,7 +154,7 @@ def tokenize_batch(captions: "tf.Tensor", tokenizer, max_length: int) -> tuple["
     return ids, mask
 
 
-def eval_batches(ds: "tf.data.Dataset", *, batch_size: int, image_size: int, num_batches: int,
+def eval_batches(ds: "tf.data.Dataset", *, batch_size: int, prep: preprocess.Preprocessing, num_batches: int,
                  meta: tuple[str, ...], stats: dict[str, int], num_parallel_calls: int = -1, prefetch: int = 2):
     """Fixed-size evaluation batches {"image": (b,S,S,3) f32, **meta: (b,) i32, "mask": (b,) bool}.
 
@@ -156,8 +163,9 @@ def eval_batches(ds: "tf.data.Dataset", *, batch_size: int, image_size: int, num
     images get mask False and are counted in `stats["skipped_bad_image"]`.
     """
     ds = ds.map(lambda ex: {**ex, "status": tf.constant(OK, tf.int32)})
-    ds = decode_images(ds, image_size, num_parallel_calls).batch(batch_size)
-    ds = ds.map(lambda b: {"image": normalize(b["image"]), "ok": b["status"] == OK,
+    image_size = prep.image_size
+    ds = decode_images(ds, prep, num_parallel_calls).batch(batch_size)
+    ds = ds.map(lambda b: {"image": normalize(b["image"], prep), "ok": b["status"] == OK,
                            **{k: tf.cast(b[k], tf.int32) for k in meta}}, num_parallel_calls=tf.data.AUTOTUNE)
     produced = 0
     for b in ds.prefetch(prefetch).as_numpy_iterator():

@@ -36,12 +36,12 @@ class RetrievalSet:
     captions: list[str]
     batch_size: int
     num_batches: int
-    image_size: int
+    prep: preprocess.Preprocessing  # the model's image size, resize mode, mean/std, tokenizer
     _records: Callable[[], "tf.data.Dataset"]
     _stats: dict = dataclasses.field(default_factory=lambda: {"skipped_bad_image": 0})
 
     def image_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        return decoding.eval_batches(self._records(), batch_size=self.batch_size, image_size=self.image_size,
+        return decoding.eval_batches(self._records(), batch_size=self.batch_size, prep=self.prep,
                                      num_batches=self.num_batches, meta=("image_index",), stats=self._stats)
 
     def stats(self) -> dict[str, int]:
@@ -85,11 +85,14 @@ def _from_records(recs, *, max_examples, process_index, process_count):
     return len(recs), captions, owner, max(b - a for a, b in bounds), records
 
 
-def load_retrieval(spec: str, *, batch_size: int, image_size: int = 224, max_length: int = 77, tokenizer=None,
+def load_retrieval(spec: str, *, batch_size: int, prep: preprocess.Preprocessing | None = None,
+                   image_size: int | None = None, max_length: int | None = None, tokenizer=None,
                    data_dir: str | None = None, try_gcs: bool = False, process_index: int = 0,
                    process_count: int = 1, max_examples: int | None = None) -> RetrievalSet:
     """A retrieval set from `spec` (see the module docstring); `batch_size` is per host, `max_examples`
-    keeps the first N images (with all their captions)."""
+    keeps the first N images (with all their captions). `prep`: the model's preprocessing (or CLIP's at
+    `image_size` / `max_length`, default 224 / 77); `tokenizer` overrides `prep.get_tokenizer()`."""
+    prep = preprocess.preprocessing_arg(prep, image_size, max_length)
     hosts.check_process(process_index, process_count)
     kw = dict(max_examples=max_examples, process_index=process_index, process_count=process_count)
     kind, _, rest = spec.partition(":")
@@ -116,8 +119,8 @@ def load_retrieval(spec: str, *, batch_size: int, image_size: int = 224, max_len
     num_images, captions, owner, per_host, records = parts
     if not captions:
         raise ValueError(f"retrieval set {spec!r} has no captions")
-    texts = preprocess.tokenize(captions, tokenizer, max_length)
+    texts = prep.tokenize(captions, tokenizer)
     texts["caption_image_index"] = np.asarray(owner, np.int32)
     return RetrievalSet(name=spec, num_images=num_images, texts=texts, captions=captions, batch_size=batch_size,
-                        num_batches=max(1, math.ceil(per_host / batch_size)), image_size=image_size,
+                        num_batches=max(1, math.ceil(per_host / batch_size)), prep=prep,
                         _records=records)

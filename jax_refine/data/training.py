@@ -10,7 +10,7 @@ The order of an epoch e (the first stage below):
     buffer (`data.shuffle_buffer`) seeded by (seed, e): an approximation of a permutation.
 Then (tf.data, all lazy):
   -> enumerate (index within the epoch) -> skip(position) [resume: raw records, nothing decoded]
-  -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, CLIPImageProcessor pixels; with
+  -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, the model's processor pixels, `prep`; with
      `data.fast_decode` a JPEG is decoded at reduced DCT scale first, see data/decoding.py)
   -> running counts of skipped examples (scan) -> drop skipped -> batch -> tokenize, normalize -> prefetch.
 The iterator is endless (epochs roll over, so hosts never wait on each other); a batch is always full.
@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jax_refine import preprocess
 from jax_refine.data import decoding, hosts, sources
 from jax_refine.data.tf_runtime import tf, tfds
 
@@ -44,8 +45,8 @@ class TrainIterator:
     `get_state()/set_state()`, `stats()` (skipped counts, examples seen).
     """
 
-    def __init__(self, builder, split: str | None, *, global_batch_size: int, image_size: int, max_length: int,
-                 seed: int, process_index: int, process_count: int, tokenizer, caption_mode: str = "random",
+    def __init__(self, builder, split: str | None, *, global_batch_size: int, prep: preprocess.Preprocessing,
+                 seed: int, process_index: int, process_count: int, tokenizer=None, caption_mode: str = "random",
                  shuffle_buffer: int = 10_000, num_parallel_calls: int = -1, prefetch: int = 2,
                  fast_decode: bool = False):
         if caption_mode not in ("random", "all"):
@@ -56,7 +57,8 @@ class TrainIterator:
             sources.check_split(builder, split)
         self.builder, self.split = builder, split
         self.batch_size = hosts.per_host_batch_size(global_batch_size, process_count)
-        self.image_size, self.max_length, self.tokenizer = image_size, max_length, tokenizer
+        self.prep = prep  # the model's image size, resize, mean/std, tokenizer, text length
+        self.tokenizer = tokenizer if tokenizer is not None else prep.get_tokenizer()
         self.seed, self.caption_mode = int(seed), caption_mode
         self.process_index, self.process_count = process_index, process_count
         self.shuffle_buffer, self.num_parallel_calls, self.prefetch = shuffle_buffer, num_parallel_calls, prefetch
@@ -140,7 +142,7 @@ class TrainIterator:
         end = {"image": tf.constant(b""), "caption": tf.constant(b""), "key": tf.constant(b"<end>"),
                "status": tf.constant(decoding.END, tf.int32), "index": tf.constant(-1, tf.int64)}
         ds = ds.concatenate(tf.data.Dataset.from_tensors(end))
-        ds = decoding.decode_images(ds, self.image_size, self.num_parallel_calls, fast=self.fast_decode)
+        ds = decoding.decode_images(ds, self.prep, self.num_parallel_calls, fast=self.fast_decode)
 
         def count(totals, ex):
             totals = totals + tf.cast(tf.stack([ex["status"] == decoding.NO_CAPTION,
@@ -152,8 +154,8 @@ class TrainIterator:
         ds = ds.batch(self.batch_size)
 
         def finish(b):
-            ids, mask = decoding.tokenize_batch(b["caption"], self.tokenizer, self.max_length)
-            return {"image": decoding.normalize(b["image"]), "input_ids": ids, "attention_mask": mask,
+            ids, mask = decoding.tokenize_batch(b["caption"], self.prep, self.tokenizer)
+            return {"image": decoding.normalize(b["image"], self.prep), "input_ids": ids, "attention_mask": mask,
                     "status": b["status"], "index": b["index"], "skipped": b["skipped"]}
 
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -238,13 +240,16 @@ class TrainIterator:
         return {**self.counts, **last, "batches": self.batches, "epoch": self.epoch}
 
 
-def make_train_iterator(data_config: Any, *, global_batch_size: int, image_size: int = 224, max_length: int = 77,
-                        seed: int = 0, process_index: int = 0, process_count: int = 1, tokenizer=None) -> TrainIterator:
-    """The training iterator for `data_config` (configs/default.py `c.data`); see `TrainIterator`."""
-    if tokenizer is None:
-        from jax_refine.preprocess import get_tokenizer
+def make_train_iterator(data_config: Any, *, global_batch_size: int, prep: preprocess.Preprocessing | None = None,
+                        image_size: int | None = None, max_length: int | None = None, seed: int = 0,
+                        process_index: int = 0, process_count: int = 1, tokenizer=None) -> TrainIterator:
+    """The training iterator for `data_config` (configs/default.py `c.data`); see `TrainIterator`.
 
-        tokenizer = get_tokenizer()
+    `prep`: the model's preprocessing (`Preprocessing.of_model`); or CLIP's at `image_size` / `max_length`
+    (default 224 / 77). `tokenizer`: overrides `prep.get_tokenizer()`.
+    """
+    prep = preprocess.preprocessing_arg(prep, image_size, max_length)
+    image_size = prep.image_size
     f = sources._field
     if f(data_config, "source", "tfds") == "coco_json":  # read in place: a full permutation per epoch
         ann, images = f(data_config, "annotations"), f(data_config, "images")
@@ -260,8 +265,7 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, image_size:
             raise ValueError(f"data.data_dir={f(data_config, 'data_dir')} holds photos prepared at {stored.group(1)} px "
                              f"but the model takes {image_size} px: prepare again with --image-size {image_size}")
     return TrainIterator(
-        builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, image_size=image_size,
-        max_length=max_length, seed=seed, process_index=process_index, process_count=process_count,
+        builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, prep=prep, seed=seed, process_index=process_index, process_count=process_count,
         tokenizer=tokenizer, caption_mode=f(data_config, "caption_mode", "random"),
         shuffle_buffer=int(f(data_config, "shuffle_buffer", 10_000)),
         num_parallel_calls=int(f(data_config, "num_parallel_calls", -1)), prefetch=int(f(data_config, "prefetch", 2)),

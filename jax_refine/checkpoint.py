@@ -277,6 +277,24 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
     return hf.load_pretrained(str(source), jnp.dtype(dtype or "float32"), shardings=shardings)
 
 
+def tokenizer_source(source: Any) -> str | None:
+    """Where the tokenizer of ``source`` (as ``load_model`` takes it) is read from: a checkpoint directory or
+    hub id is its own source; for a training workdir, its ``checkpoints`` dir or a step dir, the run's start
+    checkpoint as ``config.resolved.json`` records it (its SigLIP ``spiece.model`` or CLIP BPE files). None for
+    an in-memory model or a run from a random init (CLIP's packaged BPE then)."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(str(source)).expanduser()
+    if not (path.is_dir() and _is_orbax(path)):
+        return str(source)
+    for d in (path, path.parent, path.parent.parent):  # workdir, workdir/checkpoints, workdir/checkpoints/<step>
+        record = d / workdir_lib.CONFIG_FILE
+        if record.is_file():
+            model = json.loads(record.read_text()).get("model") or {}
+            return None if model.get("random_init") is not None else model.get("name_or_path")
+    return None
+
+
 def _is_orbax(path: Path) -> bool:
     """A training workdir, its checkpoints dir or a step dir (an Orbax layout, not a model checkpoint)."""
     if (path / CHECKPOINT_SUBDIR).is_dir() or (path / "params").is_dir():

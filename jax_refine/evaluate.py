@@ -467,8 +467,9 @@ def model_name(source: str) -> str:
 
 def preprocessing_of(model: nnx.Module, source: Any) -> preprocess.Preprocessing:
     """`model`'s preprocessing with the tokenizer of `source`, the checkpoint it came from (a directory or hub
-    id: SigLIP's spiece.model; CLIP's BPE from there or the packaged one); none for an in-memory model."""
-    return preprocess.Preprocessing.of_model(model, str(source) if isinstance(source, (str, Path)) else None)
+    id: SigLIP's spiece.model; CLIP's BPE from there or the packaged one; for a training workdir, its start
+    checkpoint: `checkpoint.tokenizer_source`); none for an in-memory model."""
+    return preprocess.Preprocessing.of_model(model, checkpoint.tokenizer_source(source))
 
 
 def config_dtype(config: Any) -> str:

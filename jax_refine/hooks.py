@@ -231,10 +231,11 @@ class Evaluate:
     """
 
     def __init__(self, eval_config: Any, every: int, graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh,
-                 writer: MetricWriter):
+                 writer: MetricWriter, prep: Any = None):
         settings = eval_config.to_dict() if hasattr(eval_config, "to_dict") else dict(eval_config)
         self.eval_config = {**settings, "cache_dir": None}
         self.every, self.graphdef, self.rest, self.mesh, self.writer = every, graphdef, rest, mesh, writer
+        self.prep = prep  # the training pipeline's preprocessing (the model's size, resize, tokenizer)
         self.tasks: tuple[list, list] | None = None
         self.rows: list[tuple[int, dict[str, float]]] = []  # (step, row) of this run's evaluations
 
@@ -247,7 +248,7 @@ class Evaluate:
                           [evaluate.retrieval_task(s, cfg) for s in cfg.get("retrieval") or ()])
         model = nnx.merge(self.graphdef, ctx.state.params, self.rest)
         result, _ = evaluate.run_suite(model, self.eval_config, name=f"step {ctx.step}", mesh=self.mesh,
-                                       zero_shot=self.tasks[0], retrieval=self.tasks[1])
+                                       prep=self.prep, zero_shot=self.tasks[0], retrieval=self.tasks[1])
         row = flatten_result(result)
         self.rows.append((ctx.step, row))
         self.writer.write(ctx.step, "eval", row)

@@ -317,7 +317,7 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
     eval_every = int(config.eval.get("every_steps", 0) or 0)
     if eval_every > 0:
         hook_list.append(hooks.Evaluate(config.eval, eval_every, trainer.setup.graphdef, trainer.setup.rest,
-                                        trainer.mesh, writer))
+                                        trainer.mesh, writer, prep=model_preprocessing(config)))
     hook_list.append(hooks.SaveCheckpoint(mngr, int(config.checkpoint.every_steps), meta))
     hook_list.append(hooks.FlushMetrics(writer, int(config.checkpoint.every_steps)))
     try:

@@ -19,7 +19,7 @@ from hf_fixtures import clip_tokenizer, write_tiny_siglip
 from test_openclip_format import _open_clip_model, _save, _tiny_cfg
 from train_helpers import tiny_config
 
-from jax_refine import checkpoint as ckpt, hf, train
+from jax_refine import checkpoint as ckpt, evaluate, hf, train
 from jax_refine.models import registry
 from jax_refine.models.interface import Model
 
@@ -164,12 +164,22 @@ def test_one_clip_refine_run_per_family(family_dirs, coco_mini_dir, tmp_path, na
 
 def test_sigmoid_baseline_trains_siglip_logit_scale_and_bias(family_dirs, coco_mini_dir, tmp_path):
     """SigLIP's own contrastive baseline (the `sigmoid` preset) through the same pipeline trains the logit scale
-    and bias with everything else."""
+    and bias with everything else; evaluation during training and of the (export-less) workdir afterwards
+    read SigLIP's tokenizer from the start checkpoint and agree."""
     directory = family_dirs["siglip"]
     before = nnx.state(hf.load_pretrained(directory), nnx.Param).to_pure_dict()
-    config = _coco_config(tmp_path / "run", directory, coco_mini_dir, **{"method.name": "sigmoid",
-                                                                         "train.export_hf": False})
+    val = f"coco_json:{coco_mini_dir / 'annotations' / 'captions_val2017.json'}:{coco_mini_dir / 'val2017'}"
+    config = _coco_config(tmp_path / "run", directory, coco_mini_dir, **{
+        "method.name": "sigmoid", "train.export_hf": False, "eval.every_steps": 1, "eval.zero_shot": (),
+        "eval.retrieval": (val,), "eval.max_examples": 8, "eval.progress": False})
     out = train.train(config, return_state=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["kind"] == "eval"]
+    model = ckpt.load_model(tmp_path / "run")
+    result, _ = evaluate.run_suite(model, config.eval, prep=evaluate.preprocessing_of(model, tmp_path / "run"),
+                                   zero_shot=[], retrieval=[evaluate.retrieval_task(val, config.eval)])
+    for direction in ("i2t", "t2i"):
+        assert row[f"retrieval/{val}/{direction}/R@1"] == result["retrieval"][val][direction]["R@1"]
     assert out["steps"] == 1 and np.isfinite(out["metrics"]["sigmoid"])
     after = out["state"].params
     for key in ("logit_scale", "logit_bias"):

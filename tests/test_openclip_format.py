@@ -359,6 +359,41 @@ def test_preprocess_that_differs_from_ours_is_named():
     assert got == ["std=[0.5, 0.5, 0.5]", "interpolation='bilinear'", "resize_mode='squash'"]
 
 
+def test_a_squash_preprocess_cfg_is_carried_by_the_model_and_its_export(tmp_path, coco_mini_dir):
+    """A DFN5B-style `preprocess_cfg` (resize_mode squash, its own mean/std) becomes the loaded model's
+    preprocessing: the pipeline's pixels equal open_clip's squash transform written out with PIL (bicubic to
+    (size, size), /255, mean/std) and transformers' image processor read from our export; the export reloads
+    with the same settings."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from jax_refine import hf
+    from jax_refine.preprocess import Preprocessing
+
+    cfg = _tiny_cfg(True)
+    ckpt = _save(_open_clip_model(cfg), cfg, tmp_path / "ckpt", "safetensors")
+    mean, std = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]
+    layout = json.loads((ckpt / oc_config.OPEN_CLIP_CONFIG).read_text())
+    layout["preprocess_cfg"] = {"mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "squash"}
+    (ckpt / oc_config.OPEN_CLIP_CONFIG).write_text(json.dumps(layout))
+    model = hf.load_pretrained(ckpt)
+    assert (model.resize, model.pixel_mean, model.pixel_std) == ("squash", tuple(mean), tuple(std))
+    export = hf.save_pretrained(model, tmp_path / "hf")
+    again = hf.load_pretrained(export)
+    assert (again.resize, again.pixel_mean, again.pixel_std) == ("squash", tuple(mean), tuple(std))
+
+    size, prep = model.image_size, Preprocessing.of_model(model)
+    processor = AutoImageProcessor.from_pretrained(export)
+    photos = sorted((coco_mini_dir / "val2017").glob("*.jpg"))[:4]
+    for photo in photos:
+        image = Image.open(photo).convert("RGB")
+        assert image.size[0] != image.size[1]  # a squash and a crop differ on it
+        ours = prep.image(image)
+        plain = (np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255 - mean) / std
+        theirs = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        assert np.abs(ours - plain).max() <= 1e-5 and np.abs(ours - theirs).max() <= 1e-5, photo.name
+
+
 def test_missing_or_misshaped_tensors_name_the_checkpoint(tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -130,11 +130,12 @@ def decode_images(ds: "tf.data.Dataset", prep: preprocess.Preprocessing, num_par
 
 
 def normalize(pixels: "tf.Tensor", prep: preprocess.Preprocessing) -> "tf.Tensor":
-    """uint8 (..., 3) -> float32 (x / 255 - mean) / std (`prep`'s), as one multiply and one subtract per pixel
-    (within 1e-6 of the image processors' order of operations; 0.5 instead of 0.7 ms of CPU per 224 px image)."""
-    mean, std = np.asarray(prep.mean, np.float32).astype(np.float64), np.asarray(prep.std, np.float32).astype(np.float64)
-    scale, shift = (1 / (255 * std)).astype(np.float32), (mean / std).astype(np.float32)
-    return tf.cast(pixels, tf.float32) * scale - shift
+    """uint8 (..., 3) -> float32: x / 255 then (x - mean) / std (`prep`'s), in the image processors' order of
+    float32 operations, so the pipeline's pixels are bit-identical to `preprocess.normalize`'s. (A fused
+    `x * scale - shift` saves 0.2 ms of CPU per 224 px image but moves pixels by ~1e-7, enough to flip a
+    borderline zero-shot prediction; exactness wins.)"""
+    x = tf.cast(pixels, tf.float32) * tf.constant(1 / 255, tf.float32)
+    return (x - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
 
 
 def tokenize_batch(captions: "tf.Tensor", prep: preprocess.Preprocessing, tokenizer=None

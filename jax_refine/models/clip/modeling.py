@@ -123,6 +123,18 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: LogicalNames, s
     return nnx.Param(value, out_sharding=names, eager_sharding=False, init=(std, fill))
 
 
+def image_preprocess_of(config: Any) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """`(mean, std, resize)` of a `CLIPConfig`: its `image_preprocess` entry (`{"mean": [3], "std": [3],
+    "resize": "crop" | "squash"}`, set when a checkpoint was trained with other settings than OpenAI's and
+    saved in its `config.json`), else OpenAI's mean/std and "crop". A bad entry is a one-line ValueError."""
+    spec = getattr(config, "image_preprocess", None) or {}
+    mean, std = tuple(spec.get("mean", CLIP_MEAN)), tuple(spec.get("std", CLIP_STD))
+    resize = spec.get("resize", "crop")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or resize not in ("crop", "squash"):
+        raise ValueError(f"config image_preprocess={spec!r}: needs 3 means, 3 positive stds and resize crop|squash")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std), str(resize)
+
+
 @functools.lru_cache(maxsize=16)
 def _config_from_json(text: str):
     return CLIPConfig.from_dict(json.loads(text))
@@ -305,7 +317,6 @@ class CLIP(nnx.Module):
     """
 
     family = "clip"
-    resize = "crop"
     text_padding = "longest"
     logit_bias = None
 
@@ -316,6 +327,8 @@ class CLIP(nnx.Module):
         check_options(attention, remat, dtype)
         opts = dict(attention=attention, remat=remat, scan_layers=bool(scan_layers))
         self._config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        # what the checkpoint was trained with, when not OpenAI's (an open_clip `preprocess_cfg`, e.g. DFN's squash)
+        self._preprocess = image_preprocess_of(config)
         self.dtype = dtype
         factor = config.initializer_factor
         tc, vc = config.text_config, config.vision_config
@@ -349,11 +362,17 @@ class CLIP(nnx.Module):
 
     @property
     def pixel_mean(self) -> tuple[float, float, float]:
-        return tuple(float(x) for x in CLIP_MEAN)
+        """RGB mean in [0, 1] units (OpenAI's unless the config's `image_preprocess` says otherwise)."""
+        return self._preprocess[0]
 
     @property
     def pixel_std(self) -> tuple[float, float, float]:
-        return tuple(float(x) for x in CLIP_STD)
+        return self._preprocess[1]
+
+    @property
+    def resize(self) -> str:
+        """"crop" (shortest side + center crop, OpenAI's) or "squash" (to (size, size), e.g. DFN5B)."""
+        return self._preprocess[2]
 
     def encode_image(self, pixel_values: Array) -> Array:
         """`pixel_values (B, H, W, 3)` normalized NHWC -> projected, unnormalized features `(B, D)`."""

@@ -225,13 +225,19 @@ def save(model: CLIP, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.Pat
     source = Path(tokenizer_dir) if given else preprocess.TOKENIZER_DIR
 
     def extras(tmp: Path) -> None:
-        size = int(model.image_size)  # CLIP's resize-shortest-edge + center crop at this size
+        size = int(model.image_size)  # resize-shortest-edge + center crop at this size, or squash to it
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not its "torchvision not installed, using the PIL backend" warning
         try:  # imported here, under the raised verbosity: looking the class up is what warns
             from transformers import CLIPImageProcessor
 
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+            mean, std = list(model.pixel_mean), list(model.pixel_std)
+            if model.resize == "squash":
+                processor = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                                               image_mean=mean, image_std=std)
+            else:
+                processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                               image_mean=mean, image_std=std)
         finally:
             hf_logging.set_verbosity(verbosity)
         processor.save_pretrained(tmp)

@@ -191,8 +191,11 @@ def open_checkpoint(path: str | os.PathLike, *, config: Any = None) -> OpenClipC
     else:
         reader = hf.TorchBinReader(weights_file)
     if differences := preprocess_differences(preprocess_cfg):
-        log.warning("%s: trained with preprocess_cfg %s; jax_refine's image pipeline uses CLIP's mean/std, "
-                    "bicubic shortest-side resize and center crop", weights_file, ", ".join(differences))
+        clip_config.image_preprocess = image_preprocess(preprocess_cfg)  # the model's mean/std/resize, saved too
+        unsupported = [d for d in differences if not d.startswith(("mean=", "std=", "resize_mode='squash'"))]
+        if unsupported:
+            log.warning("%s: trained with preprocess_cfg %s; jax_refine's image pipeline has bicubic resizing "
+                        "of the shortest side + center crop or a squash only", weights_file, ", ".join(unsupported))
     return OpenClipCheckpoint(clip_config, OpenClipWeights(reader, weights_file), preprocess_cfg, weights_file)
 
 
@@ -211,6 +214,16 @@ def preprocess_differences(preprocess_cfg: dict) -> list[str]:
         if preprocess_cfg.get(key, ours) != ours:
             out.append(f"{key}={preprocess_cfg[key]!r}")
     return out
+
+
+def image_preprocess(preprocess_cfg: dict) -> dict:
+    """Our `CLIPConfig.image_preprocess` (`{"mean", "std", "resize"}`, see `models.clip.modeling`) from open_clip's
+    `preprocess_cfg`: its mean/std (OpenAI's when absent), `resize_mode` "squash" -> "squash", otherwise "crop"."""
+    from jax_refine.preprocess import CLIP_MEAN, CLIP_STD
+
+    return {"mean": [float(x) for x in preprocess_cfg.get("mean", CLIP_MEAN)],
+            "std": [float(x) for x in preprocess_cfg.get("std", CLIP_STD)],
+            "resize": "squash" if preprocess_cfg.get("resize_mode") == "squash" else "crop"}
 
 
 def detect(directory: Path) -> bool:

@@ -52,6 +52,22 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # ------------------------------------------------------------------------------------- resolving
+def read_config(obj: Any, filename: str = CONFIG, what: str = "config") -> tuple[Any, str]:
+    """`(obj, source)`: a dict or config object as given (source "`what` dict"), or the JSON of a file path or of
+    `filename` in a directory (source: the file). One-line FileNotFoundError for a missing file, ValueError for
+    bad JSON; the caller checks what the dict holds."""
+    if not isinstance(obj, (str, os.PathLike)):
+        return obj, f"{what} dict"
+    path = Path(obj)
+    path = path / filename if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _is_local_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
 

@@ -140,6 +140,15 @@ def _config_from_json(text: str):
     return CLIPConfig.from_dict(json.loads(text))
 
 
+def embed_tokens(token: Array, position: Array, input_ids: Array, dtype: Any) -> Array:
+    """`input_ids (B, L)` -> token + learned position embeddings `(B, L, D)` in `dtype` (`token (V, D)`,
+    `position (P, D)`, L <= P; a longer input is a one-line ValueError)."""
+    length = input_ids.shape[1]
+    if length > position.shape[0]:
+        raise ValueError(f"input_ids have length {length} > max_position_embeddings={position.shape[0]}")
+    return (jnp.take(token, input_ids, axis=0) + position[:length]).astype(dtype)
+
+
 def embed_patches(pixel_values: Array, kernel: Array, patch: int, image_size: int, dtype: Any) -> Array:
     """Non-overlapping patch embedding: `pixel_values (B, H, W, C)` NHWC, `kernel (P*P*C, D)` in `(kh, kw, c)`
     order -> `(B, (H/P)*(W/P), D)` in `dtype`, row-major patches (a stride-P conv, no bias). One-line
@@ -291,11 +300,7 @@ class TextTower(nnx.Module):
         self.final_ln = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        b, length = input_ids.shape
-        if length > self.position.shape[0]:
-            raise ValueError(f"input_ids have length {length} > max_position_embeddings={self.position.shape[0]}")
-        x = jnp.take(self.token[...], input_ids, axis=0) + self.position[...][:length]
-        x = x.astype(self.dtype)
+        x = embed_tokens(self.token[...], self.position[...], input_ids, self.dtype)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=True)
         x = self.final_ln(x)

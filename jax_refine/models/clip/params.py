@@ -158,17 +158,7 @@ def config_from(obj: Any) -> CLIPConfig:
     """
     if isinstance(obj, CLIPConfig):
         return obj
-    source = "config dict"
-    if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        path = path / hf.CONFIG if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        source = str(path)
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    obj, source = hf.read_config(obj)
     if not isinstance(obj, Mapping):
         raise TypeError(f"cannot make a CLIPConfig from {type(obj).__name__}")
     model_type = obj.get("model_type", "clip")

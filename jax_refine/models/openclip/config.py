@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from jax_refine import hf
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # HF's default `logit_scale_init_value` (log(1/0.07)), also open_clip's `init_logit_scale` default.
@@ -94,17 +94,7 @@ def read_open_clip_config(source: Any) -> tuple[dict, dict, str]:
     `open_clip_config.json`. Accepts the hub layout (`{"model_cfg": ..., "preprocess_cfg": ...}`) and a bare
     model config (`{"embed_dim", "vision_cfg", "text_cfg"}`); `where` names the source in errors.
     """
-    where = "open_clip config dict"
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        path = path / OPEN_CLIP_CONFIG if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: open_clip config file not found")
-        where = str(path)
-        try:
-            source = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    source, where = hf.read_config(source, OPEN_CLIP_CONFIG, "open_clip config")
     if not isinstance(source, Mapping):
         raise TypeError(f"cannot read an open_clip config from {type(source).__name__}")
     model_cfg = source.get("model_cfg", source)

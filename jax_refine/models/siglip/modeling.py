@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_refine.models.clip.modeling import (MLP, Block, LayerNorm, _param, apply_layers, check_options, create,
-                                             embed_patches)
+                                             embed_patches, embed_tokens)
 
 Array = jax.Array
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalizes pixels in [0, 1] to [-1, 1]
@@ -140,11 +140,7 @@ class TextTower(nnx.Module):
         self.head_bias = _param(None, (cfg.projection_size,), ("proj",), None, param_dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        b, length = input_ids.shape
-        if length > self.position.shape[0]:
-            raise ValueError(f"input_ids have length {length} > max_position_embeddings={self.position.shape[0]}")
-        x = jnp.take(self.token[...], input_ids, axis=0) + self.position[...][:length]
-        x = x.astype(self.dtype)
+        x = embed_tokens(self.token[...], self.position[...], input_ids, self.dtype)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=False)
         pooled = self.final_ln(x)[:, -1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -25,6 +26,12 @@ from unittest import mock
 ENV = "JAX_REFINE_TEST_GCS_ROOT"
 PREFIX = "gs://"
 _ACTIVE: list[contextlib.ExitStack] = []  # keeps activate_from_env's stand-in alive for the process
+
+
+def _vanished_ok(fn, path, exc_info) -> None:
+    """`shutil.rmtree`'s onerror: an entry that is already gone is fine; anything else is raised."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 @contextlib.contextmanager
@@ -55,6 +62,14 @@ def gcs_standin(root: str | Path) -> Iterator[Path]:
             os.makedirs(os.path.dirname(local(path)), exist_ok=True)
         return original(local(path), mode)
 
+    def rmtree(original, path):
+        """A bucket's prefix delete lists and deletes objects: one that a concurrent delete (Orbax removes
+        several temporary paths at once) already removed is no error there; a missing top still is."""
+        target = local(path)
+        if not os.path.lexists(target):
+            return original(target)
+        shutil.rmtree(target, onerror=_vanished_ok)
+
     def glob(original, pattern):
         return [remote(p) for p in original(local(pattern))]
 
@@ -65,8 +80,8 @@ def gcs_standin(root: str | Path) -> Iterator[Path]:
     def kvstore(path: str) -> dict:
         return {"driver": "file", "path": local(path)}
 
-    fns = {name: one for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")}
-    fns.update(open=open_, copy=two, rename=two, replace=two, glob=glob, walk=walk)
+    fns = {name: one for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "stat")}
+    fns.update(open=open_, copy=two, rename=two, replace=two, glob=glob, walk=walk, rmtree=rmtree)
     gpath._is_tf_installed.cache_clear()
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, {"EPATH_USE_TF": "false",

@@ -56,7 +56,6 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     (_BLOCK + r"mlp\.c_fc\.(weight|bias)", _LAYER + r"mlp.fc1.\3", "copy"),
     (_BLOCK + r"mlp\.c_proj\.(weight|bias)", _LAYER + r"mlp.fc2.\3", "copy"),
 )
-FUSED = ("q", "k", "v")
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +74,7 @@ def hf_names_for(key: str) -> tuple[str, list[str]]:
         if match := re.fullmatch(pattern, name):
             tower = "vision_model" if match.re.groups and match.group(1) else "text_model"
             hf_name = match.expand(template).replace("{tower}", tower)
-            return kind, [hf_name.replace("{x}", x) for x in FUSED] if kind == "split" else [hf_name]
+            return kind, [hf_name.replace("{x}", x) for x in clip_params.FUSED] if kind == "split" else [hf_name]
     raise KeyError(key)
 
 

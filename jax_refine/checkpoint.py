@@ -41,6 +41,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 SKIPPED_SUBDIR = "checkpoints.skipped"  # damaged steps are moved here (kept, never deleted)
 # The files every finished step holds, per item (Orbax's StandardSave / JsonSave layouts).
 ARRAY_ITEMS, JSON_ITEMS = ("params", "opt_state", "train"), ("data", "meta")
+COMMIT_MARKER = "commit_success.txt"  # what Orbax writes last into a step in a bucket (it cannot rename there)
 OWN_ITEMS = ("params", "opt_state")  # state fields saved as items of their own; the others go into "train"
 
 
@@ -86,7 +87,7 @@ def check_step_files(step_dir: str | Path | epath.Path) -> None:
     for item in JSON_ITEMS:
         _check_json(d / item / "metadata")
     for f in sorted(root / name for root, _, names in d.walk() for name in names):
-        if f.name != "commit_success.txt" and f.stat().length == 0:  # the commit marker is empty by design
+        if f.name != COMMIT_MARKER and f.stat().length == 0:  # the commit marker is empty by design
             raise CheckpointError(f"{f}: empty file (truncated?)")
 
 
@@ -233,15 +234,25 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
             mngr = make(directory)
 
 
-def _resolve(path: str | Path) -> tuple[Path, int]:
-    """A training workdir, its ``checkpoints`` dir, or one step dir -> (checkpoints dir, step)."""
-    p = Path(path).expanduser().absolute()
+def _finished(step_dir: epath.Path) -> bool:
+    """Whether ``step_dir`` is a step Orbax finished: locally any step directory under its final name (Orbax
+    renames it in when done); in a bucket (no rename there) only one holding its ``commit_success.txt``."""
+    if not (step_dir / "params").is_dir():
+        return False
+    return not workdir_lib.is_remote(step_dir) or (step_dir / COMMIT_MARKER).is_file()
+
+
+def _resolve(path: str | Path | epath.Path) -> tuple[epath.Path, int]:
+    """A training workdir, its ``checkpoints`` dir or one step dir, local or ``gs://`` -> (checkpoints dir, step)."""
+    p = workdir_lib.as_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint directory")
     if p.name.isdigit() and (p / "params").is_dir():
+        if not _finished(p):
+            raise CheckpointError(f"{p}: an unfinished checkpoint step (no {COMMIT_MARKER}: its save was cut short)")
         return p.parent, int(p.name)
     root = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
-    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "params").is_dir())
+    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and _finished(d))
     if not steps:
         raise FileNotFoundError(f"{p}: no finished Orbax checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
     for step in reversed(steps):  # the newest intact step; damaged newer ones are named and skipped
@@ -253,11 +264,20 @@ def _resolve(path: str | Path) -> tuple[Path, int]:
     raise CheckpointError(f"{root}: every checkpoint step is damaged ({', '.join(map(str, steps))})")
 
 
+def _as_local_or_remote(source: str | Path) -> Path | epath.Path:
+    """``source`` as a path: a ``gs://`` URL as an ``epath.Path`` (never a local ``gs:`` directory), a local
+    path with ``~`` expanded (relative: kept relative, so a hub id ``org/name`` stays recognisable)."""
+    if workdir_lib.is_remote(source):
+        return workdir_lib.as_path(source)
+    return Path(str(source)).expanduser()
+
+
 def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings: Any = None) -> nnx.Module:
     """The one model loader: a model (`jax_refine.models.interface.Model`) from ``source``.
 
     ``source``: an in-memory ``nnx.Module`` (returned as is); a training workdir (its newest intact step), its
-    ``checkpoints`` dir or one step dir (the student params, built as the family the run recorded); a checkpoint
+    ``checkpoints`` dir or one step dir, local or ``gs://bucket/...`` (the student params, built as the family
+    the run recorded; in a bucket only committed steps count, as for Orbax); a local checkpoint
     directory of any registered family (``hf.load_pretrained``; an unknown one is a one-line error naming what
     it holds); or a hub id ``org/name``. ``dtype``: compute dtype (default: the checkpoint's ``meta`` dtype,
     float32 for Hugging Face weights). ``shardings``: optional ``(path, logical_names) -> Sharding`` callable
@@ -265,13 +285,21 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
     """
     if isinstance(source, nnx.Module):
         return source
-    path = Path(str(source)).expanduser()
+    path = _as_local_or_remote(source)
+    remote = workdir_lib.is_remote(path)
+    if remote:
+        workdir_lib.check_bucket(path)  # no google-cloud-storage or no access: one line now
     if path.exists():
         if path.is_dir() and _is_orbax(path):
             return _load_checkpoint(path, dtype, shardings)
+        if remote:
+            raise ValueError(f"model {path}: not a training workdir or checkpoint step; a model directory in a "
+                             "bucket is not read in place: copy it down (gcloud storage cp -r) and pass the copy")
         if path.is_dir():
             return hf.load_pretrained(str(path), jnp.dtype(dtype or "float32"), shardings=shardings)
         raise ValueError(f"model {source}: a file, not a model checkpoint directory or a training workdir")
+    if remote:
+        raise FileNotFoundError(f"model {path}: no such training workdir or checkpoint step in the bucket")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
     return hf.load_pretrained(str(source), jnp.dtype(dtype or "float32"), shardings=shardings)
@@ -279,12 +307,12 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
 
 def tokenizer_source(source: Any) -> str | None:
     """Where the tokenizer of ``source`` (as ``load_model`` takes it) is read from: a checkpoint directory or
-    hub id is its own source; for a training workdir, its ``checkpoints`` dir or a step dir, the run's start
+    hub id is its own source; for a training workdir (local or ``gs://``), its ``checkpoints`` dir or a step dir, the run's start
     checkpoint as ``config.resolved.json`` records it (its SigLIP ``spiece.model`` or CLIP BPE files). None for
     an in-memory model or a run from a random init (CLIP's packaged BPE then)."""
     if not isinstance(source, (str, Path)):
         return None
-    path = Path(str(source)).expanduser()
+    path = _as_local_or_remote(source)
     if not (path.is_dir() and _is_orbax(path)):
         return str(source)
     for d in (path, path.parent, path.parent.parent):  # workdir, workdir/checkpoints, workdir/checkpoints/<step>
@@ -295,7 +323,7 @@ def tokenizer_source(source: Any) -> str | None:
     return None
 
 
-def _is_orbax(path: Path) -> bool:
+def _is_orbax(path: Path | epath.Path) -> bool:
     """A training workdir, its checkpoints dir or a step dir (an Orbax layout, not a model checkpoint)."""
     if (path / CHECKPOINT_SUBDIR).is_dir() or (path / "params").is_dir():
         return True
@@ -307,7 +335,7 @@ def model_meta(model: nnx.Module) -> dict[str, Any]:
     return {"family": model.family, "model_config": model.config.to_dict()}
 
 
-def _load_checkpoint(workdir_or_step_dir: Path, dtype: Any, shardings: Any) -> nnx.Module:
+def _load_checkpoint(workdir_or_step_dir: Path | epath.Path, dtype: Any, shardings: Any) -> nnx.Module:
     """The student model of an Orbax checkpoint (a workdir -> its newest intact step, or a step dir)."""
     root, step = _resolve(workdir_or_step_dir)
     check_step_files(root / str(step))

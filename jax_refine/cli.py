@@ -51,23 +51,25 @@ def _parser() -> argparse.ArgumentParser:
 
     e = add("evaluate", "Zero-shot classification, retrieval and modality-gap metrics of one model.")
     e.add_argument("--config", default="default", help="config whose `eval` section says what to run")
-    e.add_argument("--model", help="HF directory, hub id, or a training workdir / Orbax step directory "
-                                  "(default: config.model.name_or_path)")
-    e.add_argument("--out", help="report directory (default: WORKDIR/eval)")
+    e.add_argument("--model", help="HF directory, hub id, or a training workdir / Orbax step directory, local or "
+                                  "gs://BUCKET/RUN[/checkpoints/STEP] (default: config.model.name_or_path)")
+    e.add_argument("--out", help="local report directory (default: WORKDIR/eval; needed for a gs:// workdir)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
     c = add("compare", "Evaluate two or more models on the same suite; one table (markdown + JSON) with the "
                        "differences to the first model, plus PCA and similarity-histogram pictures.")
-    c.add_argument("models", nargs="+", help="models: HF directories, hub ids or training workdirs; "
-                                             "NAME=PATH gives a model a name in the table")
+    c.add_argument("models", nargs="+", help="models: HF directories, hub ids or training workdirs / step "
+                                             "directories (local or gs://); NAME=PATH gives a model a name in the table")
     c.add_argument("--config", default="default", help="config whose `eval` section says what to run")
-    c.add_argument("--out", default="outputs/compare", help="report directory (default: outputs/compare)")
+    c.add_argument("--out", default="outputs/compare", help="local report directory (default: outputs/compare)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
     x = add("export", "Write a training checkpoint as a Hugging Face CLIP directory (config.json + model.safetensors) "
                       "that transformers.CLIPModel.from_pretrained opens.")
-    x.add_argument("--checkpoint", required=True, help="training workdir or one of its step directories")
-    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--checkpoint", required=True, help="training workdir or one of its step directories (local or "
+                                                       "gs://BUCKET/RUN[/checkpoints/STEP])")
+    x.add_argument("--out", required=True, help="output directory, local or gs://BUCKET/DIR (uploaded file by file, "
+                                                "config.json last)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")
 
     d = add("prepare-data", "Build a TFDS dataset from a caption set on disk, once, for training: COCO captions "

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from jax_refine import outputs
+from jax_refine import workdir as workdir_lib
 from jax_refine.config import load_config
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: a scheduler sees the preemption (the checkpoint is saved; rerun resumes)
@@ -51,7 +52,8 @@ def evaluate(args, overrides: list[str]) -> int:
     source = args.model or config.model.name_or_path
     if not source:
         raise ValueError("evaluate: no model given; pass --model PATH (or set --config.model.name_or_path)")
-    out = outputs.check_target(args.out or Path(config.workdir) / "eval", kind="report", overwrite=args.overwrite)
+    out = outputs.check_target(args.out or workdir_lib.as_path(config.workdir) / "eval", kind="report",
+                               overwrite=args.overwrite)  # a report is local: a gs:// workdir needs --out
     model = checkpoint.load_model(source, dtype=evaluate_lib.config_dtype(config))
     with outputs.output_dir(out, kind="report", overwrite=args.overwrite) as tmp:
         evaluate_lib.evaluate(model, config.eval, name=evaluate_lib.model_name(str(source)), out_dir=tmp,
@@ -78,9 +80,14 @@ def export(args, overrides: list[str]) -> int:
 
     if overrides:
         raise ValueError(f"export takes no config overrides, got {' '.join(overrides)}")
-    outputs.check_target(args.out, kind="export", overwrite=args.overwrite)  # before the checkpoint is read
+    out = outputs.check_target(args.out, kind="export", overwrite=args.overwrite)  # before the checkpoint is read
     model = checkpoint.load_model(args.checkpoint)
-    out = hf.save_pretrained(model, args.out, overwrite=args.overwrite)
+    if workdir_lib.is_remote(out):  # written locally, then uploaded file by file (config.json last)
+        from jax_refine import train as train_lib
+
+        out = train_lib.export_hf(model, out)
+    else:
+        out = hf.save_pretrained(model, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} ({model.family}) -> {out} (open with transformers.AutoModel.from_pretrained)")
     return 0
 

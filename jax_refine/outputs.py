@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from etils import epath
+
 from jax_refine import workdir as workdir_lib
 
 OWNER_FILE = ".jax_refine_output.json"  # {"kind": "demo"|"export"|"report"}: written by output_dir
@@ -44,36 +46,58 @@ def own_kind(path: Path) -> str | None:
         return None
 
 
-def protected_reason(path: str | Path) -> str | None:
-    """Why ``path`` must never be replaced ("holds a git repository at ..."), or None.
+def protected_reason(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (local or ``gs://``) must never be replaced ("holds a git repository at ..."), or None.
 
     Walks the tree under ``path`` (stops at the first hit); a path that does not exist is not protected.
     """
-    root = Path(path)
+    remote = workdir_lib.is_remote(path)
+    root = workdir_lib.as_path(path) if remote else Path(path)
     if not root.is_dir():
         return None
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in (root.walk() if remote else os.walk(root)):
         names = set(dirnames) | set(filenames)
         for marker, what in PROTECTED_MARKERS:
             if marker in names:
-                where = Path(dirpath)
+                where = dirpath if remote else Path(dirpath)
                 if marker == "checkpoints" and not (where / marker).is_dir():
                     continue
-                rel = "" if where == root else f" (at {where})"
+                rel = "" if os.fspath(where).rstrip("/") == os.fspath(root).rstrip("/") else f" (at {where})"
                 return f"is or holds {what}{rel}"
-        dirnames[:] = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
+        if not remote:
+            dirnames[:] = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
     return None
 
 
-def check_target(target: str | Path, *, kind: str, overwrite: bool) -> Path:
+def _check_remote_target(target: str | os.PathLike, *, kind: str, overwrite: bool) -> epath.Path:
+    """``check_target`` for a bucket URL: only an export may go there (reports are local files); a non-empty
+    target needs ``overwrite`` and is never a training workdir, checkpoint or git repository."""
+    if kind != "export":
+        raise OutputError(f"{kind} output {target}: a URL is not supported for a report (only an export may go to "
+                          "a bucket); write it to a local directory")
+    out = workdir_lib.as_path(target)
+    workdir_lib.check_bucket(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    reason = protected_reason(out) if out.is_dir() else None
+    if reason:
+        raise OutputError(f"refusing to write {kind} output to {out}: it {reason}; choose another --out "
+                          "(it is never replaced, even with --overwrite)")
+    if not overwrite:
+        raise OutputError(f"{out} already exists and is not empty: pass --overwrite to replace its files, or choose "
+                          "another --out")
+    return out
+
+
+def check_target(target: str | os.PathLike, *, kind: str, overwrite: bool) -> Path | epath.Path:
     """Refuse ``target`` (one-line ``OutputError``) unless it is absent, empty, or ``overwrite`` is allowed.
 
     Returns the absolute target. A file (not a directory) at ``target`` is refused like a non-empty dir.
-    A URL (``gs://...``) is refused: outputs are local directories (a training workdir may be a bucket).
+    A URL (``gs://...``) is taken for an export only (returned as an ``epath.Path``; the writer uploads the
+    files, see ``train.export_hf``); reports are local.
     """
     if workdir_lib.is_remote(target):
-        raise OutputError(f"{kind} output {target}: a URL is not supported for --out (only a training workdir may "
-                          "be in a bucket); write to a local directory and copy it (gcloud storage cp -r)")
+        return _check_remote_target(target, kind=kind, overwrite=overwrite)
     out = Path(target).expanduser().absolute()
     if not out.exists():
         return out
@@ -99,6 +123,8 @@ def output_dir(target: str | Path, *, kind: str, overwrite: bool = False, mark: 
     On an exception the temporary directory is removed and ``target`` is untouched. Directory
     permissions follow the umask (not mkdtemp's 0700).
     """
+    if workdir_lib.is_remote(target):  # a bucket has no rename: its writers upload a finished local directory
+        raise OutputError(f"{kind} output {target}: output_dir writes local directories only")
     out = check_target(target, kind=kind, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

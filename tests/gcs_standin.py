@@ -25,6 +25,7 @@ from unittest import mock
 
 ENV = "JAX_REFINE_TEST_GCS_ROOT"
 PREFIX = "gs://"
+WORKDIR = "gs://test-bucket/run"  # the tests' bucket workdir (root/test-bucket/run under the stand-in)
 _ACTIVE: list[contextlib.ExitStack] = []  # keeps activate_from_env's stand-in alive for the process
 
 
@@ -91,6 +92,20 @@ def gcs_standin(root: str | Path) -> Iterator[Path]:
         stack.enter_context(mock.patch.object(gcs_utils, "get_kvstore_for_gcs", kvstore))
         stack.enter_context(mock.patch.object(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False))
         yield root
+
+
+def hide_google_cloud_storage(monkeypatch) -> None:
+    """Make ``from google.cloud import storage`` fail with ImportError for this test, installed or not (what a
+    machine without the package sees); no bucket is ever asked."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # an import of it raises ImportError
+    cloud = sys.modules.get("google.cloud")
+    if cloud is not None:  # `from google.cloud import storage` takes an attribute set by an earlier import
+        monkeypatch.delattr(cloud, "storage", raising=False)
+    from orbax.checkpoint._src.path import gcs_utils
+
+    gcs_utils.get_bucket.cache_clear()  # a bucket client cached by an earlier call would answer instead
 
 
 def activate_from_env() -> None:

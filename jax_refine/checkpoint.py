@@ -307,9 +307,9 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
 
 def tokenizer_source(source: Any) -> str | None:
     """Where the tokenizer of ``source`` (as ``load_model`` takes it) is read from: a checkpoint directory or
-    hub id is its own source; for a training workdir (local or ``gs://``), its ``checkpoints`` dir or a step dir, the run's start
-    checkpoint as ``config.resolved.json`` records it (its SigLIP ``spiece.model`` or CLIP BPE files). None for
-    an in-memory model or a run from a random init (CLIP's packaged BPE then)."""
+    hub id is its own source; for a training workdir (local or ``gs://``), its ``checkpoints`` dir or a step dir,
+    the run's start checkpoint as ``config.resolved.json`` records it (its SigLIP ``spiece.model`` or CLIP BPE
+    files). None for an in-memory model or a run from a random init (CLIP's packaged BPE then)."""
     if not isinstance(source, (str, Path)):
         return None
     path = _as_local_or_remote(source)

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     c = add("compare", "Evaluate two or more models on the same suite; one table (markdown + JSON) with the "
                        "differences to the first model, plus PCA and similarity-histogram pictures.")
     c.add_argument("models", nargs="+", help="models: HF directories, hub ids or training workdirs / step "
-                                             "directories (local or gs://); NAME=PATH gives a model a name in the table")
+                                             "directories (local or gs://); NAME=PATH names a model in the table")
     c.add_argument("--config", default="default", help="config whose `eval` section says what to run")
     c.add_argument("--out", default="outputs/compare", help="local report directory (default: outputs/compare)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (never a training workdir, checkpoint or git repository)")

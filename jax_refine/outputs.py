@@ -38,7 +38,7 @@ def _umask() -> int:
     return mask
 
 
-def own_kind(path: Path) -> str | None:
+def own_kind(path: Path | epath.Path) -> str | None:
     """The ``kind`` recorded by ``output_dir`` in ``path`` (None if it is not our output)."""
     try:
         return json.loads((path / OWNER_FILE).read_text()).get("kind")
@@ -69,36 +69,20 @@ def protected_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _check_remote_target(target: str | os.PathLike, *, kind: str, overwrite: bool) -> epath.Path:
-    """``check_target`` for a bucket URL: only an export may go there (reports are local files); a non-empty
-    target needs ``overwrite`` and is never a training workdir, checkpoint or git repository."""
-    if kind != "export":
-        raise OutputError(f"{kind} output {target}: a URL is not supported for a report (only an export may go to "
-                          "a bucket); write it to a local directory")
-    out = workdir_lib.as_path(target)
-    workdir_lib.check_bucket(out)
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return out
-    reason = protected_reason(out) if out.is_dir() else None
-    if reason:
-        raise OutputError(f"refusing to write {kind} output to {out}: it {reason}; choose another --out "
-                          "(it is never replaced, even with --overwrite)")
-    if not overwrite:
-        raise OutputError(f"{out} already exists and is not empty: pass --overwrite to replace its files, or choose "
-                          "another --out")
-    return out
-
-
 def check_target(target: str | os.PathLike, *, kind: str, overwrite: bool) -> Path | epath.Path:
     """Refuse ``target`` (one-line ``OutputError``) unless it is absent, empty, or ``overwrite`` is allowed.
 
     Returns the absolute target. A file (not a directory) at ``target`` is refused like a non-empty dir.
-    A URL (``gs://...``) is taken for an export only (returned as an ``epath.Path``; the writer uploads the
-    files, see ``train.export_hf``); reports are local.
+    A URL (``gs://...``) is taken for an export only, returned as an ``epath.Path`` (its writer uploads a
+    finished local directory: ``train.export_hf``); reports are local.
     """
-    if workdir_lib.is_remote(target):
-        return _check_remote_target(target, kind=kind, overwrite=overwrite)
-    out = Path(target).expanduser().absolute()
+    remote = workdir_lib.is_remote(target)
+    if remote and kind != "export":
+        raise OutputError(f"{kind} output {target}: a URL is not supported for a report (only an export may go to "
+                          "a bucket); write it to a local directory")
+    out = workdir_lib.as_path(target) if remote else Path(target).expanduser().absolute()
+    if remote:
+        workdir_lib.check_bucket(out)
     if not out.exists():
         return out
     if out.is_dir() and not any(out.iterdir()):

@@ -84,7 +84,7 @@ def test_tokenizer_source_and_config_record_read_from_the_bucket(runs, tiny_hf_c
             assert checkpoint.tokenizer_source(str(local) + suffix) == str(tiny_hf_clip_dir)
 
 
-def test_export_from_gs_to_gs_and_local_gives_the_local_tensors(runs, tmp_path, monkeypatch):
+def test_export_from_gs_to_gs_and_local_gives_the_local_tensors(runs, tmp_path, monkeypatch, capsys):
     root, local = runs
     monkeypatch.chdir(tmp_path)
     step2 = f"{WORKDIR}/checkpoints/2"
@@ -106,9 +106,13 @@ def test_export_from_gs_to_gs_and_local_gives_the_local_tensors(runs, tmp_path, 
     assert any(not np.array_equal(a[k], b[k]) for k in a)  # steps 2 and 4 differ: the step was honoured
 
     # a non-empty bucket target needs --overwrite; a training workdir there is never replaced
+    capsys.readouterr()
     assert _cli(root, "export", "--checkpoint", step2, "--out", "gs://test-bucket/exports/step2") == 2
+    assert capsys.readouterr().err.startswith("error: gs://test-bucket/exports/step2 already exists and is not empty")
     assert _cli(root, "export", "--checkpoint", step2, "--out", "gs://test-bucket/exports/step2", "--overwrite") == 0
     assert _cli(root, "export", "--checkpoint", step2, "--out", WORKDIR, "--overwrite") == 2
+    assert capsys.readouterr().err.startswith(f"error: refusing to write export output to {WORKDIR}: it is or holds "
+                                              "a training workdir; choose another --out")
     assert (root / "test-bucket/run/checkpoints/4/commit_success.txt").is_file()
     assert not (tmp_path / "gs:").exists()
 

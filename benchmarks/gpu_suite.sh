@@ -5,7 +5,8 @@
 #   BUDGET=420 MODEL=vitb32 BATCH=512 STEPS=10 WARMUP=2 PY=python3 BENCH_OUT=outputs/bench bash benchmarks/gpu_suite.sh
 #   MODEL=tiny BATCH=8 STEPS=2 PLATFORM=cpu SKIP_COMPILE=1 bash benchmarks/gpu_suite.sh   # CPU dry run
 #
-# Order: jax bf16 (defaults), jax bf16 with one candidate each (cuDNN attention; scan over layers),
+# Order: jax bf16 (defaults), jax bf16 with one candidate each (cuDNN attention, tokens padded to an even
+# length, the lengths in its log and the table; on PLATFORM=cpu the same padded program on XLA; scan over layers),
 # torch eager bf16, torch.compile bf16, then, if time remains, jax tf32 and torch eager tf32.
 # Each run gets min(its cap, time left - 5 s); a run that times out is reported and the suite goes on.
 # The table of the runs so far is printed after every run; JSON lines go to $BENCH_OUT/train_step.jsonl and
@@ -49,7 +50,12 @@ run() {
 }
 
 run jax_bf16          110 --side jax --precision bf16
-run jax_bf16_cudnn    100 --side jax --precision bf16 --attention cudnn
+if [ "$PLATFORM" = cpu ]; then  # cuDNN needs a GPU: run its padded program with XLA's attention instead
+  echo "[suite] PLATFORM=cpu: jax_bf16_cudnn runs as jax_bf16_padded_xla (attention=xla_padded, same padded program)"
+  run jax_bf16_padded_xla 100 --side jax --precision bf16 --attention xla_padded
+else
+  run jax_bf16_cudnn    100 --side jax --precision bf16 --attention cudnn
+fi
 run jax_bf16_scan      90 --side jax --precision bf16 --scan
 run torch_eager_bf16   60 --side torch --precision bf16
 if [ "$SKIP_COMPILE" != 1 ]; then

@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --platform gpu --precision bf16 --model vitb32 --batch 512 --steps 10
     python benchmarks/train_step.py --platform cpu --model tiny --batch 8 --steps 2 --no-torch-compile
-    python benchmarks/train_step.py --side jax --attention cudnn --out results.jsonl   # one run, appended
+    python benchmarks/train_step.py --side jax --attention cudnn --out results.jsonl   # one run, appended (GPU)
     python benchmarks/train_step.py --report results.jsonl                             # the table so far
 
 The step (CLIP-Refine, design.md): student forward + backward, frozen teacher forward, HyCD + RaFA, AdamW
@@ -20,6 +20,9 @@ on CPU the process's peak RSS. Model FLOPs are counted analytically (benchmarks/
 4 x forward matmul FLOPs, i.e. student forward + backward = 3x, teacher = 1x), not taken from XLA's cost
 analysis (which leaves out library GEMMs on GPU). MFU is against a matmul rate each jax run measures with
 `jnp.dot` of two square matrices in the run's precision (8192 on GPU, 2048 on CPU).
+`--attention cudnn` (GPU only) and `xla_padded` (the same padded program on XLA) pad each tower's tokens to an
+even length (`padded_length`); the run prints and records the lengths, and its model FLOPs stay those of the real
+lengths (the padded rows are not useful work).
 """
 from __future__ import annotations
 
@@ -90,6 +93,17 @@ def _jax_matmul_peak(platform: str, precision: str) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def padded_lengths(args) -> dict[str, list[int]]:
+    """`{"text": [77, padded], "image": [tokens, padded]}` for the padded attention modes, else {}."""
+    from jax_refine.models.clip.modeling import PADDED_ATTENTION, padded_length
+
+    if args.attention not in PADDED_ATTENTION:
+        return {}
+    vision = clip_size(args.model, args.layers)["vision_config"]
+    image = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    return {"text": [TEXT_LENGTH, padded_length(TEXT_LENGTH)], "image": [image, padded_length(image)]}
+
+
 def run_jax(args) -> dict:
     import jax
 
@@ -98,6 +112,13 @@ def run_jax(args) -> dict:
     from jax_refine.configs.default import get_config
     from jax_refine import sharding as shd, train
 
+    if args.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--attention cudnn needs a CUDA GPU (jax backend: {jax.default_backend()}); "
+                         "--attention xla_padded runs the same padded program with XLA's attention")
+    padded = padded_lengths(args)
+    if padded:
+        print(f"[bench] attention={args.attention}: tokens padded to an even length: "
+              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in padded.items()), flush=True)
     spec = clip_size(args.model, args.layers)
     c = get_config()
     c.model.random_init = spec
@@ -137,7 +158,7 @@ def run_jax(args) -> dict:
     return _result(args, "jax", step_s, compile_s, int(peak), kind, f"{device.device_kind} ({jax.default_backend()})",
                    _jax_matmul_peak(args.platform, args.precision), loss=float(m["loss"]),
                    xla_flops=info.get("flops"), options={"attention": args.attention, "remat": args.remat,
-                                                         "scan_layers": args.scan},
+                                                         "scan_layers": args.scan}, padded_lengths=padded,
                    versions={"jax": jax.__version__, "flax": __import__("flax").__version__}, **extra)
 
 
@@ -390,6 +411,10 @@ def table(rows: list[dict]) -> str:
                  f"(4 x forward matmul FLOPs: student fwd + bwd = 3x, teacher fwd = 1x; benchmarks/clip_sizes.py). "
                  "Matmul peak measured with jnp.dot: "
                  + ", ".join(f"{p}: {v / 1e12:.3g} TFLOP/s" for p, v in peaks) + ".")
+    for r in rows:
+        if r.get("padded_lengths"):
+            lines.append(f"{r['name']} pads the tokens (its FLOPs are counted at the real lengths): "
+                         + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["padded_lengths"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -402,7 +427,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="jax: attention implementation")
+    ap.add_argument("--attention", choices=("xla", "cudnn", "xla_padded"), default="xla",
+                    help="jax: attention implementation (cudnn: GPU; xla_padded: cudnn's padded program on XLA)")
     ap.add_argument("--remat", choices=("none", "full", "save_dots"), default="none", help="jax: per-block remat")
     ap.add_argument("--scan", action="store_true", help="jax: lax.scan over each tower's blocks")
     ap.add_argument("--side", choices=SIDES, default=None, help="run only this side, in this process")

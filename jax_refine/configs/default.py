@@ -24,7 +24,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # (text_config, vision_config, projection_dim, ...). Used by the offline demo's pre-training.
     c.model.random_init = ml_collections.config_dict.placeholder(dict)
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
-    c.model.attention = "xla"  # xla | cudnn (cuDNN fused attention: GPU only, bfloat16 compute)
+    c.model.attention = "xla"  # xla | cudnn (cuDNN fused attention: GPU, bf16; pads tokens) | xla_padded (on XLA)
     c.model.remat = "none"  # per-block rematerialisation: none | full | save_dots (keep projection matmuls)
     c.model.scan_layers = False  # one lax.scan over each tower's blocks (faster compile; same params/checkpoints)
 

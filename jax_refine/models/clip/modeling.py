@@ -11,8 +11,11 @@ axis names in its `out_sharding` metadata (not bound to a mesh: `eager_sharding=
 `nnx.get_partition_spec(nnx.state(model, nnx.Param))` returns them and the trainer maps them to mesh
 axes with its rules.
 
-Speed and memory options (defaults = HF numerics, unchanged): `attention` ("xla" | "cudnn": cuDNN's fused
-attention through `jax.nn.dot_product_attention`, GPU only, bf16/fp16 compute), `remat` per block
+Speed and memory options (defaults = HF numerics, unchanged): `attention` ("xla" | "cudnn" | "xla_padded":
+"cudnn" is cuDNN's fused attention through `jax.nn.dot_product_attention`, GPU only, bf16/fp16 compute; it runs
+the padded program: each tower appends zero rows to `padded_length(T)` tokens after its embeddings, passes
+the real lengths as `query_seq_lengths` / `key_value_seq_lengths` to every block and drops the rows before
+pooling. "xla_padded" is that same program with XLA's attention, any dtype, for CPU tests), `remat` per block
 ("none" | "full" | "save_dots": `jax.checkpoint` keeping only the projection/MLP matmul outputs) and
 `scan_layers` (one `lax.scan` over each tower's blocks: one block to compile instead of N). Parameters stay
 one entry per layer (`vision/layers/0/...`) in every mode, so checkpoints, HF names and freeze rules do not
@@ -63,7 +66,9 @@ def activation(name: str) -> Callable[[Array], Array]:
     return _ACTIVATIONS[name]
 
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "xla_padded")
+PADDED_ATTENTION = ("cudnn", "xla_padded")  # the modes that pad the tokens and pass lengths instead of a mask
+SEQ_MULTIPLE = 2  # see padded_length
 # "save_dots": keep the outputs of matmuls without batch dimensions (qkv, out, fc1, fc2 projections),
 # recompute the rest (LayerNorm, activation, attention scores) in the backward pass.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -83,10 +88,46 @@ def check_options(attention: str, remat: str, dtype: Any) -> None:
         raise ValueError(f"attention='cudnn' needs bfloat16 or float16 compute, got dtype={jnp.dtype(dtype).name}")
 
 
+def padded_length(length: int, multiple: int = SEQ_MULTIPLE) -> int:
+    """Tokens the padded attention modes run at: `length` rounded up to a multiple of `multiple` (default 2).
+
+    The rule is jax's, not cuDNN's: `jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention` (the
+    same in jax 0.10.2 and 0.11.2) rejects an odd Q or KV length when training with a bias ("Unsupported
+    sequence length Q 77, KV 77."), and the training rule `_dot_product_attention_fwd_rule` passes
+    `bias is not None` after a missing bias was replaced by an empty placeholder array, so every differentiated
+    call counts as biased. Odd lengths pass in inference; the other limit there is the head dim (a multiple of
+    8, <= 256 on Hopper). So text 77 -> 78, ViT-B/16 197 -> 198, L/14 257 -> 258, L/14-336 577 -> 578,
+    SigLIP 729 -> 730; ViT-B/32 (50) and SigLIP's text (64) stay.
+    """
+    return -(-int(length) // multiple) * multiple
+
+
+def pad_for_attention(x: Array, attention: str, key_mask: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    """The blocks' input and keyword arguments for `attention`, from `x (B, T, D)` and `key_mask (B, T)`
+    (1 = attend; None = all).
+
+    "xla": `x` unchanged and `mask (B, 1, 1, T)` bool (or none): today's program. Padded modes: `x` with zero rows
+    appended to `(B, padded_length(T), D)` and `seq_lengths = (q, kv)` int32 `(B,)`: q = T, kv = the number of
+    kept keys per row (exact for right padding, as our tokenizers pad: the kept keys must be a prefix), else T.
+    Undo with `drop_padding(x, T)` before pooling.
+    """
+    if attention not in PADDED_ATTENTION:
+        return x, {} if key_mask is None else {"mask": key_mask.astype(bool)[:, None, None, :]}
+    b, t = x.shape[:2]
+    q = jnp.full((b,), t, jnp.int32)
+    kv = q if key_mask is None else key_mask.astype(bool).sum(-1, dtype=jnp.int32)
+    return jnp.pad(x, ((0, 0), (0, padded_length(t) - t), (0, 0))), {"seq_lengths": (q, kv)}
+
+
+def drop_padding(x: Array, length: int) -> Array:
+    """`x (B, T', D)` -> its first `length` rows `(B, length, D)` (`x` itself when there are no more)."""
+    return x if x.shape[1] == length else x[:, :length]
+
+
 def apply_layers(layers: nnx.List, x: Array, *, remat: str = "none", scan: bool = False, **kwargs) -> Array:
     """Run `x (B, T, D)` through `layers` (identical `Block`s) in order, with `remat` / `scan` as above.
 
-    `kwargs` (mask, is_causal) go to every block. Without remat and scan this is the plain Python loop.
+    `kwargs` (mask or seq_lengths, is_causal) go to every block. Without remat and scan this is the plain Python loop.
     """
     x = constrain(x, ACT)
     if remat == "none" and not scan:
@@ -197,25 +238,29 @@ class Attention(nnx.Module):
                           param_dtype)
         self.out_bias = _param(None, (dim,), ("embed",), None, param_dtype)
 
-    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
-        """`x (B, T, D)`, `mask (B, 1, 1|T, T)` bool (True = attend) -> `(B, T, D)`.
+    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False,
+                 seq_lengths: tuple[Array, Array] | None = None) -> Array:
+        """`x (B, T, D)`, `mask (B, 1, 1|T, T)` bool (True = attend; "xla" only) -> `(B, T, D)`.
 
-        With cuDNN the padding mask is passed as key lengths (`mask.sum(-1)`), which equals the mask when the
-        kept keys are a prefix (right padding, as our tokenizer pads); other masks are an error there.
+        The padded modes ("cudnn", "xla_padded") take `seq_lengths = (q (B,), kv (B,))` int32 instead of a mask
+        (see `pad_for_attention`): keys at or past kv are masked, and rows at or past q are set to 0 here, so the
+        padded rows stay finite whatever the kernel leaves in them (cuDNN's docs do not say).
         """
         qkv = jnp.einsum("btd,dkhe->btkhe", x, self.qkv[...].astype(self.dtype)) + self.qkv_bias[...].astype(self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.implementation == "cudnn":
-            lengths = None
-            if mask is not None:
-                if mask.shape[1:3] != (1, 1):
-                    raise ValueError(f"attention='cudnn' takes a key padding mask (B, 1, 1, T), got {mask.shape}")
-                lengths = mask[:, 0, 0, :].sum(-1, dtype=jnp.int32)
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=self.head_dim**-0.5,
-                                             key_value_seq_lengths=lengths, implementation="cudnn")
-        else:
+        if self.implementation == "xla":
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                              scale=self.head_dim**-0.5)
+        else:
+            if mask is not None or seq_lengths is None:
+                raise ValueError(f"attention={self.implementation!r} takes seq_lengths (q, kv), not a mask: "
+                                 "build the block input with pad_for_attention")
+            q_len, kv_len = seq_lengths
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=self.head_dim**-0.5,
+                                             query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+                                             implementation="cudnn" if self.implementation == "cudnn" else "xla")
+            rows = jnp.arange(x.shape[1])[None, :, None, None] < q_len[:, None, None, None]
+            y = jnp.where(rows, y, jnp.zeros((), y.dtype))
         return jnp.einsum("bthe,hed->btd", y, self.out[...].astype(self.dtype)) + self.out_bias[...].astype(self.dtype)
 
 
@@ -252,8 +297,9 @@ class Block(nnx.Module):
         self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, n, factor, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
-        x = x + self.attn(self.ln1(x), mask, is_causal)
+    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False,
+                 seq_lengths: tuple[Array, Array] | None = None) -> Array:
+        x = x + self.attn(self.ln1(x), mask, is_causal, seq_lengths)
         return x + self.mlp(self.ln2(x))
 
 
@@ -263,7 +309,7 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
                  attention: str = "xla", remat: str = "none", scan_layers: bool = False):
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
-        self.remat, self.scan_layers = remat, scan_layers
+        self.remat, self.scan_layers, self.attention = remat, scan_layers, attention
         self.image_size, self.patch_size, self.channels, self.dtype = cfg.image_size, p, c, dtype
         num_pos = (cfg.image_size // p) ** 2 + 1
         std = cfg.initializer_range * factor
@@ -281,8 +327,10 @@ class VisionTower(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position[...].astype(self.dtype)
         x = self.pre_ln(x)
-        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers)
-        return self.post_ln(x[:, 0])
+        length = x.shape[1]
+        x, kwargs = pad_for_attention(x, self.attention)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, **kwargs)
+        return self.post_ln(drop_padding(x, length)[:, 0])
 
 
 class TextTower(nnx.Module):
@@ -291,7 +339,7 @@ class TextTower(nnx.Module):
     def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
                  attention: str = "xla", remat: str = "none", scan_layers: bool = False):
         d = cfg.hidden_size
-        self.remat, self.scan_layers = remat, scan_layers
+        self.remat, self.scan_layers, self.attention = remat, scan_layers, attention
         self.eos_token_id, self.dtype = int(cfg.eos_token_id), dtype
         self.token = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 0.02 * factor, param_dtype)
         self.position = _param(rngs, (cfg.max_position_embeddings, d), ("pos", "embed"), 0.02 * factor, param_dtype)
@@ -301,9 +349,9 @@ class TextTower(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         x = embed_tokens(self.token[...], self.position[...], input_ids, self.dtype)
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=True)
-        x = self.final_ln(x)
+        x, kwargs = pad_for_attention(x, self.attention, attention_mask)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, is_causal=True, **kwargs)
+        x = self.final_ln(drop_padding(x, input_ids.shape[1]))
         if self.eos_token_id == 2:  # older CLIP configs say eos_token_id 2, not the real EOS: take the highest id
             pos = jnp.argmax(input_ids, axis=-1)
         else:  # first position of eos_token_id (pad may equal eos)
@@ -313,7 +361,8 @@ class TextTower(nnx.Module):
 
 class CLIP(nnx.Module):
     """HF `CLIPModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32);
-    `attention` ("xla" | "cudnn"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: see the module doc.
+    `attention` ("xla" | "cudnn" | "xla_padded"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: see the
+    module doc.
 
     `config` returns a copy of the `transformers.CLIPConfig`; the module itself only holds its JSON text,
     so `nnx.split` gives a hashable graphdef. The `jax_refine.models.interface.Model` attributes: OpenAI's

@@ -14,8 +14,9 @@ speed/memory options (`attention`, `remat`, `scan_layers`) are those of `jax_ref
 conventions match our CLIP: float32 parameters cast to the compute `dtype`, fused `qkv` kernels
 `(D, 3, heads, head_dim)`, dense kernels `(in, out)`, the patch kernel `(patch*patch*C, D)` in
 `(kh, kw, c)` order, and logical axis names on every parameter from the same vocabulary (`embed`,
-`mlp`, `heads`, `vocab`, `proj`, `norm`, `patch`, `pos`). The attention-pooling head always uses XLA
-attention (one query; cuDNN buys nothing there).
+`mlp`, `heads`, `vocab`, `proj`, `norm`, `patch`, `pos`). The padded attention modes pad both towers
+(SigLIP's 729 patches -> 730) and drop the rows before the pooling head; the head always uses XLA attention
+(one query; cuDNN buys nothing there) over the real patches only.
 
 Random init (`SigLIP(config, rngs=...)`) draws CLIP's init scheme (as our CLIP does), not
 SigLIP's lecun/xavier one: it is for tests and shapes; real use loads a checkpoint (`params.py`).
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_refine.models.clip.modeling import (MLP, Block, LayerNorm, _param, apply_layers, check_options, create,
-                                             embed_patches, embed_tokens)
+                                             drop_padding, embed_patches, embed_tokens, pad_for_attention)
 
 Array = jax.Array
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalizes pixels in [0, 1] to [-1, 1]
@@ -101,7 +102,7 @@ class VisionTower(nnx.Module):
         d, c = cfg.hidden_size, cfg.num_channels
         p = square_image_size(cfg.patch_size, "vision_config.patch_size")
         self.image_size, self.patch_size, self.channels, self.dtype = square_image_size(cfg.image_size), p, c, dtype
-        self.remat, self.scan_layers = remat, scan_layers
+        self.remat, self.scan_layers, self.attention = remat, scan_layers, attention
         std = cfg.hidden_size**-0.5 * factor
         self.patch = _param(rngs, (p * p * c, d), ("patch", "embed"), std, param_dtype)
         self.patch_bias = _param(None, (d,), ("embed",), None, param_dtype)
@@ -115,8 +116,10 @@ class VisionTower(nnx.Module):
         x = embed_patches(pixel_values, self.patch[...], self.patch_size, self.image_size, self.dtype)
         x = x + self.patch_bias[...].astype(self.dtype)
         x = x + self.position[...].astype(self.dtype)
-        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers)
-        return self.head(self.post_ln(x))
+        length = x.shape[1]
+        x, kwargs = pad_for_attention(x, self.attention)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, **kwargs)
+        return self.head(self.post_ln(drop_padding(x, length)))
 
 
 def num_patches(image_size: int, patch_size: int) -> int:
@@ -130,7 +133,7 @@ class TextTower(nnx.Module):
     def __init__(self, cfg: Any, factor: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
                  attention: str = "xla", remat: str = "none", scan_layers: bool = False):
         d = cfg.hidden_size
-        self.remat, self.scan_layers, self.dtype = remat, scan_layers, dtype
+        self.remat, self.scan_layers, self.attention, self.dtype = remat, scan_layers, attention, dtype
         self.token = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 0.02 * factor, param_dtype)
         self.position = _param(rngs, (cfg.max_position_embeddings, d), ("pos", "embed"), 0.02 * factor, param_dtype)
         self.layers = nnx.List([Block(cfg, factor, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -141,15 +144,15 @@ class TextTower(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         x = embed_tokens(self.token[...], self.position[...], input_ids, self.dtype)
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, mask=mask, is_causal=False)
-        pooled = self.final_ln(x)[:, -1]
+        x, kwargs = pad_for_attention(x, self.attention, attention_mask)
+        x = apply_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, is_causal=False, **kwargs)
+        pooled = self.final_ln(drop_padding(x, input_ids.shape[1]))[:, -1]
         return pooled @ self.head[...].astype(self.dtype) + self.head_bias[...].astype(self.dtype)
 
 
 class SigLIP(nnx.Module):
     """HF `SiglipModel` in NNX. `dtype`: compute dtype (default float32); `param_dtype`: storage (float32);
-    `attention` ("xla" | "cudnn"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: as in
+    `attention` ("xla" | "cudnn" | "xla_padded"), `remat` ("none" | "full" | "save_dots"), `scan_layers`: as in
     `jax_refine.models.clip.modeling.CLIP`. `config` returns a copy of the `transformers.SiglipConfig`.
     The `jax_refine.models.interface.Model` attributes: pixels normalized to [-1, 1], squash resize, every
     text padded to `text_length` (64) and attended to, a learned logit bias.

@@ -14,6 +14,7 @@ fused on CUDA) and torch.compile of the same loss function.
 
 Precision: bf16 = bf16 compute with fp32 parameters (jax: `model.dtype=bfloat16`; torch: autocast);
 tf32 = fp32 with TF32 matmuls; highest = fp32 matmuls throughout.
+CPU s/step: the process's CPU time (all threads) per timed step: on a shared CPU it is steadier than wall time.
 Compile time: jax's `lower().compile()`; torch: the first step (torch.compile compiles there).
 Peak device memory: jax `device.memory_stats()['peak_bytes_in_use']`, torch `cuda.max_memory_allocated()`;
 on CPU the process's peak RSS. Model FLOPs are counted analytically (benchmarks/clip_sizes.py:
@@ -144,11 +145,12 @@ def run_jax(args) -> dict:
 
     for _ in range(args.warmup):
         jax.block_until_ready(step())
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         m = step()
     jax.block_until_ready((holder["state"], m))
     step_s = (time.perf_counter() - t) / args.steps
+    cpu_s = (time.process_time() - cpu) / args.steps
     stats = device.memory_stats() or {}
     peak, kind = (stats["peak_bytes_in_use"], "device") if "peak_bytes_in_use" in stats else (_rss(), "RSS")
     extra = {}
@@ -156,7 +158,7 @@ def run_jax(args) -> dict:
         extra["breakdown"] = _breakdown(trainer, holder["state"], batch, args.steps)
         extra["profile"] = _profile(lambda: jax.block_until_ready(step()))
     return _result(args, "jax", step_s, compile_s, int(peak), kind, f"{device.device_kind} ({jax.default_backend()})",
-                   _jax_matmul_peak(args.platform, args.precision), loss=float(m["loss"]),
+                   _jax_matmul_peak(args.platform, args.precision), loss=float(m["loss"]), cpu_s=cpu_s,
                    xla_flops=info.get("flops"), options={"attention": args.attention, "remat": args.remat,
                                                          "scan_layers": args.scan}, padded_lengths=padded,
                    versions={"jax": jax.__version__, "flax": __import__("flax").__version__}, **extra)
@@ -192,9 +194,12 @@ def _profile(step) -> dict:
         if e.get("ph") == "X" and "dur" in e and not name.startswith(("$", "Thunk", "PjRt", "Execute")):
             by_op[name] += e["dur"] / 1000.0
     by_kind: collections.Counter = collections.Counter()
+    top: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for name, ms in by_op.items():
         by_kind[_op_kind(name)] += ms
-    return {"by_kind": dict(by_kind.most_common()), "top_ops": dict(by_op.most_common(8))}
+        top[_op_kind(name)][name] = ms
+    return {"by_kind": dict(by_kind.most_common()), "top_ops": dict(by_op.most_common(8)),
+            "top_ops_by_kind": {kind: dict(ops.most_common(5)) for kind, ops in top.items()}}
 
 
 def _breakdown(trainer, state, batch, steps: int) -> dict:
@@ -325,15 +330,16 @@ def run_torch(args, compiled: bool) -> dict:
     for _ in range(max(args.warmup - 1, 0)):
         step()
     sync()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         loss = step()
     sync()
     step_s = (time.perf_counter() - t) / args.steps
+    cpu_s = (time.process_time() - cpu) / args.steps
     peak, kind = (torch.cuda.max_memory_allocated(), "device") if dev == "cuda" else (_rss(), "RSS")
     device = torch.cuda.get_device_name() if dev == "cuda" else platform_lib.processor() or "cpu"
     return _result(args, "torch.compile" if compiled else "torch eager", step_s, first_s, int(peak), kind, device,
-                   _torch_matmul_peak(torch, dev, args.precision), loss=loss.item(),
+                   _torch_matmul_peak(torch, dev, args.precision), loss=loss.item(), cpu_s=cpu_s,
                    attention=getattr(student.config, "_attn_implementation", None),
                    versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__})
 
@@ -393,9 +399,9 @@ def table(rows: list[dict]) -> str:
     lines = [f"{r0['model']} ({r0.get('layers') or 'all'} layers), batch {r0['batch']}, {r0['steps']} timed steps "
              f"after {r0['warmup']} warm-up, {r0['device']}",
              "",
-             "| run | precision | step ms | samples/s | compile s | peak mem GiB | model TFLOP/s | % of matmul peak "
-             "| vs torch.compile | vs eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | precision | step ms | CPU s/step | samples/s | compile s | peak mem GiB | model TFLOP/s "
+             "| % of matmul peak | vs torch.compile | vs eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ref = {fw: next((x["step_s"] for x in rows if x["framework"] == fw and x["precision"] == r["precision"]), None)
                for fw in ("torch.compile", "torch eager")}
@@ -403,7 +409,8 @@ def table(rows: list[dict]) -> str:
         mfu = f"{100 * r['achieved_flops'] / peak:.1f}" if peak else "-"
         vs = [f"{ref[fw] / r['step_s']:.2f}x" if ref[fw] else "-" for fw in ("torch.compile", "torch eager")]
         mem = f"{r['peak_bytes'] / gib:.2f}" + ("" if r.get("memory_kind") == "device" else " (RSS)")
-        lines.append(f"| {r['name']} | {r['precision']} | {1e3 * r['step_s']:.1f} | {r['samples_per_s']:.1f} | "
+        cpu = f"{r['cpu_s']:.2f}" if r.get("cpu_s") is not None else "-"
+        lines.append(f"| {r['name']} | {r['precision']} | {1e3 * r['step_s']:.1f} | {cpu} | {r['samples_per_s']:.1f} | "
                      f"{r['compile_s']:.1f} | {mem} | {r['achieved_flops'] / 1e12:.3g} | {mfu} | {vs[0]} | {vs[1]} |")
     peaks = sorted({(r["precision"], _peak_for(rows, r)) for r in rows if _peak_for(rows, r)})
     lines.append("")

@@ -209,8 +209,9 @@ def token_rows(x: Array) -> Array:
 
     Same values; the reason is the backward pass on CPU. With batch and tokens as two contracting dimensions of
     each weight gradient, XLA:CPU copies the output gradient into a transposed layout and fuses its whole
-    producer chain into that copy (one copy per weight; 24 of them in a 12-block MLP stack, 1.9x its CPU time);
-    with one token dimension it calls the matmul on the row-major buffers. On GPU the two forms compile alike.
+    producer chain into that copy (one copy per weight); with one token dimension it calls the matmul on the
+    row-major buffers. ViT-B/32 CLIP-Refine step, batch 32, 2 CPU cores: 16.7 s -> 9.1 s (README, Benchmarks).
+    The reshape is free (a bitcast) on every backend; on GPU the GEMMs are the same (not measured there).
     """
     return x.reshape(-1, x.shape[-1])
 

@@ -82,14 +82,33 @@ def export(args, overrides: list[str]) -> int:
         raise ValueError(f"export takes no config overrides, got {' '.join(overrides)}")
     out = outputs.check_target(args.out, kind="export", overwrite=args.overwrite)  # before the checkpoint is read
     model = checkpoint.load_model(args.checkpoint)
+    tokenizer_dir = _start_tokenizer_dir(args.checkpoint)
     if workdir_lib.is_remote(out):  # written locally, then uploaded file by file (config.json last)
         from jax_refine import train as train_lib
 
-        out = train_lib.export_hf(model, out)
+        out = train_lib.export_hf(model, out, tokenizer_dir=tokenizer_dir)
     else:
-        out = hf.save_pretrained(model, args.out, overwrite=args.overwrite)
+        out = hf.save_pretrained(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} ({model.family}) -> {out} (open with transformers.AutoModel.from_pretrained)")
     return 0
+
+
+def _start_tokenizer_dir(source: str) -> Path | None:
+    """The local directory holding the tokenizer files an export of `source` carries, as the trainer's own
+    export does: the run's start checkpoint (`checkpoint.tokenizer_source`; for a hub id its small files are
+    fetched or read from the cache, not its weights). None for a random-init run (CLIP's packaged BPE), and,
+    with a line saying so, when the start checkpoint cannot be read here."""
+    from jax_refine import checkpoint, hf
+
+    start = checkpoint.tokenizer_source(source)
+    if start is None:
+        return None
+    try:
+        return hf.resolve_checkpoint(start, weights=False)
+    except FileNotFoundError as e:
+        print(f"[export] the tokenizer files of the start checkpoint are not copied: {e} (CLIP gets the packaged "
+              "BPE files, SigLIP none: copy them beside the export)")
+        return None
 
 
 def prepare_data(args, overrides: list[str]) -> int:

@@ -93,8 +93,11 @@ def hub_download(repo_id: str, filename: str, required: bool) -> str | None:
     return None
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local checkpoint directory: `name_or_path` itself, or the hub snapshot of that repo id (cached)."""
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, weights: bool = True) -> Path:
+    """A local checkpoint directory: `name_or_path` itself, or the hub snapshot of that repo id (cached).
+
+    `weights=False` fetches only the config, tokenizer and processor files (`HUB_EXTRAS`): what an export
+    copies from a run's start checkpoint, without the weights."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -102,9 +105,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if not is_hub_id(name):
         raise FileNotFoundError(f"{name}: no such checkpoint directory (and not a Hugging Face hub id)")
     config = hub_download(name, CONFIG, required=False) or hub_download(name, OPEN_CLIP_CONFIG, required=True)
-    for weights in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, *OPEN_CLIP_WEIGHTS):
-        got = hub_download(name, weights, required=False)
-        if got and weights == SAFETENSORS_INDEX:
+    for file in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, *OPEN_CLIP_WEIGHTS) if weights else ():
+        got = hub_download(name, file, required=False)
+        if got and file == SAFETENSORS_INDEX:
             for shard in sorted(set(json.loads(Path(got).read_text())["weight_map"].values())):
                 hub_download(name, shard, required=True)
         if got:

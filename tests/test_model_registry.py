@@ -19,7 +19,7 @@ from hf_fixtures import clip_tokenizer, write_tiny_siglip
 from test_openclip_format import _open_clip_model, _save, _tiny_cfg
 from train_helpers import tiny_config
 
-from jax_refine import checkpoint as ckpt, evaluate, hf, train
+from jax_refine import checkpoint as ckpt, cli, evaluate, hf, train
 from jax_refine.models import registry
 from jax_refine.models.interface import Model
 
@@ -160,6 +160,15 @@ def test_one_clip_refine_run_per_family(family_dirs, coco_mini_dir, tmp_path, na
     assert registry.family_of(out["hf_dir"]).name == start.family
     _, info = AutoModel.from_pretrained(out["hf_dir"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+    # `export` of the workdir carries the tokenizer the run trained with, as the trainer's export does (before,
+    # the command wrote none for SigLIP): the export's own tokenizer gives the reference processors' ids
+    from transformers import AutoTokenizer
+
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    exported = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    got = exported(list(order["caption"][:8]), padding="max_length", truncation=True, max_length=start.text_length)
+    np.testing.assert_array_equal(np.asarray(got["input_ids"]), ids)
 
 
 def test_sigmoid_baseline_trains_siglip_logit_scale_and_bias(family_dirs, coco_mini_dir, tmp_path):

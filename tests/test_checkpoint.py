@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train_helpers import SyntheticIterator, tiny_config
+from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blocked
 
 from jax_refine import checkpoint as ckpt, sharding as shd, train
 
@@ -96,13 +94,8 @@ def test_kill_9_mid_save_then_resume_equals_uninterrupted(tmp_path):
     work = tmp_path / "killed"
     proc = subprocess.Popen(_driver(work, "--steps", str(steps), "--block-finalize-at", "4"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = work / "finalize_blocked"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    marker = wait_until_blocked(proc, work)
+    kill_9(proc)
     tmp_dir = Path(marker.read_text())
     assert tmp_dir.is_dir() and not (work / "checkpoints" / "4").exists()  # written, never renamed
     mngr = ckpt.make_manager(work / "checkpoints", read_only=True)

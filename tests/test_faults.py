@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, SHARED_DATA
-from train_helpers import SyntheticIterator, tiny_config
+from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blocked
 
 from jax_refine import checkpoint as ckpt, cli, objectives, sharding as shd, train, workdir as workdir_lib
 from jax_refine.config import ConfigError, load_config, shipped_configs
@@ -360,17 +360,13 @@ def test_kill_9_mid_save_second_run_and_stale_lock(tmp_path, capsys, untouched):
                              "--block-finalize-at", "4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + 400
-        while not (work / "finalize_blocked").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert (work / "finalize_blocked").exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
+        wait_until_blocked(proc, work, timeout=400)
         config = tiny_config(work, **{"train.num_steps": 6, "checkpoint.every_steps": 2, "checkpoint.max_to_keep": 5})
         mesh = shd.make_mesh(ONE, jax.devices()[:1])
         with pytest.raises(workdir_lib.WorkdirError, match=rf"^workdir {work} is in use by pid {proc.pid} on host "):
             train.train(config, data_iter=SyntheticIterator(8), mesh=mesh)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9(proc)
     assert json.loads((work / "train.lock").read_text())["pid"] == proc.pid  # left behind by the killed run
     (work / "finalize_blocked").unlink()
     result = train.train(config, data_iter=SyntheticIterator(8), mesh=mesh)

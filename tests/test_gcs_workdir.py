@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import safetensors.numpy
 
 from gcs_standin import ENV, WORKDIR, gcs_standin, hide_google_cloud_storage
-from train_helpers import SyntheticIterator, tiny_config
+from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blocked
 
 from jax_refine import outputs, sharding as shd, train, workdir as workdir_lib
 
@@ -47,13 +46,8 @@ def test_gs_workdir_killed_damaged_resumed_and_exported_lands_in_the_bucket(tmp_
     # 1. killed -9 while step 6 is being committed (its files are written, its commit marker never is)
     proc = subprocess.Popen(_driver("--block-finalize-at", "6", "--export"), env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = run / "finalize_blocked"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_until_blocked(proc, run)
+    kill_9(proc)
     ckpts = run / "checkpoints"
     # in a bucket Orbax writes the step in place and commits it with a marker file (no rename there)
     assert (ckpts / "6" / "params").is_dir() and not (ckpts / "6" / "commit_success.txt").exists()

@@ -1,6 +1,10 @@
 """Shared helpers for the trainer tests: tiny configs, synthetic resumable batches, a PyTorch reference step."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 
 EOS, BOS = 49407, 49406
@@ -124,3 +128,21 @@ def torch_clip_refine_steps(hf_dir, batches: list, zs: list, *, lr: float, weigh
             out["eval_loss"] = loss_of(eval_batch, zs[0]).item()
     out["params"] = {k: v.detach().numpy().copy() for k, v in student.state_dict().items()}
     return out
+
+
+def wait_until_blocked(proc, workdir, timeout: float = 300.0):
+    """Wait until `tests/train_driver.py --block-finalize-at N` (`proc`) is blocked mid-save: it has written
+    `workdir/finalize_blocked` (a path or epath). Returns that marker; fails with the driver's stderr if the
+    driver exited first, or on `timeout` (s)."""
+    marker = workdir / "finalize_blocked"
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
+    return marker
+
+
+def kill_9(proc) -> None:
+    """SIGKILL `proc` (no chance to clean up, as a preempted host) and reap it."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -76,19 +76,14 @@ def compare(args, overrides: list[str]) -> int:
 
 
 def export(args, overrides: list[str]) -> int:
-    from jax_refine import checkpoint, hf
+    from jax_refine import checkpoint, train
 
     if overrides:
         raise ValueError(f"export takes no config overrides, got {' '.join(overrides)}")
     out = outputs.check_target(args.out, kind="export", overwrite=args.overwrite)  # before the checkpoint is read
     model = checkpoint.load_model(args.checkpoint)
-    tokenizer_dir = _start_tokenizer_dir(args.checkpoint)
-    if workdir_lib.is_remote(out):  # written locally, then uploaded file by file (config.json last)
-        from jax_refine import train as train_lib
-
-        out = train_lib.export_hf(model, out, tokenizer_dir=tokenizer_dir)
-    else:
-        out = hf.save_pretrained(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
+    # local, or to a bucket: written locally, then uploaded file by file (config.json last)
+    out = train.export_hf(model, out, tokenizer_dir=_start_tokenizer_dir(args.checkpoint), overwrite=args.overwrite)
     print(f"exported {args.checkpoint} ({model.family}) -> {out} (open with transformers.AutoModel.from_pretrained)")
     return 0
 

@@ -232,12 +232,13 @@ def _drop_metrics_after(path: epath.Path, step: int) -> None:
         print(f"[train] {path}: dropped {len(lines) - len(keep)} lines of steps after {step} (redone now)", flush=True)
 
 
-def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None) -> epath.Path:
-    """``hf.save_pretrained(model, out, tokenizer_dir=)``; for a bucket ``out``, written to a local directory
-    first and then uploaded file by file, ``config.json`` last (a reader that finds it finds the weights). Not atomic in a
-    bucket: a cut-short upload leaves some files, and a rerun replaces them. All processes call it."""
+def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None, overwrite: bool = False) -> epath.Path:
+    """``hf.save_pretrained(model, out, tokenizer_dir=, overwrite=)``; for a bucket ``out``, written to a local
+    directory first and then uploaded file by file, ``config.json`` last (a reader that finds it finds the weights;
+    same-named files are replaced). Not atomic in a bucket: a cut-short upload leaves some files, and a rerun
+    replaces them. All processes call it."""
     if not workdir_lib.is_remote(out):
-        return epath.Path(hf.save_pretrained(model, out, tokenizer_dir=tokenizer_dir))
+        return epath.Path(hf.save_pretrained(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite))
     with tempfile.TemporaryDirectory(prefix="jax_refine-export-") as local:
         staged = hf.save_pretrained(model, Path(local) / "hf", tokenizer_dir=tokenizer_dir)
         if distributed.is_main():

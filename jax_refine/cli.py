@@ -1,4 +1,4 @@
-"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, config, study, demo.
+"""`jax-refine COMMAND` (or `python -m jax_refine COMMAND`): train, evaluate, compare, export, prepare-data, config, study, demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
 `--config.SECTION.KEY=VALUE` (see jax_refine/configs/default.py for the keys). Errors in the input (a
@@ -14,8 +14,6 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from jax_refine import commands
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 EPILOG = """configs (--config NAME[:ARG] or a file PATH.py[:ARG]; see jax_refine/configs/):
@@ -27,9 +25,14 @@ config overrides:
 """
 
 
+def _prog() -> str:
+    """How the user started us: the `jax-refine` console script or `python -m jax_refine`."""
+    return "jax-refine" if Path(sys.argv[0]).name == "jax-refine" else "python -m jax_refine"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jax_refine",
+        prog=_prog(),
         description="CLIP-Refine (CVPR 2025) in JAX: refine a CLIP to close its modality gap, evaluate it.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -131,23 +134,50 @@ def _is_input_error(err: Exception) -> bool:
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
+# What `pip install 'jax_refine[train]'` adds, by the top-level module name a missing import reports (the
+# core install has jax and numpy only: the losses and metrics). pyproject.toml's `train` extra lists them.
+TRAIN_EXTRA_MODULES = frozenset({
+    "absl", "etils", "flax", "huggingface_hub", "importlib_resources", "matplotlib", "ml_collections", "ml_dtypes",
+    "optax", "orbax", "PIL", "safetensors", "sentencepiece", "tensorboardX", "tensorflow", "tensorflow_datasets",
+    "tokenizers", "tqdm", "transformers"})
+INSTALL_HINT = "pip install 'jax_refine[train]'  (from a clone: pip install '.[train]')"
+
+
+def _missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The top-level name of a missing package of the `train` extra, or None (then it is a bug)."""
+    top = (err.name or "").split(".")[0]
+    return top if top in TRAIN_EXTRA_MODULES else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data: keep it quiet
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    parser = _parser()
+    parser = _parser()  # argparse only: --help works on the core install too
     args, rest = parser.parse_known_args(argv)
     overrides = _split_overrides(rest, parser, args.command)
     try:
+        from jax_refine import commands  # noqa: PLC0415 - needs the `train` extra; --help must not
+
         return getattr(commands, args.command.replace("-", "_"))(args, overrides) or 0
+    except ModuleNotFoundError as err:
+        missing = _missing_extra(err)
+        if missing is None:
+            raise
+        print(f"error: `{args.command}` needs the package {missing!r}, which is not installed; install the "
+              f"command line's dependencies with: {INSTALL_HINT}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as err:
         if not _is_input_error(err):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}\n(see `python -m jax_refine {args.command} --help`)", file=sys.stderr)
+        print(f"error: {message}\n(see `{_prog()} {args.command} --help`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `jax-refine config ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -75,18 +75,28 @@ def upload_tree(local: os.PathLike, dest: epath.Path, *, last: tuple[str, ...] =
     return dest
 
 
+def bucket_of(url: str) -> str:
+    """The bucket name of a ``gs://BUCKET/...`` URL."""
+    return url[len("gs://"):].split("/", 1)[0]
+
+
+def get_bucket(name: str):
+    """The ``google.cloud.storage`` bucket ``name`` (a network call; the tests' bucket stand-in replaces it)."""
+    from google.cloud import storage  # only for gs:// workdirs: the `gcs` extra
+
+    return storage.Client().get_bucket(name)
+
+
 def check_bucket(workdir: epath.Path) -> None:
     """Fail now (one line) when a ``gs://`` workdir cannot be used by Orbax: it lists and deletes steps through
-    ``google-cloud-storage``, asking the bucket whether it has a hierarchical namespace. No-op for local paths."""
+    ``google-cloud-storage``, asking the bucket for its metadata first. No-op for local paths."""
     if not os.fspath(workdir).startswith("gs://"):
         return
-    from orbax.checkpoint._src.path import gcs_utils  # the very call Orbax makes before listing steps
-
     try:
-        gcs_utils.is_hierarchical_namespace_enabled(workdir)
+        get_bucket(bucket_of(os.fspath(workdir)))
     except ImportError:
         raise WorkdirError(f"workdir {workdir}: Orbax needs the google-cloud-storage package for gs:// "
-                           "checkpoints (pip install google-cloud-storage)") from None
+                           "checkpoints (pip install 'jax_refine[gcs]')") from None
     except Exception as e:  # noqa: BLE001 - credentials, a missing bucket, no network: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise WorkdirError(f"workdir {workdir}: cannot reach its bucket ({type(e).__name__}: {first})") from None

@@ -146,11 +146,11 @@ def test_missing_gs_workdir_or_step_and_gs_reports_are_one_line_errors(runs, tmp
 
 
 def test_reading_a_gs_workdir_without_google_cloud_storage_fails_in_one_line(tmp_path, monkeypatch, capsys):
-    hide_google_cloud_storage(monkeypatch)  # no stand-in: the probe is Orbax's real one, failing at the import
+    hide_google_cloud_storage(monkeypatch)  # no stand-in: the probe (workdir.get_bucket) fails at the import
     assert cli.main(["export", "--checkpoint", WORKDIR, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[0]
     assert err == (f"error: workdir {WORKDIR}: Orbax needs the google-cloud-storage package for gs:// checkpoints "
-                   "(pip install google-cloud-storage)")
+                   "(pip install 'jax_refine[gcs]')")
 
 
 def test_an_uncommitted_step_in_the_bucket_is_not_read(runs, tmp_path, capsys):

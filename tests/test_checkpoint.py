@@ -16,6 +16,8 @@ from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blo
 
 from jax_refine import checkpoint as ckpt, sharding as shd, train
 
+pytestmark = pytest.mark.slow  # training runs and kill -9: not in the fast tier
+
 HERE = Path(__file__).resolve().parent
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 EIGHT = {"data": 2, "fsdp": 4, "tensor": 1}

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # the commands in subprocesses: not in the fast tier
+
 
 def run_cli(*args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

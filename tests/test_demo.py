@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jax_refine import demo
 from jax_refine.config import load_config
+
+pytestmark = pytest.mark.slow  # the demo pipeline end to end: not in the fast tier
 
 CUT_DOWN = ["--config.train.num_steps=2", "--config.train.batch_size=32", "--config.eval.max_examples=120",
             "--config.checkpoint.async_save=False"]

@@ -29,6 +29,8 @@ from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blo
 from jax_refine import checkpoint as ckpt, cli, objectives, sharding as shd, train, workdir as workdir_lib
 from jax_refine.config import ConfigError, load_config, shipped_configs
 
+pytestmark = pytest.mark.slow  # subprocess CLIs, training runs and kills: not in the fast tier
+
 COCO = SHARED_DATA / "coco_mini"
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}

@@ -19,6 +19,8 @@ from train_helpers import SyntheticIterator, tiny_config
 
 from jax_refine import checkpoint, cli, sharding as shd, train
 
+pytestmark = pytest.mark.slow  # training runs and the commands on the bucket stand-in: not in the fast tier
+
 BUCKET_RUN = ("test-bucket", "run")  # WORKDIR under the stand-in's root
 
 

@@ -23,6 +23,8 @@ from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blo
 
 from jax_refine import outputs, sharding as shd, train, workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # training runs on the bucket stand-in: not in the fast tier
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -23,6 +23,8 @@ from jax_refine import checkpoint as ckpt, cli, evaluate, hf, train
 from jax_refine.models import registry
 from jax_refine.models.interface import Model
 
+pytestmark = pytest.mark.slow  # a training run per model family: not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory, tiny_hf_clip_dir):

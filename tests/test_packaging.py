@@ -150,7 +150,7 @@ def test_a_fresh_venv_install_core_then_train_extra(wheel, tmp_path):
     subprocess.run([*pip, str(wheel)], check=True, timeout=900)
     snippet = run(str(bin_ / "python"), "-c", _readme_losses_snippet())
     assert snippet.returncode == 0, snippet.stderr[-3000:]
-    assert snippet.stdout.startswith("grads (4, 512)"), snippet.stdout
+    assert snippet.stdout.startswith("grads (8, 512) "), snippet.stdout  # (B, D) of the README's features
     assert run(str(bin_ / "jax-refine"), "--help").returncode == 0  # argparse only
     for argv in (["config", "clip_refine:model=vitb32"], ["train", "--config", "tiny_test"], ["demo"]):
         out = run(str(bin_ / "jax-refine"), *argv)

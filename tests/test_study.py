@@ -8,6 +8,8 @@ import pytest
 
 from conftest import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # the study pipeline end to end: not in the fast tier
+
 
 def test_summary_statistics_against_statistics_module():
     from jax_refine.study import summarize

@@ -6,11 +6,14 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from train_helpers import tiny_config
 
 from jax_refine import checkpoint as ckpt, sharding as shd, train
 from jax_refine.models.clip.params import hf_state_dict
+
+pytestmark = pytest.mark.slow  # a training run end to end: not in the fast tier
 
 
 def _coco_set(cifar10_dir, out, per_class=2):

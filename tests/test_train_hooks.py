@@ -15,6 +15,8 @@ from train_helpers import SyntheticIterator, tiny_config
 
 from jax_refine import checkpoint as ckpt, evaluate, hooks, sharding as shd, train, train_state as ts
 
+pytestmark = pytest.mark.slow  # training runs with evaluation: not in the fast tier
+
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 EIGHT = {"data": 2, "fsdp": 4, "tensor": 1}
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

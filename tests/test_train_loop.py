@@ -14,6 +14,8 @@ from train_helpers import SyntheticIterator, synthetic_batch, tiny_config
 
 from jax_refine import checkpoint as ckpt, hooks, objectives, sharding as shd, train
 
+pytestmark = pytest.mark.slow  # training runs: not in the fast tier
+
 
 def _mesh():
     return shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

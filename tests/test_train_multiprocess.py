@@ -10,10 +10,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from train_helpers import SyntheticIterator, tiny_config
 
 from jax_refine import sharding as shd, train
+
+pytestmark = pytest.mark.slow  # two jax.distributed processes: not in the fast tier
 
 HERE = Path(__file__).resolve().parent
 

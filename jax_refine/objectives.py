@@ -141,14 +141,22 @@ def _preset(name: str) -> Preset:
 FEATURE_SCALE_TEACHER = "teacher"
 
 
-def check_feature_scale(value: Any) -> None:
-    """`config.method.feature_scale` must be None, a finite number > 0 or "teacher"; one-line error otherwise."""
+def feature_scale_setting(value: Any) -> float | str | None:
+    """`config.method.feature_scale` checked: None, a finite float > 0 or "teacher" (a number typed as text, as
+    an override of a field a config file set to "teacher" arrives, is read as the number); one-line error naming
+    the key and value otherwise."""
     if value is None or value == FEATURE_SCALE_TEACHER:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise ValueError(f"config.method.feature_scale={value!r} is invalid: must be None, a finite number > 0 "
-                         f"or {FEATURE_SCALE_TEACHER!r}")
+        return value
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number) and number > 0:
+        return float(number)
+    raise ValueError(f"config.method.feature_scale={value!r} is invalid: must be None, a finite number > 0 "
+                     f"or {FEATURE_SCALE_TEACHER!r}")
 
 
 def feature_regime(c: Any) -> str:
@@ -164,7 +172,7 @@ def feature_scale(c: Any, teacher_log_logit_scale: Array | None = None) -> Array
 
     "teacher": c = sqrt(exp(teacher_log_logit_scale)) = exp(log_scale / 2), no gradient.
     """
-    value = c.get("feature_scale")
+    value = feature_scale_setting(c.get("feature_scale"))
     if value is None:
         return None
     if value != FEATURE_SCALE_TEACHER:
@@ -201,8 +209,7 @@ def resolve_method(method_cfg: Any) -> ml_collections.ConfigDict:
     c.weights = ml_collections.ConfigDict(weights)
     if c.get("alpha") is None:
         c.alpha = p.alpha
-    scale = c.get("feature_scale")
-    check_feature_scale(scale)
+    scale = feature_scale_setting(c.get("feature_scale"))
     if scale is not None and c.get("normalize") is False:
         raise ValueError(f"config.method.feature_scale={scale!r} takes unit vectors times the scale, but "
                          "config.method.normalize=False is set: leave normalize unset (None) or True")
@@ -335,7 +342,7 @@ def prior_params(c: Any, dim: int | None = None) -> dict[str, Any]:
                 raise ValueError(f"config.method.prior_params: give either path={params['path']!r} or mean/std "
                                  "arrays, not both")
             stats = feature_stats.load_stats(params["path"], regime=feature_regime(c),
-                                             feature_scale=c.get("feature_scale"))
+                                             feature_scale=feature_scale_setting(c.get("feature_scale")))
             params = {"mean": stats.mean, "std": stats.std}
             where = dict.fromkeys(where, f"config.method.prior_params.path={given['path']}")
         elif len(arrays) != 2:

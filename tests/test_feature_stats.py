@@ -213,3 +213,27 @@ def test_command_refuses_an_existing_out_and_never_leaves_half_a_file(tmp_path, 
     with pytest.raises(OSError, match="No space left"):
         feature_stats.write_stats(out, {"mean": np.zeros(3), "std": np.ones(3)}, {})
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+
+
+def test_default_caption_set_is_the_runs_training_split(tmp_path, coco_mini_dir):
+    """Without --data, the command embeds config.data: for coco_json the run's own split of the file (train_fraction,
+    split_seed), every caption of each of its photos."""
+    from jax_refine import preprocess
+    from jax_refine.data import sources
+
+    ann, images = coco_mini_dir / "annotations" / "captions_train2017.json", coco_mini_dir / "train2017"
+    config = tiny_config(tmp_path, **{"data.source": "coco_json", "data.annotations": str(ann),
+                                      "data.images": str(images), "data.train_fraction": 0.5, "data.split_seed": 3})
+    got, name = feature_stats.caption_set(config, None, preprocess.Preprocessing(image_size=32), 8, None)
+    doc = json.loads(ann.read_text())
+    by_id = {}
+    for a in doc["annotations"]:
+        by_id.setdefault(a["image_id"], []).append(a["caption"])
+    ids = sorted(i["id"] for i in doc["images"] if i["id"] in by_id)
+    chosen = sorted(np.random.default_rng(3).permutation(len(ids))[: len(ids) // 2])  # the reference's split
+    assert got.num_images == len(chosen) and name.endswith("[captions_train2017[train]]")
+    assert sorted(got.captions) == sorted(c for i in chosen for c in by_id[ids[i]])
+    image_index = np.concatenate([b["image_index"][b["mask"]] for b in got.image_batches()])
+    assert sorted(image_index) == list(range(len(chosen)))
+    assert sources.coco_json_split(ann, images, "train", train_fraction=0.5, split_seed=3).keys == tuple(
+        str(ids[i]) for i in chosen)

@@ -303,7 +303,7 @@ def check_prior(c: Any) -> None:
     `path` for a prior other than precomputed. The stats file is read by `prior_params`."""
     prior = c.get("prior", "normal")
     if prior not in PRIOR_KEYS:
-        raise ValueError(f"config.method.prior={prior!r} is unknown; expected one of {', '.join(PRIOR_KEYS)}")
+        raise ValueError(f"config.method.prior: unknown prior {prior!r}; expected one of {', '.join(PRIOR_KEYS)}")
     params = {k: v for k, v in dict(c.get("prior_params") or {}).items() if v is not None}
     unknown = sorted(set(params) - set(ALL_PRIOR_KEYS))
     if unknown:

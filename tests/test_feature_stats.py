@@ -143,7 +143,7 @@ def test_train_step_with_the_precomputed_prior_uses_the_files_z(tmp_path, coco_m
     ({"prior_params.mean": float("inf")}, r"^config\.method\.prior_params\.mean=inf is invalid: must be finite$"),
     ({"prior": "uniform", "prior_params.low": 1.0, "prior_params.high": 1.0}, r"uniform needs low < high"),
     ({"prior": "uniform", "prior_params.high": float("inf")}, r"prior_params\.high=inf is invalid"),
-    ({"prior": "gaussian"}, r"^config\.method\.prior='gaussian' is unknown"),
+    ({"prior": "gaussian"}, r"^config\.method\.prior: unknown prior 'gaussian'"),
     ({"prior_params.path": "s.npz"}, r"path='s\.npz' is read only by prior=precomputed"),
 ])
 def test_bad_prior_parameters_are_one_line_errors_naming_the_key(overrides, message):

@@ -211,3 +211,24 @@ def test_train_step_uses_the_teachers_logit_scale_on_1_and_8_devices(tmp_path):
     eight, _ = _step_loss_and_reference(tmp_path / "eight", jax.devices(), {"data": 2, "fsdp": 4, "tensor": 1})
     assert one == pytest.approx(want, rel=1e-4)
     assert eight == pytest.approx(one, rel=1e-5)
+
+
+def test_resuming_a_run_from_before_the_new_keys_is_no_config_change(tmp_path):
+    """A workdir whose saved config predates method.feature_scale and prior_params.low/high/path resumes: the new
+    keys at their None default are today's behaviour; set to something else they are a change."""
+    import json
+
+    from jax_refine import workdir as workdir_lib
+
+    config = tiny_config(tmp_path)
+    path = workdir_lib.record_config(tmp_path, config, resuming=False)
+    saved = json.loads(path.read_text())
+    del saved["method"]["feature_scale"]
+    for k in ("low", "high", "path"):
+        del saved["method"]["prior_params"][k]
+    path.write_text(json.dumps(saved))
+    workdir_lib.record_config(tmp_path, config, resuming=True)
+    path.write_text(json.dumps(saved))
+    config.method.feature_scale = "teacher"
+    with pytest.raises(workdir_lib.WorkdirError, match=r"method\.feature_scale: '<absent>' -> 'teacher'"):
+        workdir_lib.record_config(tmp_path, config, resuming=True)

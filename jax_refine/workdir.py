@@ -193,9 +193,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs, except the resumable ones."""
+    """Dotted keys whose values differ between two resolved configs, except the resumable ones. A key one side
+    lacks counts as None there: a key added to the config since the run started, at its None default (today's
+    behaviour, e.g. method.feature_scale), is no change."""
     a, b = _flatten(saved), _flatten(current)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in keys if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
 
 

@@ -18,11 +18,12 @@ and this module bounds it to first order from the float64 inputs, one source at 
 
 Each function returns ABSOLUTE bounds on (value, grad_fi, grad_ft, grad_log_scale) (gradient bounds are on the
 Frobenius norm of the error), for the loss as jax_refine.losses computes it; `assert_fp32_close` checks one and
-says observed / bound. The bounds are conservative (worst case over signs), typically 10-1000x the observed error.
+says observed / bound (and appends it to the file $TOL_LOG if set). The bounds are conservative (worst case over signs), typically 10-1000x the observed error.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -152,7 +153,8 @@ def mse(f: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     """(value, ||grad||) bounds of mean((f - target)^2) over n elements: a sum of n positive terms; each
     difference is exact to one ulp of itself."""
     n, sq = f.size, (f - target) ** 2
-    return float(sum_error(n, np.sum(sq)) / n + 4 * U32 * np.mean(sq)), float(4 * U32 * np.linalg.norm(2 * (f - target) / n))
+    grad = 2 * (f - target) / n
+    return float(sum_error(n, np.sum(sq)) / n + 4 * U32 * np.mean(sq)), float(4 * U32 * np.linalg.norm(grad))
 
 
 def rafa(fi, ft, z, normalize: bool = False) -> Bounds:
@@ -271,6 +273,10 @@ def assert_fp32_close(got: float | np.ndarray, want: float | np.ndarray, bound: 
     err = float(np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64)))
     ratio = err / bound if bound > 0 else (0.0 if err == 0 else math.inf)
     print(f"[tol] {what}: error {err:.3e} bound {bound:.3e} ratio {ratio:.3f}")
+    if os.environ.get("TOL_LOG"):  # the stability runs: one line per check, the test's id first
+        with open(os.environ["TOL_LOG"], "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{what}\t{err:.3e}\t{bound:.3e}"
+                    f"\t{ratio:.4f}\n")
     assert err <= bound, f"{what}: fp32 error {err:.3e} > derived bound {bound:.3e} (got {got}, float64 {want})"
     return ratio
 

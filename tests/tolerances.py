@@ -246,6 +246,16 @@ def sigmoid(fi, ft, scale: float, bias: float) -> Bounds:
                                      float(g_s), float(g_b)), fi, ft, tuple(grads))
 
 
+def slerp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row bound on |slerp_fp32(a, b, lam) - slerp_fp64| for unit rows (any lam in [0, 1]): cos = <a, b>
+    carries a D-term sum's error, theta = arccos(cos) that over sin(theta), and the mix moves by at most
+    (1 + 2 |cot theta|) / sin(theta) per unit of theta; plus a few ulps of the two scaled rows and the division."""
+    cos = np.sum(a * b, 1)
+    sin = np.sqrt(1 - cos**2)
+    e_theta = (sum_error(a.shape[1], np.sum(np.abs(a * b), 1)) + 2 * U32) / sin + 2 * U32 * np.arccos(cos)
+    return e_theta * (1 + 2 * np.abs(cos) / sin) / sin + 8 * U32 * 2 / sin
+
+
 def objective(weights: dict[str, float], fi, ft, gi, gt, z, log_scale: float, lam: float, value: float, *,
               alpha: float = 0.5, temperature: float = 1.0, normalize: bool = False, bias: float = 0.0) -> Bounds:
     """Bounds for jax_refine.objectives.total_loss = sum_t w_t L_t (the terms of tests/torch_reference_losses

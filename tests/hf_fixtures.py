@@ -91,14 +91,15 @@ def write_torch_bin(src_dir: Path, out_dir: Path, *, with_position_ids: bool = T
     return out_dir
 
 
-def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mask=None):
-    """(image_features, text_features) as numpy from a torch `CLIPModel` (either may be None)."""
+def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mask=None, dtype=np.float32):
+    """(image_features, text_features) as numpy from a torch `CLIPModel` (either may be None); `dtype` the
+    model's (float64 for its double copy)."""
     import torch
 
     img = txt = None
     with torch.no_grad():
         if pixels_nhwc is not None:
-            px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels_nhwc).transpose(0, 3, 1, 2)))
+            px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels_nhwc, dtype).transpose(0, 3, 1, 2)))
             img = model.get_image_features(pixel_values=px).pooler_output.numpy()
         if input_ids is not None:
             mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, np.int64))

@@ -278,16 +278,50 @@ def objective(weights: dict[str, float], fi, ft, gi, gt, z, log_scale: float, la
     return total
 
 
+PARITY_FACTOR = 8.0  # two fp32 forwards in different summation orders: each ~ the measured error, 4x margin each
+
+
+def torch_fp32_errors(torch_model, call) -> list[float]:
+    """The fp32 rounding error of a PyTorch forward, measured: max |call(model, float32) - call(float64 copy,
+    float64)| per output (None stays None), at least LAMBDA ulps of the largest output (the last projection's
+    rounding alone).
+
+    For a deep network (LayerNorm's 1 / std, attention's softmax, GELU) the error is not worth deriving by hand,
+    but it is a property of the quantity (its condition times fp32's unit roundoff), not of the code: our fp32
+    forward of the same weights must err by the same order. Parity tests use PARITY_FACTOR x this as atol."""
+    import copy
+
+    import torch
+
+    with torch.no_grad():
+        f32 = call(torch_model, np.float32)
+        f64 = call(copy.deepcopy(torch_model).to(torch.float64), np.float64)
+    return [None if b is None else max(float(np.abs(np.asarray(a, np.float64) - b).max()),
+                                       LAMBDA * U32 * float(np.abs(b).max())) for a, b in zip(f32, f64)]
+
+
+def assert_parity(got: np.ndarray, want: np.ndarray, torch_error: float, what: str) -> float:
+    """Our fp32 output within PARITY_FACTOR x torch's own measured fp32 error of its fp32 output (max abs)."""
+    err = float(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max())
+    bound = PARITY_FACTOR * torch_error
+    return _record(err, bound, what, f"torch fp32 error {torch_error:.3e}")
+
+
 def assert_fp32_close(got: float | np.ndarray, want: float | np.ndarray, bound: float, what: str) -> float:
     """|got - want| (Frobenius for arrays) <= bound; returns observed / bound (printed, for the stability report)."""
     err = float(np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64)))
+    return _record(err, bound, what, f"got {got}, float64 {want}")
+
+
+def _record(err: float, bound: float, what: str, detail: str) -> float:
+    """Assert err <= bound; print observed / bound and append it to $TOL_LOG (the stability runs) if set."""
     ratio = err / bound if bound > 0 else (0.0 if err == 0 else math.inf)
     print(f"[tol] {what}: error {err:.3e} bound {bound:.3e} ratio {ratio:.3f}")
-    if os.environ.get("TOL_LOG"):  # the stability runs: one line per check, the test's id first
+    if os.environ.get("TOL_LOG"):  # one line per check, the test's id first
         with open(os.environ["TOL_LOG"], "a") as f:
             f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{what}\t{err:.3e}\t{bound:.3e}"
                     f"\t{ratio:.4f}\n")
-    assert err <= bound, f"{what}: fp32 error {err:.3e} > derived bound {bound:.3e} (got {got}, float64 {want})"
+    assert err <= bound, f"{what}: fp32 error {err:.3e} > derived bound {bound:.3e} ({detail})"
     return ratio
 
 

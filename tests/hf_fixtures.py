@@ -109,6 +109,20 @@ def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mas
     return img, txt
 
 
+def assert_matches_torch(got, torch_model, pixels_nhwc=None, input_ids=None, attention_mask=None):
+    """Our fp32 (image, text) features `got` (either None) against `torch_model`'s fp32 ones (a transformers
+    CLIPModel / SiglipModel), within tolerances.PARITY_FACTOR x the fp32 error that the torch forward itself makes
+    against its float64 copy (a measured property of the features, see tests/tolerances.py). Returns torch's."""
+    import tolerances as tol
+
+    call = lambda m, dtype: hf_reference_features(m, pixels_nhwc, input_ids, attention_mask, dtype)  # noqa: E731
+    want = call(torch_model, np.float32)
+    for g, w, e, what in zip(got, want, tol.torch_fp32_errors(torch_model, call), ("image", "text")):
+        if g is not None:
+            tol.assert_parity(np.asarray(g), w, e, f"{what} features")
+    return want
+
+
 # --- SigLIP: random transformers SiglipModel checkpoints (tests/test_siglip.py, tests/test_model_registry.py) ---
 TINY_SIGLIP = dict(
     text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

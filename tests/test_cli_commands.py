@@ -75,7 +75,7 @@ def test_prepare_train_export_evaluate(tmp_path, caption_set):
     torch_model = CLIPModel.from_pretrained(tmp_path / "exported").eval()
     assert torch_model.config.vision_config.hidden_size == 48
     # the export's features in PyTorch = the trained checkpoint's features in our model
-    from hf_fixtures import clip_tokenizer, hf_reference_features, random_pixels
+    from hf_fixtures import assert_matches_torch, clip_tokenizer, random_pixels
 
     from jax_refine import checkpoint as ckpt
 
@@ -83,10 +83,8 @@ def test_prepare_train_export_evaluate(tmp_path, caption_set):
     pixels = random_pixels(3, 32, seed=5)
     tok = clip_tokenizer()(["a photo of a cat.", "two dogs on a red sofa", "x"], padding="max_length",
                            max_length=16, return_tensors="np")
-    want_i, want_t = hf_reference_features(torch_model, pixels, tok["input_ids"], tok["attention_mask"])
-    got_i, got_t = ours(pixels, tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32))
-    np.testing.assert_allclose(np.asarray(got_i), want_i, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(got_t), want_t, rtol=0, atol=1e-4)
+    got = ours(pixels, tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32))
+    assert_matches_torch(got, torch_model, pixels, tok["input_ids"], tok["attention_mask"])
 
     report_dir = tmp_path / "eval"
     out = run_cli("evaluate", "--config", "tiny_test", "--model", str(tmp_path / "exported"),

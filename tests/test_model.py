@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-import tolerances as tol
-from hf_fixtures import (clip_tokenizer, hf_clip_config, hf_reference_features, random_pixels,
-                         random_torch_clip, write_hf_clip)
+from hf_fixtures import (assert_matches_torch, clip_tokenizer, hf_clip_config, hf_reference_features,
+                         random_pixels, random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
 
 from jax_refine.hf import load_pretrained
@@ -35,25 +34,13 @@ def _text_batch():
     return ids, mask
 
 
-def _assert_features(ours, ref, pixels, ids, mask):
-    """Our image and text features (fp32) against transformers' fp32 ones, within 8x the fp32 error that
-    transformers' own forward makes against its float64 copy (tests/tolerances.py: torch_fp32_errors).
-    Returns the reference (image, text) features."""
-    call = lambda m, dtype: hf_reference_features(m, pixels, ids, mask, dtype)  # noqa: E731
-    ri, rt = call(ref, np.float32)
-    e_i, e_t = tol.torch_fp32_errors(ref, call)
-    tol.assert_parity(np.asarray(ours.encode_image(pixels)), ri, e_i, "image features")
-    tol.assert_parity(np.asarray(ours.encode_text(ids, mask)), rt, e_t, "text features")
-    return ri, rt
-
-
 def _assert_parity(directory, pixels):
     """Load `directory` with ours and with transformers; assert image and text features (on `_text_batch`)
-    agree (`_assert_features`). Returns (ours, ref, pixels, ids, mask, reference text features)."""
+    agree (hf_fixtures.assert_matches_torch). Returns (ours, ref, pixels, ids, mask, reference text features)."""
     ours = load_pretrained(directory)
     ref = CLIPModel.from_pretrained(directory).eval()
     ids, mask = _text_batch()
-    _, rt = _assert_features(ours, ref, pixels, ids, mask)
+    _, rt = assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
     return ours, ref, pixels, ids, mask, rt
 
 
@@ -70,9 +57,7 @@ def test_tiny_parity_both_eos_modes(tmp_path, eos_token_id):
     fi, ft = ours(pixels, ids, mask)
     assert fi.shape == (3, 24) and ft.shape == (len(ids), 24)
     # without a mask every token is attended: differs from the masked row, equals HF without a mask
-    call = lambda m, dtype: hf_reference_features(m, None, ids, None, dtype)  # noqa: E731
-    _, rt_nomask = call(ref, np.float32)
-    tol.assert_parity(np.asarray(ours.encode_text(ids)), rt_nomask, tol.torch_fp32_errors(ref, call)[1], "no mask")
+    _, rt_nomask = assert_matches_torch((None, ours.encode_text(ids)), ref, None, ids, None)
     assert np.abs(rt_nomask[-2] - rt[-2]).max() > 1e-3
 
 
@@ -98,7 +83,8 @@ def test_hidden_act_is_respected(tmp_path, act):
     ref = _save_torch_clip(tmp_path, config, seed=3)
     ours = load_pretrained(tmp_path)
     ids, mask = _text_batch()
-    _assert_features(ours, ref, random_pixels(2, 32, seed=3), ids, mask)
+    pixels = random_pixels(2, 32, seed=3)
+    assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
 
 
 def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):

@@ -18,7 +18,8 @@ and this module bounds it to first order from the float64 inputs, one source at 
 
 Each function returns ABSOLUTE bounds on (value, grad_fi, grad_ft, grad_log_scale) (gradient bounds are on the
 Frobenius norm of the error), for the loss as jax_refine.losses computes it; `assert_fp32_close` checks one and
-says observed / bound (and appends it to the file $TOL_LOG if set). The bounds are conservative (worst case over signs), typically 10-1000x the observed error.
+says observed / bound (and appends it to the file $TOL_LOG if set). The bounds are conservative (worst case
+over signs), typically 10-1000x the observed error.
 """
 from __future__ import annotations
 

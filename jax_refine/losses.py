@@ -1,8 +1,9 @@
 """CLIP-Refine losses (RaFA, HyCD) and the paper's baselines as pure, jittable JAX functions.
 
 Every loss takes features of shape (B, D) (B batch, D projection dim), casts them to float32 (bf16
-in, fp32 out), optionally L2-normalizes them (`normalize=False` by default: the reference works on
-the projected, *unnormalized* features), and returns a float32 scalar. Logits are plain dot products
+in, fp32 out; float64 stays float64, which needs `jax.enable_x64`: the tests' exact reference path),
+optionally L2-normalizes them (`normalize=False` by default: the reference works on the projected,
+*unnormalized* features), and returns a float32 (float64) scalar. Logits are plain dot products
 computed at `Precision.HIGHEST`. Teacher features are wrapped in `stop_gradient`. Hyper-parameters
 and shapes are checked in Python, so bad input raises `ValueError` at trace time.
 
@@ -110,15 +111,21 @@ def _batch(fn: str, local_b: int, axis_name: AxisName, min_batch: int) -> _Batch
     return ctx
 
 
+def compute_dtype(*xs: Any) -> Any:
+    """The dtype a loss computes in: float32, or float64 if an input is float64 (only under `jax.enable_x64`)."""
+    return jnp.promote_types(jnp.result_type(*(jnp.asarray(x).dtype for x in xs)), jnp.float32)
+
+
 def l2_normalize(x: Array, axis: int = -1) -> Array:
-    """x / max(||x||, 1e-12) along `axis`, in float32."""
-    x = jnp.asarray(x).astype(jnp.float32)
+    """x / max(||x||, 1e-12) along `axis`, in float32 (float64 stays float64)."""
+    x = jnp.asarray(x).astype(compute_dtype(x))
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS**2))
 
 
 def as_float32(x: Array, normalize: bool = False) -> Array:
-    """`x` in float32, L2-normalized along the last axis if `normalize`. Shared with `metrics`."""
-    return l2_normalize(x) if normalize else jnp.asarray(x).astype(jnp.float32)
+    """`x` in float32 (float64 stays float64), L2-normalized along the last axis if `normalize`. Shared with
+    `metrics`."""
+    return l2_normalize(x) if normalize else jnp.asarray(x).astype(compute_dtype(x))
 
 
 def scale_features(x: Array, scale: Array | float) -> Array:
@@ -141,9 +148,9 @@ def _student_teacher(fn: str, fi: Array, ft: Array, gi: Array, gt: Array, normal
 
 
 def dot(a: Array, b: Array) -> Array:
-    """(n, D) x (m, D) -> (n, m) fp32 dot products at full precision. Shared with `metrics`."""
+    """(n, D) x (m, D) -> (n, m) fp32 (fp64) dot products at full precision. Shared with `metrics`."""
     return jnp.einsum("nd,md->nm", a, b, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=compute_dtype(a, b))
 
 
 def _diag_mask(ctx: _Batch, b: int) -> Array:
@@ -217,7 +224,7 @@ def rafa_loss(image_features: Array, text_features: Array, reference: Array, *, 
         raise ValueError(f"{fn}: reference has shape {zs}, expected {(b, d)} (or ({d},) / ())")
     ctx = _batch(fn, b, axis_name, 1)
     fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
-    z = jnp.asarray(reference).astype(jnp.float32)
+    z = jnp.asarray(reference).astype(fi.dtype)
     sq = jnp.sum(jnp.square(fi - z)) + jnp.sum(jnp.square(ft - z))
     return ctx.total(sq) / (ctx.size * d)
 
@@ -240,7 +247,7 @@ def hycd_loss(image_features: Array, text_features: Array, teacher_image_feature
     b, _, fi, ft, gi, gt = _student_teacher(fn, image_features, text_features, teacher_image_features,
                                             teacher_text_features, normalize)
     ctx = _batch(fn, b, axis_name, 2)
-    eye = _diag_mask(ctx, b).astype(jnp.float32)
+    eye = _diag_mask(ctx, b).astype(fi.dtype)
 
     def one_direction(s_q: Array, s_k: Array, t_q: Array, t_k: Array) -> Array:
         log_p = jax.nn.log_softmax(dot(s_q, ctx.gather(s_k)) / temperature, axis=-1)
@@ -290,11 +297,12 @@ def logit_distill_loss(image_features: Array, text_features: Array, teacher_imag
 # --------------------------------------------------------------------------------------------
 # contrastive baselines
 # --------------------------------------------------------------------------------------------
-def _logit_scale(fn: str, logit_scale: Any) -> Array:
+def _logit_scale(fn: str, logit_scale: Any, features: Any) -> Array:
+    """The scalar `logit_scale` in the compute dtype of `features`."""
     s = jnp.asarray(logit_scale)
     if s.size != 1:
         raise ValueError(f"{fn}: logit_scale must be a scalar, got shape {s.shape}")
-    return s.astype(jnp.float32).reshape(())
+    return s.astype(compute_dtype(features)).reshape(())
 
 
 def contrastive_loss(image_features: Array, text_features: Array, logit_scale: Array | float, *,
@@ -307,7 +315,7 @@ def contrastive_loss(image_features: Array, text_features: Array, logit_scale: A
     fn = "contrastive_loss"
     b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
     ctx = _batch(fn, b, axis_name, 2)
-    s = _logit_scale(fn, logit_scale)
+    s = _logit_scale(fn, logit_scale, image_features)
     fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
     pos = s * jnp.sum(fi * ft, axis=-1)
     ce = (jax.nn.logsumexp(s * dot(fi, ctx.gather(ft)), axis=-1) - pos
@@ -341,9 +349,9 @@ def m2_mix_loss(image_features: Array, text_features: Array, logit_scale: Array 
     _check_number(fn, "beta", beta, low=0.0, low_open=True)
     b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
     ctx = _batch(fn, b, axis_name, 2)
-    s = _logit_scale(fn, logit_scale)
+    s = _logit_scale(fn, logit_scale, image_features)
     fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
-    lam = jax.random.beta(key, beta, beta, dtype=jnp.float32)
+    lam = jax.random.beta(key, beta, beta, dtype=jnp.float32).astype(fi.dtype)  # the same draw in fp32 and fp64
     mixed = ctx.gather(slerp(fi, ft, lam))
     pos = s * jnp.sum(fi * ft, axis=-1)
     diag = _diag_mask(ctx, b)
@@ -432,12 +440,12 @@ def sigmoid_loss(image_features: Array, text_features: Array, logit_scale: Array
     fn = "sigmoid_loss"
     b, _ = _check_features(fn, 1, image_features=image_features, text_features=text_features)
     ctx = _batch(fn, b, axis_name, 1)
-    t = _logit_scale(fn, logit_scale)
+    t = _logit_scale(fn, logit_scale, image_features)
     bias = jnp.asarray(logit_bias)
     if bias.size != 1:
         raise ValueError(f"{fn}: logit_bias must be a scalar, got shape {bias.shape}")
-    bias = bias.astype(jnp.float32).reshape(())
     fi, ft = as_float32(image_features, normalize), as_float32(text_features, normalize)
+    bias = bias.astype(fi.dtype).reshape(())
     texts = ctx.gather(ft)
     rows = ctx.offset + jnp.arange(b)
 

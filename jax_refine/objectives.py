@@ -220,7 +220,8 @@ def resolve_method(method_cfg: Any) -> ml_collections.ConfigDict:
 
 
 def total_loss(out: Outputs, method_cfg: Any) -> tuple[Array, dict[str, Array]]:
-    """``sum_t w_t L_t`` over the terms of nonzero weight; returns (loss, {term: L_t}) in float32."""
+    """``sum_t w_t L_t`` over the terms of nonzero weight; returns (loss, {term: L_t}) in float32 (float64 with
+    float64 features under `jax.enable_x64`)."""
     c = resolve_method(method_cfg)
     w, n = c.weights, bool(c.normalize)
     fi, ft, gi, gt = out.fi, out.ft, out.gi, out.gt
@@ -251,7 +252,7 @@ def total_loss(out: Outputs, method_cfg: Any) -> tuple[Array, dict[str, Array]]:
         parts["m2"] = losses.m2_mix_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), out.key,
                                          beta=c.m2_beta, normalize=True)
     loss = sum(w[t] * v for t, v in parts.items())
-    return jnp.asarray(loss, jnp.float32), parts
+    return jnp.asarray(loss, losses.compute_dtype(loss)), parts
 
 
 def get_objective(method: Any) -> Objective:

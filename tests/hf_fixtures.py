@@ -91,14 +91,15 @@ def write_torch_bin(src_dir: Path, out_dir: Path, *, with_position_ids: bool = T
     return out_dir
 
 
-def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mask=None):
-    """(image_features, text_features) as numpy from a torch `CLIPModel` (either may be None)."""
+def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mask=None, dtype=np.float32):
+    """(image_features, text_features) as numpy from a torch `CLIPModel` (either may be None); `dtype` the
+    model's (float64 for its double copy)."""
     import torch
 
     img = txt = None
     with torch.no_grad():
         if pixels_nhwc is not None:
-            px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels_nhwc).transpose(0, 3, 1, 2)))
+            px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels_nhwc, dtype).transpose(0, 3, 1, 2)))
             img = model.get_image_features(pixel_values=px).pooler_output.numpy()
         if input_ids is not None:
             mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, np.int64))
@@ -106,6 +107,20 @@ def hf_reference_features(model, pixels_nhwc=None, input_ids=None, attention_mas
                                           attention_mask=mask)
             txt = out.pooler_output.numpy()
     return img, txt
+
+
+def assert_matches_torch(got, torch_model, pixels_nhwc=None, input_ids=None, attention_mask=None):
+    """Our fp32 (image, text) features `got` (either None) against `torch_model`'s fp32 ones (a transformers
+    CLIPModel / SiglipModel), within tolerances.PARITY_FACTOR x the fp32 error that the torch forward itself makes
+    against its float64 copy (a measured property of the features, see tests/tolerances.py). Returns torch's."""
+    import tolerances as tol
+
+    call = lambda m, dtype: hf_reference_features(m, pixels_nhwc, input_ids, attention_mask, dtype)  # noqa: E731
+    want = call(torch_model, np.float32)
+    for g, w, e, what in zip(got, want, tol.torch_fp32_errors(torch_model, call), ("image", "text")):
+        if g is not None:
+            tol.assert_parity(np.asarray(g), w, e, f"{what} features")
+    return want
 
 
 # --- SigLIP: random transformers SiglipModel checkpoints (tests/test_siglip.py, tests/test_model_registry.py) ---

@@ -7,6 +7,11 @@ must be identical.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import numpy as np
+import tolerances as tol
+from hf_fixtures import hf_reference_features
 
 import pytest
 
@@ -17,6 +22,30 @@ pytestmark = pytest.mark.slow  # the demo pipeline end to end: not in the fast t
 
 CUT_DOWN = ["--config.train.num_steps=2", "--config.train.batch_size=32", "--config.eval.max_examples=120",
             "--config.checkpoint.async_save=False"]
+
+
+def _torch_gap(hf_dir: Path, world: Path) -> tuple[float, float]:
+    """(modality gap, its fp32 error bound) of the test split (every picture, every caption), computed
+    independently: transformers' CLIPModel, image processor and tokenizer from the exported `hf_dir`, NumPy for
+    ||mean unit(img) - mean unit(txt)||. The bound: the centroid distance is 1-Lipschitz in each unit vector,
+    a unit vector moves by <= 2 |df| / |f|, and our features are within 8x torch's own fp32 error of its."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    ann = json.loads((world / "captions_test.json").read_text())
+    model = CLIPModel.from_pretrained(hf_dir).eval()
+    images = [Image.open(world / "images" / "test" / im["file_name"]).convert("RGB") for im in ann["images"]]
+    pixels = CLIPImageProcessor.from_pretrained(hf_dir)(images=images, return_tensors="np")["pixel_values"]
+    tokens = CLIPTokenizer.from_pretrained(hf_dir)([a["caption"] for a in ann["annotations"]], padding=True,
+                                                   return_tensors="np")
+    call = lambda m, dtype: hf_reference_features(m, pixels.transpose(0, 2, 3, 1), tokens["input_ids"],  # noqa: E731
+                                                  tokens["attention_mask"], dtype)
+    fi, ft = (np.asarray(f, np.float64) for f in call(model, np.float32))
+    errors = tol.torch_fp32_errors(model, call)
+    unit = [f / np.linalg.norm(f, axis=1, keepdims=True) for f in (fi, ft)]
+    gap = float(np.linalg.norm(unit[0].mean(0) - unit[1].mean(0)))
+    bound = sum(2 * tol.PARITY_FACTOR * e / np.linalg.norm(f, axis=1).min() for e, f in zip(errors, (fi, ft)))
+    return gap, bound + tol.sum_error(len(ft), 2.0)  # + the rounding of the two centroids' sums
 
 
 def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
@@ -45,6 +74,11 @@ def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
             assert zs["n"] == 120
         (rt,) = r["retrieval"].values()
         assert rt["n_images"] == 120 and rt["n_captions"] == 600
+    for r in first["results"]:  # the gap each row shows is the one transformers computes from the export
+        stage = config.demo.stages[names.index(r["model"])]
+        spec = next(k for k in r["features"] if k.startswith("coco_json:"))
+        gap, bound = _torch_gap(tmp_path / "a" / stage / "hf", Path(first["world"]))
+        tol.assert_fp32_close(r["features"][spec]["modality_gap"], gap, bound, f"{r['model']} gap")
     # same seed -> the same table, to the last digit
     assert json.loads((tmp_path / "a" / "report" / "report.json").read_text())["results"] == \
         json.loads((tmp_path / "b" / "report" / "report.json").read_text())["results"]

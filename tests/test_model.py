@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_fixtures import (clip_tokenizer, hf_clip_config, hf_reference_features, random_pixels,
-                         random_torch_clip, write_hf_clip)
+import tolerances as tol
+from hf_fixtures import (assert_matches_torch, clip_tokenizer, hf_clip_config, hf_reference_features,
+                         random_pixels, random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
 
 from jax_refine.hf import load_pretrained
@@ -36,13 +37,11 @@ def _text_batch():
 
 def _assert_parity(directory, pixels):
     """Load `directory` with ours and with transformers; assert image and text features (on `_text_batch`)
-    agree to 1e-4. Returns (ours, ref, pixels, ids, mask, reference text features)."""
+    agree (hf_fixtures.assert_matches_torch). Returns (ours, ref, pixels, ids, mask, reference text features)."""
     ours = load_pretrained(directory)
     ref = CLIPModel.from_pretrained(directory).eval()
     ids, mask = _text_batch()
-    ri, rt = hf_reference_features(ref, pixels, ids, mask)
-    np.testing.assert_allclose(np.asarray(ours.encode_image(pixels)), ri, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(ours.encode_text(ids, mask)), rt, rtol=0, atol=1e-4)
+    _, rt = assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
     return ours, ref, pixels, ids, mask, rt
 
 
@@ -59,8 +58,7 @@ def test_tiny_parity_both_eos_modes(tmp_path, eos_token_id):
     fi, ft = ours(pixels, ids, mask)
     assert fi.shape == (3, 24) and ft.shape == (len(ids), 24)
     # without a mask every token is attended: differs from the masked row, equals HF without a mask
-    _, rt_nomask = hf_reference_features(ref, None, ids, None)
-    np.testing.assert_allclose(np.asarray(ours.encode_text(ids)), rt_nomask, rtol=0, atol=1e-4)
+    _, rt_nomask = assert_matches_torch((None, ours.encode_text(ids)), ref, None, ids, None)
     assert np.abs(rt_nomask[-2] - rt[-2]).max() > 1e-3
 
 
@@ -87,9 +85,7 @@ def test_hidden_act_is_respected(tmp_path, act):
     ours = load_pretrained(tmp_path)
     ids, mask = _text_batch()
     pixels = random_pixels(2, 32, seed=3)
-    ri, rt = hf_reference_features(ref, pixels, ids, mask)
-    np.testing.assert_allclose(np.asarray(ours.encode_image(pixels)), ri, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(ours.encode_text(ids, mask)), rt, rtol=0, atol=1e-4)
+    assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
 
 
 def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):
@@ -126,19 +122,29 @@ def test_jit_grad_through_split_merge_matches_torch(tiny_hf_clip_dir):
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, pixels, ids, mask)
 
-    t_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
-    t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-    fi = ref.get_image_features(pixel_values=t_pixels).pooler_output
-    ft = ref.get_text_features(input_ids=t_ids, attention_mask=t_mask).pooler_output
-    ref_loss = ref.logit_scale.exp() * (fi * ft).sum() / 3
-    ref_loss.backward()
-    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+    def torch_loss_and_grads(model, dtype):
+        """[loss, *gradients by HF name] of the same loss from a torch CLIPModel of `dtype`."""
+        with torch.enable_grad():
+            model.zero_grad()
+            t_pixels = torch.from_numpy(np.asarray(pixels, dtype).transpose(0, 3, 1, 2).copy())
+            t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+            fi = model.get_image_features(pixel_values=t_pixels).pooler_output
+            ft = model.get_text_features(input_ids=t_ids, attention_mask=t_mask).pooler_output
+            out = model.logit_scale.exp() * (fi * ft).sum() / 3
+            out.backward()
+        return [out.detach().numpy()] + [p.grad.numpy().copy() for _, p in model.named_parameters()]
+
+    names = [k for k, _ in ref.named_parameters()]
+    want = torch_loss_and_grads(ref, np.float32)
+    errors = tol.torch_fp32_errors(ref, torch_loss_and_grads)  # torch's own fp32 error, per output
     ours_grads = hf_state_dict(nnx.merge(graphdef, grads))
-    torch_grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
-    assert set(ours_grads) == set(torch_grads)
-    top = max(np.abs(g).max() for g in torch_grads.values())
-    for key, g in torch_grads.items():  # k_proj.bias has a zero true gradient: both sides are noise there
-        np.testing.assert_allclose(ours_grads[key], g, rtol=1e-3, atol=1e-5 * top, err_msg=key)
+    assert set(ours_grads) == set(names)
+    tol.assert_parity(np.float64(loss), want[0], errors[0], "loss")
+    # a backward pass rounds relative to the gradients flowing through it, so no gradient's error is below
+    # LAMBDA ulps of the largest one (k_proj.bias has a zero true gradient: both sides are rounding noise there)
+    floor = tol.LAMBDA * tol.U32 * max(np.abs(g).max() for g in want[1:])
+    for key, g, e in zip(names, want[1:], errors[1:]):
+        tol.assert_parity(ours_grads[key], g, max(e, floor), key)
 
 
 def _size_config(name: str) -> CLIPConfig:

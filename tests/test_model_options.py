@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import hf_clip_config, hf_reference_features, random_pixels
+from hf_fixtures import assert_matches_torch, hf_clip_config, random_pixels
 from train_helpers import synthetic_batch, tiny_config
 from transformers import CLIPModel
 
@@ -64,15 +64,14 @@ def test_options_keep_features_and_gradients(plain, options):
 
 
 def test_scan_remat_matches_pytorch(tiny_hf_clip_dir):
-    """Checkpoint -> scanned, rematerialised model: features equal transformers' on the same weights (1e-4),
+    """Checkpoint -> scanned, rematerialised model: features equal transformers' on the same weights (within 8x
+    transformers' own fp32 error),
     and the parameters save back under the same HF names."""
     model = with_options(hf.load_pretrained(tiny_hf_clip_dir), scan_layers=True, remat="full")
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
     pixels = random_pixels(3, 32, seed=4)
-    ri, rt = hf_reference_features(ref, pixels, BATCH["input_ids"], BATCH["attention_mask"])
-    np.testing.assert_allclose(np.asarray(model.encode_image(pixels)), ri, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(model.encode_text(BATCH["input_ids"], BATCH["attention_mask"])), rt,
-                               rtol=0, atol=1e-4)
+    ids, mask = BATCH["input_ids"], BATCH["attention_mask"]
+    assert_matches_torch((model.encode_image(pixels), model.encode_text(ids, mask)), ref, pixels, ids, mask)
     assert set(hf_state_dict(model)) == {k for k in ref.state_dict() if not k.endswith("position_ids")}
 
 

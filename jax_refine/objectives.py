@@ -36,9 +36,11 @@ take unit vectors (SigLIP's loss is defined on them; slerp needs them). False is
 and its CLIP loss multiplies their dot products by a logit scale initialised at log 100. The m2-mix preset
 sets True, so its contrastive term is CLIP's own loss on unit vectors, as in Oh et al. (NeurIPS 2023).
 
-Batch coupling: `contrastive`, `kd`, `logit` and `m2` mix examples through the (B, B) logits, so with
-gradient accumulation each micro-batch is an independent smaller batch (the result equals the big batch
-only for the per-example terms `rafa` and `feature`).
+Batch coupling: `contrastive`, `sigmoid`, `kd`, `logit` and `m2` mix examples through the (B, B) logits
+(`rafa` and `feature` are per-example). Gradient accumulation keeps that coupling: with
+`train.grad_accum=k` the objective still runs once on the whole batch's (B, D) features and its gradient
+is pulled back through the model micro-batch by micro-batch (jax_refine/step.py), so every term, its
+negatives and the logit scale's gradient are those of batch B, not of B/k (docs/grad_accum.md).
 """
 from __future__ import annotations
 

@@ -61,11 +61,13 @@ def _recording(tx: optax.GradientTransformation) -> optax.GradientTransformation
 def _perturbed(tree, seed: int, scale: float = 0.05):
     """``tree`` + scale * N(0, 1) per leaf, in each leaf's sharding: a teacher that differs from the student
     (at the start they are equal and every distillation term and its gradient would be exactly 0)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = [jax.jit(lambda x, k: x + scale * jax.random.normal(k, x.shape, x.dtype), out_shardings=x.sharding)(x, k)
-           for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, out)
+    def add_noise(t):
+        leaves, treedef = jax.tree.flatten(t)
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                            for x, k in zip(leaves, keys)])
+
+    return jax.jit(add_noise, out_shardings=jax.tree.map(lambda x: x.sharding, tree))(tree)
 
 
 def _run(tmp_path, method: str, mesh_spec, ks=(1, 2, 4)) -> dict:

@@ -1,10 +1,12 @@
 """Exact gradient accumulation (issue 21): `train.grad_accum=k` against the un-accumulated step (k = 1).
 
-For every method preset, on a tiny CLIP (SigLIP for `sigmoid`) with scan over layers and full remat, on one
-device and on 8 fake devices (data 2 x fsdp 4): the loss and its terms, every parameter's gradient and the
-parameters after one AdamW step with k in {2, 4} equal k = 1 on the same batch and key. The k = 1 step is
-itself checked against a PyTorch transcription in test_train_step.py. A last test shows that the old
-split into independent micro-batches misses that bound by orders of magnitude.
+On a tiny CLIP (SigLIP for `sigmoid`) with scan over layers and full remat, the loss and its terms, every
+parameter's gradient and the parameters after one AdamW step with k in {2, 4} equal k = 1 on the same batch
+and key: every method preset on one device; on 8 fake devices (data 2 x fsdp 4) one objective with every
+CLIP term at once (a step compiles in tens of seconds here, so one compile covers six terms), CLIP-Refine
+(logit scale frozen) and SigLIP's sigmoid (scale and bias trained). The k = 1 step is itself checked against
+a PyTorch transcription in test_train_step.py. A last test shows that the old split into independent
+micro-batches misses the bound by orders of magnitude.
 """
 from __future__ import annotations
 
@@ -28,12 +30,21 @@ EIGHT = ({"data": 2, "fsdp": 4, "tensor": 1}, 8)  # params FSDP-sharded over 4, 
 # an error of a few eps32 (1.2e-7) times the terms' condition; 2e-5 relative to the leaf's largest gradient
 # leaves room for the logits' exp and the (B, B) softmax sums (measured: at most ~3e-6).
 GRAD_RTOL = 2e-5
+# docs/grad_accum.md's one-device table, batch 512 fp32 remat=full: the smallest k whose step fits 80 GB
+GPU1_ACCUM = {"vitl14": 1}
 LOSS_RTOL = 1e-6  # the loss is computed once on the same (B, D) features: only the features' own rounding
+
+
+# every CLIP term at once (all but SigLIP's sigmoid), on top of the m2_mix preset (unit vectors)
+ALL_CLIP_TERMS = {"contrastive": 1.0, "kd": 1.0, "rafa": 1.0, "feature": 1.0, "logit": 1.0, "m2": 0.5}
 
 
 def _config(tmp_path, method: str):
     overrides = {"method.name": method, "train.batch_size": BATCH, "model.scan_layers": True,
                  "model.remat": "full"}
+    if method == "all_terms":
+        overrides = {**overrides, "method.name": "m2_mix", "method.normalize": False,
+                     **{f"method.weights.{t}": w for t, w in ALL_CLIP_TERMS.items()}}
     if method == "sigmoid":  # SigLIP's own loss needs its logit bias
         overrides["model.random_init"] = {"model_type": "siglip", **copy.deepcopy(TINY_SIGLIP)}
     return tiny_config(tmp_path, **overrides)
@@ -133,7 +144,7 @@ def test_accumulated_step_equals_full_batch_one_device(tmp_path, method):
     _check(_run(tmp_path, method, ONE), lr=1e-3)
 
 
-@pytest.mark.parametrize("method", list(objectives.PRESETS))
+@pytest.mark.parametrize("method", ["all_terms", "clip_refine", "sigmoid"])
 def test_accumulated_step_equals_full_batch_8_devices_fsdp(tmp_path, method):
     _check(_run(tmp_path, method, EIGHT), lr=1e-3)
 
@@ -173,3 +184,16 @@ def test_uneven_micro_batch_is_a_one_line_error(tmp_path, batch, accum, devices,
     with pytest.raises(ValueError, match=message) as err:
         train.build_trainer(config, shd.make_mesh(shape, jax.devices()[:devices]), total_steps=1)
     assert "\n" not in str(err.value)
+
+
+def test_paper_config_on_one_gpu_takes_the_measured_accumulation():
+    """`clip_refine:model=vitl14,mesh=gpu1`: one device, remat=full + scan and docs/grad_accum.md's k for 80 GB;
+    a model without a measurement keeps its own settings (only the mesh changes)."""
+    from jax_refine.configs import clip_refine
+
+    c = clip_refine.get_config("model=vitl14,mesh=gpu1")
+    assert dict(c.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert (c.model.remat, c.model.scan_layers, c.train.batch_size) == ("full", True, 512)
+    assert c.train.grad_accum == GPU1_ACCUM["vitl14"]
+    c = clip_refine.get_config("model=openclip_bigg14,mesh=gpu1")
+    assert (c.model.remat, c.train.grad_accum) == ("full", 1)

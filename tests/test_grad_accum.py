@@ -31,7 +31,7 @@ EIGHT = ({"data": 2, "fsdp": 4, "tensor": 1}, 8)  # params FSDP-sharded over 4, 
 # leaves room for the logits' exp and the (B, B) softmax sums (measured: at most ~3e-6).
 GRAD_RTOL = 2e-5
 # docs/grad_accum.md's one-device table, batch 512 fp32 remat=full: the smallest k whose step fits 80 GB
-GPU1_ACCUM = {"vitl14": 1}
+GPU1_ACCUM = {"vitb32": 1, "vitl14": 1, "openclip_h14": 2, "siglip_so400m": 4}
 LOSS_RTOL = 1e-6  # the loss is computed once on the same (B, D) features: only the features' own rounding
 
 
@@ -193,9 +193,9 @@ def test_paper_config_on_one_gpu_takes_the_measured_accumulation():
     a model without a measurement keeps its own settings (only the mesh changes)."""
     from jax_refine.configs import clip_refine
 
-    c = clip_refine.get_config("model=vitl14,mesh=gpu1")
-    assert dict(c.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
-    assert (c.model.remat, c.model.scan_layers, c.train.batch_size) == ("full", True, 512)
-    assert c.train.grad_accum == GPU1_ACCUM["vitl14"]
+    for model, k in GPU1_ACCUM.items():
+        c = clip_refine.get_config(f"model={model},mesh=gpu1")
+        assert dict(c.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+        assert (c.model.remat, c.model.scan_layers, c.train.batch_size, c.train.grad_accum) == ("full", True, 512, k)
     c = clip_refine.get_config("model=openclip_bigg14,mesh=gpu1")
     assert (c.model.remat, c.train.grad_accum) == ("full", 1)

@@ -56,10 +56,10 @@ MODELS = {
     "vitb32": ModelChoice("openai/clip-vit-base-patch32", "clip", "cpu", gpu1_accum=1),
     "vitb16": ModelChoice("openai/clip-vit-base-patch16", "clip", "cpu"),
     "vitl14": ModelChoice("openai/clip-vit-large-patch14", "clip", "gpu8", "save_dots", True, gpu1_accum=1),
-    "openclip_h14": ModelChoice("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "clip", "gpu8", "full", True),
+    "openclip_h14": ModelChoice("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "clip", "gpu8", "full", True, gpu1_accum=2),
     "openclip_bigg14": ModelChoice("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "clip", "gpu8", "full", True),
     "dfn_h14_378": ModelChoice("apple/DFN5B-CLIP-ViT-H-14-378", "clip", "gpu8", "full", True),
-    "siglip_so400m": ModelChoice("google/siglip-so400m-patch14-384", "siglip", "gpu8", "full", True),
+    "siglip_so400m": ModelChoice("google/siglip-so400m-patch14-384", "siglip", "gpu8", "full", True, gpu1_accum=4),
 }
 # data choice -> the `c.data` fields it sets (the rest are default.py's)
 DATA = {

@@ -66,9 +66,10 @@ def _rss() -> int:
 
 def _result(args, framework: str, step_s: float, compile_s: float, peak_bytes: int, memory_kind: str,
             device: str, matmul_peak: float | None, **extra) -> dict:
-    flops = clip_refine_step_flops(clip_size(args.model, args.layers), args.batch, TEXT_LENGTH)
+    accum = args.grad_accum if framework == "jax" else 1  # the torch sides have no accumulation
+    flops = clip_refine_step_flops(clip_size(args.model, args.layers), args.batch, TEXT_LENGTH, accum)
     return {"name": args.name or framework, "framework": framework, "model": args.model, "layers": args.layers,
-            "batch": args.batch, "precision": args.precision, "platform": args.platform, "device": device,
+            "batch": args.batch, "grad_accum": accum, "precision": args.precision, "platform": args.platform, "device": device,
             "steps": args.steps, "warmup": args.warmup, "step_s": step_s, "samples_per_s": args.batch / step_s,
             "compile_s": compile_s, "peak_bytes": peak_bytes, "memory_kind": memory_kind,
             "model_flops_per_step": flops, "achieved_flops": flops / step_s, "matmul_peak_flops": matmul_peak,
@@ -126,6 +127,7 @@ def run_jax(args) -> dict:
     c.model.dtype = "bfloat16" if args.precision == "bf16" else "float32"
     c.model.attention, c.model.remat, c.model.scan_layers = args.attention, args.remat, args.scan
     c.train.batch_size, c.train.num_steps, c.optimizer.lr = args.batch, 10, 1e-6
+    c.train.grad_accum = args.grad_accum
     device = jax.devices()[0]
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
     trainer = train.build_trainer(c, mesh, total_steps=10)
@@ -432,6 +434,7 @@ def main() -> None:
     ap.add_argument("--model", choices=SIZE_NAMES, default="vitb32")
     ap.add_argument("--layers", type=int, default=None, help="cut both towers to this many blocks")
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--grad-accum", type=int, default=1, help="jax: config.train.grad_accum (exact accumulation)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--attention", choices=("xla", "cudnn", "xla_padded"), default="xla",

@@ -47,9 +47,11 @@ features with N(0, I) draws). `normalize=False` set explicitly together with a f
 (the scale normalizes); left at None it resolves to True. "teacher" keeps a frozen copy of the start
 weights (`needs_teacher`) even for methods without teacher terms: a contrastive run trains its own scale.
 
-Batch coupling: `contrastive`, `kd`, `logit` and `m2` mix examples through the (B, B) logits, so with
-gradient accumulation each micro-batch is an independent smaller batch (the result equals the big batch
-only for the per-example terms `rafa` and `feature`).
+Batch coupling: `contrastive`, `sigmoid`, `kd`, `logit` and `m2` mix examples through the (B, B) logits
+(`rafa` and `feature` are per-example). Gradient accumulation keeps that coupling: with
+`train.grad_accum=k` the objective still runs once on the whole batch's (B, D) features and its gradient
+is pulled back through the model micro-batch by micro-batch (jax_refine/step.py), so every term, its
+negatives and the logit scale's gradient are those of batch B, not of B/k (docs/grad_accum.md).
 """
 from __future__ import annotations
 

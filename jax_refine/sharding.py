@@ -117,14 +117,18 @@ def batch_divisor(mesh: Mesh) -> int:
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
-    """One-line error when the global batch cannot be split over the data axes (and micro-batches)."""
+    """One-line error when the global batch cannot be split into ``grad_accum`` equal micro-batches, each
+    spread evenly over the batch devices (``data`` x ``fsdp``), or over the processes."""
     div = batch_divisor(mesh)
     if global_batch % grad_accum:
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by "
-                         f"config.train.grad_accum={grad_accum}")
-    if (global_batch // grad_accum) % div:
-        raise ValueError(f"config.train.batch_size={global_batch} (micro-batch {global_batch // grad_accum}) "
-                         f"is not divisible by the data axes data*fsdp={div}")
+                         f"config.train.grad_accum={grad_accum}: micro-batches must be equal "
+                         f"({global_batch}/{grad_accum} = {global_batch / grad_accum:.3g} examples)")
+    micro = global_batch // grad_accum
+    if micro % div:
+        raise ValueError(f"config.train.batch_size={global_batch} (micro-batch {micro}) is not divisible by the data "
+                         f"axes data*fsdp={div}: config.train.grad_accum={grad_accum} makes micro-batches of {micro} "
+                         f"examples, each spread over {div} devices; make batch_size / grad_accum a multiple of {div}")
     if global_batch % jax.process_count():
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by "
                          f"{jax.process_count()} processes")

@@ -25,6 +25,8 @@ AdamW moments, teacher, activations; XLA:CPU's buffer assignment standing in for
 - openclip_bigg14, dfn_h14_378, siglip_so400m: `gpu8`, `remat=full`, scan: 17.2, 22.2, 18.5 GiB;
   openclip_h14 takes the same settings (not measured: smaller than bigG/14 in width, depth and parameters).
 On a TPU pod pass `mesh=tpu_pod` (bigG with remat=full: 17 GiB per chip, fits v4/v5p, not v5e).
+`mesh=gpu1`: ONE GPU of 80 GB, batch 512 kept, `remat=full`, scan and the smallest exact `train.grad_accum` that
+fits there by docs/grad_accum.md's one-device AOT table (`ModelChoice.gpu1_accum`; unmeasured models: the mesh only).
 The workdir is `outputs/<method>_<model>_<data>`. Paper (ViT-B/32, CLIP-Refine): 12-dataset zero-shot 54.69,
 ImageNet 60.93, COCO R@1 T->I 37.64 / I->T 38.78.
 """
@@ -47,16 +49,17 @@ class ModelChoice(NamedTuple):
     mesh: str  # default mesh preset (configs/presets.py)
     remat: str = "none"  # config.model.remat
     scan_layers: bool = False  # config.model.scan_layers
+    gpu1_accum: int | None = None  # mesh=gpu1: train.grad_accum fitting 80 GB (remat=full); None: not measured
 
 
 MODELS = {
-    "vitb32": ModelChoice("openai/clip-vit-base-patch32", "clip", "cpu"),
+    "vitb32": ModelChoice("openai/clip-vit-base-patch32", "clip", "cpu", gpu1_accum=1),
     "vitb16": ModelChoice("openai/clip-vit-base-patch16", "clip", "cpu"),
-    "vitl14": ModelChoice("openai/clip-vit-large-patch14", "clip", "gpu8", "save_dots", True),
-    "openclip_h14": ModelChoice("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "clip", "gpu8", "full", True),
+    "vitl14": ModelChoice("openai/clip-vit-large-patch14", "clip", "gpu8", "save_dots", True, gpu1_accum=1),
+    "openclip_h14": ModelChoice("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "clip", "gpu8", "full", True, gpu1_accum=2),
     "openclip_bigg14": ModelChoice("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "clip", "gpu8", "full", True),
     "dfn_h14_378": ModelChoice("apple/DFN5B-CLIP-ViT-H-14-378", "clip", "gpu8", "full", True),
-    "siglip_so400m": ModelChoice("google/siglip-so400m-patch14-384", "siglip", "gpu8", "full", True),
+    "siglip_so400m": ModelChoice("google/siglip-so400m-patch14-384", "siglip", "gpu8", "full", True, gpu1_accum=4),
 }
 # data choice -> the `c.data` fields it sets (the rest are default.py's)
 DATA = {
@@ -86,5 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.method.name = method_for(a["method"], m.family)
     c.model.name_or_path = m.checkpoint
     c.model.remat, c.model.scan_layers = m.remat, m.scan_layers
+    if a["mesh"] == "gpu1" and m.gpu1_accum is not None:  # batch 512 on one 80 GB GPU, as measured
+        c.model.remat, c.model.scan_layers, c.train.grad_accum = "full", True, m.gpu1_accum
     c.data.update(DATA[a["data"]])
     return c

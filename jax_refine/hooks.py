@@ -172,6 +172,28 @@ class MetricWriter:
             self.staging = None
 
 
+def metric_rows(path: Any, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, row)`` for each row of ``metrics.jsonl`` (``text``, read from ``path``), each line ending in a
+    newline. A last line that does not parse is a row cut by a crash mid-append: dropped with one warning
+    naming the file. Any other line that does not parse is a WorkdirError naming the file and line."""
+    lines = [ln for ln in text.splitlines(keepends=True) if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"[train] warning: {path}: its last line is cut ({len(ln.rstrip())} characters, {e}): a "
+                      "crash mid-append; removed, the rows before it kept", flush=True)
+                break
+            raise workdir_lib.WorkdirError(f"{path}: line {i + 1} is not a JSON row ({e}); repair or delete "
+                                           "that line to resume") from None
+        rows.append((ln if ln.endswith("\n") else ln + "\n", row))
+    return rows
+
+
 class LogMetrics:
     """Every ``every`` steps and at the end: the step's metrics, ``examples_per_sec`` since the last row and
     the data iterator's ``stats()`` (skipped examples, epoch) as a ``kind: "train"`` row; a tqdm bar."""

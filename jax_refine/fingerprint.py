@@ -31,16 +31,24 @@ def _entry(path: str, content: bool) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
+def _name(path: str, base: str | None) -> str:
+    """``path`` relative to the directory ``base`` (ending in a separator), else its resolved absolute path."""
+    if base is None:
+        return os.path.realpath(path)
+    full = os.path.abspath(path)
+    # a prefix cut where it applies (relpath costs ~20 us a file: a third of a second for Flickr8k's photos)
+    return full[len(base):] if full.startswith(base) else os.path.relpath(full, base)
+
+
 def files_key(paths: Iterable[str | os.PathLike], *, root: str | os.PathLike | None = None,
               content: bool = False) -> str:
     """KEY_DIGITS hex digits over each file of ``paths`` in the given order: its name (relative to ``root``
     if given, else its resolved absolute path) and its bytes (``content``) or ``(size, mtime_ns, inode)``."""
-    base = os.path.abspath(root) if root is not None else None
+    base = os.path.join(os.path.abspath(root), "") if root is not None else None
     h = hashlib.sha256()
     for p in paths:
         path = os.fspath(p)  # named as given under root (not resolved: a linked photo keeps its own name)
-        name = os.path.relpath(os.path.abspath(path), base) if base is not None else os.path.realpath(path)
-        h.update(f"{name}\0{_entry(path, content)}\n".encode())
+        h.update(f"{_name(path, base)}\0{_entry(path, content)}\n".encode())
     return h.hexdigest()[:KEY_DIGITS]
 
 

@@ -293,3 +293,34 @@ def test_a_torn_metrics_line_is_cut_and_the_resume_goes_on(tmp_path, capsys, unt
     metrics.write_text("".join(lines[:1] + ["garbage\n"] + lines[1:]))
     with pytest.raises(workdir_lib.WorkdirError, match=rf"^{metrics}: line 2 is not a JSON row"):
         train.train(tiny_config(run, **{"train.num_steps": 6}), data_iter=SyntheticIterator(8), mesh=_mesh())
+
+
+# ------------------------------------------------------------------------- the one file fingerprint
+def test_files_key_is_the_same_for_any_spelling_and_changes_with_names_and_files(tmp_path, monkeypatch):
+    from jax_refine import fingerprint
+
+    root = tmp_path / "set"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    (root / "cat" / "1.jpg").write_bytes(b"meow")
+    (root / "dog" / "2.jpg").write_bytes(b"woof")
+    files = fingerprint.tree_files(root)
+    assert files == [str(root / "cat" / "1.jpg"), str(root / "dog" / "2.jpg")]  # sub-folders, sorted
+    key = fingerprint.files_key(files, root=root)
+    (tmp_path / "link").symlink_to(root)
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("set", "link", str(tmp_path / "link") + "/"):  # relative, through a symlink, absolute
+        assert fingerprint.files_key(fingerprint.tree_files(spelled), root=spelled) == key
+    os.rename(root / "cat", root / "kitten")  # a renamed class folder: another label
+    assert fingerprint.files_key(fingerprint.tree_files(root), root=root) != key
+    os.rename(root / "kitten", root / "cat")
+    assert fingerprint.files_key(files, root=root) == key
+    tmp = root / "cat" / "new"
+    tmp.write_bytes(b"purr")  # same size, other bytes, renamed in
+    os.replace(tmp, root / "cat" / "1.jpg")
+    assert fingerprint.files_key(files, root=root) != key
+    by_content = fingerprint.files_key(files, root=root, content=True)
+    (root / "cat" / "1.jpg").write_bytes(b"purr")  # rewritten with the same bytes: same content key
+    assert fingerprint.files_key(files, root=root, content=True) == by_content
+    (root / "dog" / "2.jpg").unlink()
+    assert fingerprint.files_key(files, root=root, content=True) != by_content  # a missing file counts

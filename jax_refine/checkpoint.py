@@ -11,6 +11,11 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 way is never listed by ``all_steps``/``latest_step`` (and is removed at the next start). In a ``gs://``
 bucket (no rename there) it writes the step in place and adds ``commit_success.txt`` last; a step without
 it is not listed. Directories are ``etils.epath`` paths (``workdir.as_path``): local and bucket alike.
+A local step also holds ``checksums.json`` (``write_manifest``: size and sha256 of each of its files), written
+once Orbax has committed the step (``SaveCheckpoint`` in ``jax_refine.hooks``) and verified before a restore,
+an export or an evaluation reads it (``check_step``): a file changed since the save (a flipped bit) makes the
+step damaged like a truncated one. A step without one (an older version's, or a run that died between the
+commit and the manifest: Orbax's commit is a rename, so its files are whole) is read with a line saying so.
 
 ``load_model(source)`` is the one way to get a model for evaluation, export and the commands: an in-memory
 model, a training workdir, a step directory, a checkpoint directory of any registered family (Hugging Face
@@ -18,7 +23,10 @@ CLIP or SigLIP, open_clip's format) or a hub id.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,7 @@ SKIPPED_SUBDIR = "checkpoints.skipped"  # damaged steps are moved here (kept, ne
 # The files every finished step holds, per item (Orbax's StandardSave / JsonSave layouts).
 ARRAY_ITEMS, JSON_ITEMS = ("params", "opt_state", "train"), ("data", "meta")
 COMMIT_MARKER = "commit_success.txt"  # what Orbax writes last into a step in a bucket (it cannot rename there)
+MANIFEST_FILE = "checksums.json"  # size and sha256 of each file of a step, written after Orbax commits it
 OWN_ITEMS = ("params", "opt_state")  # state fields saved as items of their own; the others go into "train"
 
 
@@ -87,8 +96,79 @@ def check_step_files(step_dir: str | Path | epath.Path) -> None:
     for item in JSON_ITEMS:
         _check_json(d / item / "metadata")
     for f in sorted(root / name for root, _, names in d.walk() for name in names):
-        if f.name != COMMIT_MARKER and f.stat().length == 0:  # the commit marker is empty by design
+        if f.name not in (COMMIT_MARKER, MANIFEST_FILE + ".tmp") and f.stat().length == 0:  # empty by design
             raise CheckpointError(f"{f}: empty file (truncated?)")
+
+
+def _step_files(step_dir: Path) -> list[str]:
+    """Every file of a local step directory, relative to it, sorted (the manifest and its temporary excluded)."""
+    out = []
+    for dirpath, _, names in os.walk(step_dir):
+        out += [os.path.relpath(os.path.join(dirpath, n), step_dir) for n in names]
+    return sorted(f for f in out if f not in (MANIFEST_FILE, MANIFEST_FILE + ".tmp"))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digests(step_dir: Path, names: list[str]) -> list[str]:
+    """sha256 of each file, several at a time (hashlib releases the GIL: a step's shards hash in parallel)."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda n: _sha256(step_dir / n), names))
+
+
+def write_manifest(step_dir: str | Path | epath.Path) -> bool:
+    """Write ``step_dir/MANIFEST_FILE``: size and sha256 of every file of a finished (committed) step, atomically
+    (a temporary file renamed in). Returns False (nothing written) for a step in a bucket, whose objects
+    carry the CRC32C the storage client checks on every download."""
+    if workdir_lib.is_remote(step_dir):
+        return False
+    d = Path(os.fspath(step_dir))
+    names = _step_files(d)
+    files = {n: [(d / n).stat().st_size, h] for n, h in zip(names, _digests(d, names))}
+    tmp = d / (MANIFEST_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"algorithm": "sha256", "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())  # the manifest is whole on disk before it is named: a crash leaves none or this one
+    os.replace(tmp, d / MANIFEST_FILE)
+    return True
+
+
+def verify_manifest(step_dir: str | Path | epath.Path) -> bool:
+    """Check every file listed in ``step_dir/MANIFEST_FILE`` (size, then sha256); CheckpointError naming the
+    first file that differs or is missing. Returns False when the step has no manifest (a bucket step; a
+    step of an older version; or a run that stopped between Orbax's commit and the manifest)."""
+    if workdir_lib.is_remote(step_dir):
+        return False
+    d = Path(os.fspath(step_dir))
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: not a valid checksum manifest") from None
+    names = sorted(files)
+    for n in names:
+        if not (d / n).is_file():
+            raise CheckpointError(f"{d / n}: missing (listed in {MANIFEST_FILE} at save)")
+        if (d / n).stat().st_size != files[n][0]:
+            raise CheckpointError(f"{d / n}: {(d / n).stat().st_size} bytes, {files[n][0]} at save ({MANIFEST_FILE})")
+    for n, digest in zip(names, _digests(d, names)):
+        if digest != files[n][1]:
+            raise CheckpointError(f"{d / n}: checksum differs from the one written at save ({MANIFEST_FILE}): "
+                                  "the file changed after the save")
+    return True
+
+
+def check_step(step_dir: str | Path | epath.Path) -> bool:
+    """``check_step_files`` then ``verify_manifest``: CheckpointError naming the first damaged file; returns
+    whether the contents were verified against a manifest."""
+    check_step_files(step_dir)
+    return verify_manifest(step_dir)
 
 
 def one_line(err: BaseException, where: str | Path | None = None, limit: int = 300) -> str:
@@ -189,7 +269,8 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
                         ) -> tuple[ocp.CheckpointManager, int | None, TrainState | None, dict | None]:
     """Restore the newest step of ``directory`` that is intact, moving damaged newer ones aside.
 
-    ``make(directory) -> CheckpointManager``. Each step that fails (``check_step_files`` or the restore
+    ``make(directory) -> CheckpointManager``. Each step that fails (``check_step``: its files and its checksum
+    manifest; or the restore
     itself) is moved to ``<workdir>/checkpoints.skipped/<step>`` (kept) with one printed line saying
     why, and the next older step is tried. The move is epath's rename: one rename locally, a copy and delete
     of each object in a bucket (not atomic: a move cut short leaves the rest of the step in place, unlisted
@@ -209,10 +290,13 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
             return mngr, None, None, None
         step = steps[0]
         try:
-            check_step_files(directory / str(step))
+            verified = check_step(directory / str(step))
             state, data_state = restore(mngr, step, abstract)
             if skipped:
                 print(f"[train] resuming from step {step} (the newest intact checkpoint)", flush=True)
+            if not verified and not workdir_lib.is_remote(directory) and jax.process_index() == 0:
+                print(f"[train] checkpoint step {step} has no {MANIFEST_FILE} (saved by an older version, or the run "
+                      "stopped between the save and its manifest): checked by its files' structure only", flush=True)
             return mngr, step, state, data_state
         except ModelMismatchError:
             mngr.close()
@@ -234,7 +318,7 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
             mngr = make(directory)
 
 
-def _finished(step_dir: epath.Path) -> bool:
+def finished(step_dir: epath.Path) -> bool:
     """Whether ``step_dir`` is a step Orbax finished: locally any step directory under its final name (Orbax
     renames it in when done); in a bucket (no rename there) only one holding its ``commit_success.txt``."""
     if not (step_dir / "params").is_dir():
@@ -248,16 +332,17 @@ def _resolve(path: str | Path | epath.Path) -> tuple[epath.Path, int]:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint directory")
     if p.name.isdigit() and (p / "params").is_dir():
-        if not _finished(p):
+        if not finished(p):
             raise CheckpointError(f"{p}: an unfinished checkpoint step (no {COMMIT_MARKER}: its save was cut short)")
+        check_step(p)
         return p.parent, int(p.name)
     root = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
-    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and _finished(d))
+    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and finished(d))
     if not steps:
         raise FileNotFoundError(f"{p}: no finished Orbax checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
     for step in reversed(steps):  # the newest intact step; damaged newer ones are named and skipped
         try:
-            check_step_files(root / str(step))
+            check_step(root / str(step))
             return root, step
         except CheckpointError as e:
             print(f"skipping damaged checkpoint step {step}: {e}", flush=True)
@@ -337,8 +422,7 @@ def model_meta(model: nnx.Module) -> dict[str, Any]:
 
 def _load_checkpoint(workdir_or_step_dir: Path | epath.Path, dtype: Any, shardings: Any) -> nnx.Module:
     """The student model of an Orbax checkpoint (a workdir -> its newest intact step, or a step dir)."""
-    root, step = _resolve(workdir_or_step_dir)
-    check_step_files(root / str(step))
+    root, step = _resolve(workdir_or_step_dir)  # checked there (files and checksums)
     mngr = make_manager(root, read_only=True, async_save=False)
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -173,6 +173,25 @@ def cache_key(**fields: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def _say_if_content_changed(cache_dir: Path, slug: str, key: Mapping[str, Any]) -> None:
+    """Print one line when ``cache_dir`` holds embeddings of the same model and set whose files' content key
+    differs from ``key["content"]`` (a photo, caption file or class folder changed): they are embedded anew."""
+    if key.get("content") is None:
+        return
+    same = {k: v for k, v in json.loads(json.dumps(key, default=str)).items() if k != "content"}
+    for old in sorted(cache_dir.glob(f"{slug}-*.npz")):
+        try:
+            with np.load(old, allow_pickle=False) as f:
+                saved = json.loads(str(f["__key__"])) if "__key__" in f else {}
+        except (OSError, ValueError):  # a foreign or damaged file: not ours to judge
+            continue
+        if saved.get("content") not in (None, key["content"]) and \
+                {k: v for k, v in saved.items() if k != "content"} == same:
+            print(f"[eval] {key.get('dataset')}: its files changed since {old} was cached (content "
+                  f"{saved['content']} -> {key['content']}); embedding anew", flush=True)
+            return
+
+
 def cached(cache_dir: str | Path | None, compute: Callable[[], Mapping[str, np.ndarray]], **key: Any
            ) -> dict[str, np.ndarray]:
     """`compute()` once per `key`, stored as `cache_dir/<dataset>-<hash>.npz`; None: no cache.
@@ -189,6 +208,7 @@ def cached(cache_dir: str | Path | None, compute: Callable[[], Mapping[str, np.n
         with np.load(path, allow_pickle=False) as f:
             if "__key__" in f and str(f["__key__"]) == key_json:
                 return {k: f[k] for k in f.files if k != "__key__"}
+    _say_if_content_changed(Path(cache_dir), slug, key)
     arrays = {k: np.asarray(v) for k, v in compute().items()}
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,13 @@ Datasets come from `config.eval`: `zero_shot` (catalog names or "folder:<dir>", 
 "coco_json:<annotations.json>:<image_dir>", read by `jax_refine.data.retrieval`), or already-built
 `ZeroShotTask` / `RetrievalTask` objects (e.g. in-memory arrays). Embeddings go through
 `embeddings.extract` (jitted, sharded over the mesh's data axes) and an npz cache
-(`config.eval.cache_dir`) keyed by (model fingerprint, dataset, split, n, templates).
+(`config.eval.cache_dir`) keyed by (model fingerprint, dataset, split, n, templates, and the content key of
+the files the set reads: a changed photo, caption file or class folder re-embeds).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -45,6 +47,7 @@ class ZeroShotTask:
     classnames: Sequence[str]
     num_examples: int | None = None
     split: str = "test"
+    content: str | None = None  # key of the files read (fingerprint.files_key via the data package); cache key
 
 
 @dataclasses.dataclass
@@ -58,6 +61,7 @@ class RetrievalTask:
     caption_image_index: np.ndarray
     num_images: int | None = None
     split: str = "test"
+    content: str | None = None  # key of the files read (caption file and photos); cache key
 
 
 def _array_batches(name: str, arrays: Mapping[str, np.ndarray]) -> Callable[[preprocess.Preprocessing], Batches]:
@@ -74,11 +78,22 @@ def _array_batches(name: str, arrays: Mapping[str, np.ndarray]) -> Callable[[pre
     return images
 
 
+def _arrays_content(arrays: Mapping[str, np.ndarray]) -> str:
+    """A hash of in-memory arrays' names, shapes, dtypes and bytes (their cache key in place of files)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.shape}:{a.dtype}".encode())
+        h.update(a.tobytes())
+    return "arrays:" + h.hexdigest()[:16]
+
+
 def zero_shot_from_arrays(name: str, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str]
                           ) -> ZeroShotTask:
     """A zero-shot task from preprocessed images `(N, S, S, 3)` f32 and labels `(N,)` (e.g. for the demo)."""
     arrays = {"image": np.asarray(images, np.float32), "label": np.asarray(labels, np.int32)}
-    return ZeroShotTask(name, _array_batches(name, arrays), list(classnames), len(arrays["label"]))
+    return ZeroShotTask(name, _array_batches(name, arrays), list(classnames), len(arrays["label"]),
+                        content=_arrays_content(arrays))
 
 
 def retrieval_from_arrays(name: str, images: np.ndarray, captions: Sequence[str],
@@ -86,7 +101,7 @@ def retrieval_from_arrays(name: str, images: np.ndarray, captions: Sequence[str]
     """A retrieval task from preprocessed images `(N, S, S, 3)` and captions with their image index `(M,)`."""
     arrays = {"image": np.asarray(images, np.float32), "image_index": np.arange(len(images), dtype=np.int32)}
     return RetrievalTask(name, _array_batches(name, arrays), list(captions), np.asarray(caption_image_index),
-                         len(images))
+                         len(images), content=_arrays_content(arrays))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +216,7 @@ def zero_shot_task(spec: str, eval_config: Any) -> ZeroShotTask:
     if not first.num_examples:
         raise ValueError(f"zero-shot dataset {spec!r} is empty")
     return ZeroShotTask(spec, lambda prep: load(prep).batches(), list(first.class_names), first.num_examples,
-                        split=classification.EVAL_SPLITS.get(spec, "all"))
+                        split=classification.EVAL_SPLITS.get(spec, "all"), content=first.content)
 
 
 def retrieval_task(spec: str, eval_config: Any) -> RetrievalTask:
@@ -224,7 +239,7 @@ def retrieval_task(spec: str, eval_config: Any) -> RetrievalTask:
     if not first.num_images:
         raise ValueError(f"retrieval dataset {spec!r} has no images")
     return RetrievalTask(spec, lambda prep: load(prep).image_batches(), list(first.captions),
-                         np.asarray(first.texts["caption_image_index"]), first.num_images)
+                         np.asarray(first.texts["caption_image_index"]), first.num_images, content=first.content)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +277,7 @@ def _take(batches: Batches, limit: int | None) -> Iterable[dict[str, np.ndarray]
 
 
 def _image_embeddings(ctx: _Context, name: str, split: str, images: Callable[[int], Batches],
-                      total: int | None) -> dict[str, np.ndarray]:
+                      total: int | None, content: str | None) -> dict[str, np.ndarray]:
     def compute() -> dict[str, np.ndarray]:
         n = total if ctx.max_examples is None or total is None else min(total, ctx.max_examples)
         feats, extras = emb_lib.extract(ctx.model, _take(images(ctx.prep), ctx.max_examples), "image", mesh=ctx.mesh,
@@ -271,7 +286,7 @@ def _image_embeddings(ctx: _Context, name: str, split: str, images: Callable[[in
         return {"features": feats, **extras}
 
     return emb_lib.cached(ctx.cache_dir, compute, **ctx.key(dataset=name, split=split, kind="image",
-                                                                **_image_key(ctx.prep)))
+                                                            content=content, **_image_key(ctx.prep)))
 
 
 def _text_embeddings(ctx: _Context, name: str, texts: Sequence[str], **key: Any) -> np.ndarray:
@@ -313,7 +328,7 @@ def _zero_shot(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[str], t
     if not dataset.classnames:
         raise ValueError(f"zero-shot dataset {dataset.name!r}: no class names (add classnames.txt or a "
                          "class-names file for it)")
-    img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_examples)
+    img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_examples, dataset.content)
     if "label" not in img:
         raise ValueError(f"zero-shot dataset {dataset.name!r}: batches have no 'label'")
     feats, labels = img["features"], img["label"].astype(np.int32)
@@ -333,7 +348,7 @@ def _zero_shot(ctx: _Context, dataset: ZeroShotTask, templates: Sequence[str], t
 def _retrieval(ctx: _Context, dataset: RetrievalTask) -> tuple[dict[str, Any], dict[str, float], Any]:
     from jax_refine import plots  # matplotlib (heavy): imported on use, not with this module
 
-    img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_images)
+    img = _image_embeddings(ctx, dataset.name, dataset.split, dataset.images, dataset.num_images, dataset.content)
     if "image_index" not in img:
         raise ValueError(f"retrieval dataset {dataset.name!r}: image batches have no 'image_index'")
     # Keep the captions of the images we embedded, renumbered to rows of the image embeddings.

@@ -172,6 +172,28 @@ class MetricWriter:
             self.staging = None
 
 
+def metric_rows(path: Any, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, row)`` for each row of ``metrics.jsonl`` (``text``, read from ``path``), each line ending in a
+    newline. A last line that does not parse is a row cut by a crash mid-append: dropped with one warning
+    naming the file. Any other line that does not parse is a WorkdirError naming the file and line."""
+    lines = [ln for ln in text.splitlines(keepends=True) if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"[train] warning: {path}: its last line is cut ({len(ln.rstrip())} characters, {e}): a "
+                      "crash mid-append; removed, the rows before it kept", flush=True)
+                break
+            raise workdir_lib.WorkdirError(f"{path}: line {i + 1} is not a JSON row ({e}); repair or delete "
+                                           "that line to resume") from None
+        rows.append((ln if ln.endswith("\n") else ln + "\n", row))
+    return rows
+
+
 class LogMetrics:
     """Every ``every`` steps and at the end: the step's metrics, ``examples_per_sec`` since the last row and
     the data iterator's ``stats()`` (skipped examples, epoch) as a ``kind: "train"`` row; a tqdm bar."""
@@ -261,15 +283,38 @@ class Evaluate:
 # ---------------------------------------------------------------------------------------- checkpoints
 class SaveCheckpoint:
     """Every ``every`` steps, at the end and when a hook stopped the loop: an async Orbax save of the state
-    and the data position (never of a state whose loss is not finite)."""
+    and the data position (never of a state whose loss is not finite). Once Orbax has committed a step (the
+    first step after its save finished, or ``close``), its checksum manifest is written
+    (``checkpoint.write_manifest``, process 0)."""
 
     def __init__(self, checkpoints: ocp.CheckpointManager, every: int, meta: Mapping[str, Any]):
         self.checkpoints, self.every, self.meta = checkpoints, max(1, every), dict(meta)
+        self.pending: list[int] = []  # steps saved by this run whose manifest is not written yet
 
     def __call__(self, ctx: StepContext) -> None:
+        if self.pending and not self.checkpoints.is_saving_in_progress():
+            self._manifests()
         if due(ctx.step, self.every, ctx.last) or ctx.stop:
             ctx.values()
             ckpt.save(self.checkpoints, ctx.step, ctx.state, ctx.data_iter.get_state(), self.meta, force=True)
+            self.pending.append(ctx.step)
+
+    def _manifests(self) -> None:
+        """The manifests of the pending steps that Orbax committed (a failed or deleted save has none to write)."""
+        for step in self.pending:
+            step_dir = self.checkpoints.directory / str(step)
+            if distributed.is_main() and ckpt.finished(step_dir):
+                ckpt.write_manifest(step_dir)
+        self.pending = []
+
+    def close(self) -> None:
+        """Wait for the last save to be committed, then write the manifests still due."""
+        if self.pending:
+            try:
+                self.checkpoints.wait_until_finished()
+            except Exception:  # noqa: BLE001 - a failed save has no manifest; the manager's close() raises it
+                return
+            self._manifests()
 
 
 class FlushMetrics:

@@ -8,7 +8,6 @@ checkpoints (resume from the latest), then ``run_loop``: each step calls the ste
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -206,10 +205,11 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
     distributed.initialize()
     config_lib.check_values(config)
     objectives.get_objective(config.method)
-    workdir = workdir_lib.as_path(config.workdir)
+    workdir = workdir_lib.check_workdir(config.workdir, contents=False)
     workdir_lib.check_bucket(workdir)
     if not distributed.is_main():
         return _train(config, workdir, data_iter, mesh, return_state)
+    workdir_lib.check_workdir(config.workdir)  # not another tool's folder: before anything is written into it
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lib.locked(workdir):
         ckpt_dir = workdir / ckpt.CHECKPOINT_SUBDIR
@@ -217,19 +217,22 @@ def train(config: Any, *, data_iter: Any = None, mesh: Mesh | None = None, retur
         remote = workdir_lib.is_remote(workdir)
         resuming = ckpt_dir.is_dir() and any(
             d.name.isdigit() and (not remote or (d / "commit_success.txt").exists()) for d in ckpt_dir.iterdir())
-        workdir_lib.record_config(workdir, config, resuming=resuming, allow_change=allow_config_change)
-        return _train(config, workdir, data_iter, mesh, return_state)
+        record = workdir_lib.check_resume(workdir, config, resuming=resuming, allow_change=allow_config_change)
+        return _train(config, workdir, data_iter, mesh, return_state, record)
 
 
 def _drop_metrics_after(path: epath.Path, step: int) -> None:
-    """Remove ``metrics.jsonl`` lines of steps after ``step`` (a resume redoes them); counts them in the log."""
+    """Remove ``metrics.jsonl`` lines of steps after ``step`` (a resume redoes them); counts them in the log.
+    A torn last line (a crash mid-append) is cut with a warning (``hooks.metric_rows``)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
+    text = path.read_text()
+    rows = hooks.metric_rows(path, text)
+    keep = [ln for ln, row in rows if row.get("step", 0) <= step]
+    if len(keep) != len(rows) or "".join(keep) != text:
         workdir_lib.write_text_atomic(path, "".join(keep))
-        print(f"[train] {path}: dropped {len(lines) - len(keep)} lines of steps after {step} (redone now)", flush=True)
+    if len(keep) != len(rows):
+        print(f"[train] {path}: dropped {len(rows) - len(keep)} lines of steps after {step} (redone now)", flush=True)
 
 
 def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None, overwrite: bool = False) -> epath.Path:
@@ -280,9 +283,14 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
     return state, start if ctx is None else ctx.step
 
 
-def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, return_state: bool) -> dict[str, Any]:
+def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, return_state: bool,
+           record: workdir_lib.RunRecord | None = None) -> dict[str, Any]:
+    """The run; ``record`` (process 0): the workdir's config record, checked against the data read and written
+    once the state is restored or initialised."""
     if data_iter is None:
         data_iter = make_data_iterator(config, model_preprocessing(config))
+    if record is not None:
+        record.check_data(getattr(data_iter, "identity", None))
     num_steps = config.train.get("num_steps")
     if num_steps is None:
         per_epoch = getattr(data_iter, "steps_per_epoch", None)
@@ -307,6 +315,8 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
             print(f"[train] resumed from {mngr.directory}/{latest}", flush=True)
     else:
         state = trainer.init_state()
+    if record is not None:
+        record.write()  # the restore it describes succeeded (a refused or failed one left the old record)
     start = int(jax.device_get(state.step))
     if distributed.is_main():
         _drop_metrics_after(workdir / "metrics.jsonl", start)

@@ -8,13 +8,18 @@ Locally the lock is created with ``O_EXCL``. A bucket has no exclusive create he
 written with a random ``token`` and read back after ``REMOTE_LOCK_SETTLE_S``; whoever does not read its own
 token back fails. Two runs can still both hold it if one of them stalls longer than the settle time between
 seeing no lock and writing its own (GCS reads after a write are strongly consistent; the race is that gap).
-``WORKDIR/config.resolved.json``: the resolved config of the run, written at start. A resume compares the
-new config with it and refuses changes of anything but the run length, logging, checkpoint cadence,
-evaluation, export and mesh settings (``allow_change`` overrides), naming the keys that differ.
+``WORKDIR/config.resolved.json``: the resolved config of the run, and under ``data_identity`` what it reads
+(resolved paths and content keys of the caption file and the photos: ``data.training.data_identity``). A
+resume compares the new config with it and refuses changes of anything but the run length, logging, checkpoint
+cadence, evaluation, export and mesh settings, and other data (another caption set, or the same file changed in
+place; another spelling of the same path is no change), naming what differs (``allow_change`` overrides).
+It is written (whole) only once the restore it describes succeeded (``RunRecord``), so a refused start changes
+nothing. ``train`` takes a new or empty folder or a jax_refine workdir, nothing else (``check_workdir``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +36,8 @@ CONFIG_FILE = "config.resolved.json"
 REMOTE_LOCK_SETTLE_S = 1.0  # seconds between writing a bucket lock object and reading it back
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # gs://, s3://, ... (and gs:/ as pathlib collapses it)
 # Keys (dotted prefixes) a resumed run may change: run length, logging, checkpoints, eval, export, mesh, data speed.
+DATA_KEY = "data_identity"  # the top-level key of config.resolved.json with what the run reads (RunRecord)
+DATA_PATH_KEYS = ("data.annotations", "data.images", "data.data_dir", "data.manual_dir")  # spellings of paths
 RESUMABLE_CHANGES = ("train.epochs", "train.num_steps", "train.export_hf", "log.", "checkpoint.", "eval.",
                      "mesh.", "workdir", "data.num_parallel_calls", "data.prefetch")
 
@@ -198,28 +205,122 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     behaviour, e.g. method.feature_scale), is no change."""
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [k for k in keys if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
+    skip = RESUMABLE_CHANGES + (DATA_KEY,)  # the data identity is compared by RunRecord.check_data
+    return [k for k in keys if not any(k == p or k.startswith(p) for p in skip)]
 
 
-def record_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, allow_change: bool = False
-                  ) -> epath.Path:
-    """Write ``workdir/config.resolved.json``; when ``resuming``, first refuse a changed config (WorkdirError)."""
+def _shown(changes: list[str]) -> str:
+    return ", ".join(changes[:4]) + (f" (+{len(changes) - 4} more)" if len(changes) > 4 else "")
+
+
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between two data identities (``data.training.data_identity``), in words: a path
+    (resolved: another spelling of the same path is no change), the caption file's bytes, the photos used."""
+    out = []
+    for key, value in current.items():
+        old = saved.get(key, "<absent>")
+        if old == value:
+            continue
+        if key == "captions_key":
+            out.append(f"caption file {current.get('annotations')} changed (content key {old} -> {value})")
+        elif key == "photos_key":
+            n, m = saved.get("num_photos"), current.get("num_photos")
+            out.append(f"photos under {current.get('images')} changed ({n} -> {m} used, key {old} -> {value})"
+                       if n != m else f"photos under {current.get('images')} changed (key {old} -> {value})")
+        elif key == "files_key":
+            out.append(f"files of {current.get('dataset')} changed (key {old} -> {value})")
+        elif key != "num_photos":
+            out.append(f"data {key}: {old} -> {value}")
+    return out
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """A run's ``config.resolved.json``: the config it was started with (``saved``, None for a new run) and
+    this start's (``current``, with its data identity under ``DATA_KEY`` once known). ``write()`` it only
+    after the restore it describes succeeded: a refused start leaves the workdir's record as it was."""
+    workdir: epath.Path
+    current: dict[str, Any]
+    saved: dict[str, Any] | None
+    allow_change: bool = False
+
+    @property
+    def path(self) -> epath.Path:
+        return self.workdir / CONFIG_FILE
+
+    def check_data(self, identity: Mapping[str, Any] | None) -> None:
+        """Record what the run reads; on a resume, refuse (one line) data other than the run started with:
+        another caption file or photo set, or the same ones changed in place (unless ``allow_change``)."""
+        if identity is None:  # a caller's own iterator: config.data is not what it reads
+            return
+        self.current[DATA_KEY] = dict(identity)
+        before = (self.saved or {}).get(DATA_KEY)
+        if before is None:
+            if self.saved is not None:
+                print(f"[train] {self.path} records no data identity (an older version's): the data from now on is "
+                      "recorded, not compared", flush=True)
+            return
+        changed = data_changes(before, identity)
+        if changed and not self.allow_change:
+            raise WorkdirError(f"resume of {self.workdir} with other data: {_shown(changed)}; use the data it started "
+                               "with, another workdir, or --allow-config-change")
+        if changed:
+            print(f"[train] resuming with other data (allowed): {_shown(changed)}", flush=True)
+
+    def write(self) -> epath.Path:
+        """Replace ``config.resolved.json`` with this start's config, as a whole (``write_text_atomic``)."""
+        write_text_atomic(self.path, json.dumps(self.current, indent=1, sort_keys=True) + "\n")
+        return self.path
+
+
+def check_resume(workdir: str | os.PathLike, config: Any, *, resuming: bool, allow_change: bool = False
+                 ) -> RunRecord:
+    """The run's record; when ``resuming``, first refuse a changed config (WorkdirError naming the keys).
+    Writes nothing: ``RunRecord.write`` does, once the restore succeeded."""
     workdir = as_path(workdir)
     path = workdir / CONFIG_FILE
     current = resolved_config(config)
+    saved = None
     if resuming and path.is_file():
         try:
             saved = json.loads(path.read_text())
         except ValueError:
             raise WorkdirError(f"{path} is not valid JSON; repair or delete it to resume") from None
-        changed = config_changes(saved, current)
+        # with a recorded data identity the resolved paths and contents are compared (check_data), not spellings
+        changed = [k for k in config_changes(saved, current)
+                   if not (DATA_KEY in saved and k in DATA_PATH_KEYS)]
         if changed and not allow_change:
             a, b = _flatten(saved), _flatten(current)
-            shown = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed[:4])
-            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-            raise WorkdirError(f"resume of {workdir} with a changed config: {shown}{more}; use the saved "
+            shown = _shown([f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed])
+            raise WorkdirError(f"resume of {workdir} with a changed config: {shown}; use the saved "
                                f"config ({path}), another workdir, or --allow-config-change")
         if changed:
             print(f"[train] resuming with a changed config (allowed): {', '.join(changed)}", flush=True)
-    write_text_atomic(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    return RunRecord(workdir, current, saved, allow_change)
+
+
+def record_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, allow_change: bool = False
+                  ) -> epath.Path:
+    """``check_resume`` then ``write`` at once (no restore between them)."""
+    return check_resume(workdir, config, resuming=resuming, allow_change=allow_change).write()
+
+
+def check_workdir(value: Any, *, contents: bool = True) -> epath.Path:
+    """``config.workdir`` as a path, if a run may use it: WorkdirError (one line) for an empty value (it would
+    be the current directory) and for a folder that holds files but is not a jax_refine workdir (no
+    ``config.resolved.json``; a run stopped before writing it leaves only its lock and an empty checkpoints
+    folder, which are ours; ``contents=False`` skips this look). A new or empty folder is fine."""
+    if value is None or not str(value).strip():
+        raise WorkdirError(f"config.workdir is empty ({value!r}): give the run its own directory "
+                           "(--workdir DIR or --config.workdir=DIR)")
+    path = as_path(str(value))
+    if not contents or not path.is_dir() or (path / CONFIG_FILE).exists():
+        return path
+    entries = sorted(p.name for p in path.iterdir())
+    ckpts = path / "checkpoints"
+    foreign = [n for n in entries if not (n == LOCK_FILE or (n == ckpts.name and not any(ckpts.iterdir())))]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+        raise WorkdirError(f"workdir {path} is not empty and is not a jax_refine workdir (it holds {shown}; no "
+                           f"{CONFIG_FILE}): give the run a new or empty directory")
     return path

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from jax_refine import preprocess
+from jax_refine import fingerprint, preprocess
 from jax_refine.data import decoding, hosts, sources
 from jax_refine.data.tf_runtime import tf, tfds
 
@@ -49,6 +49,7 @@ class ClassificationSet:
     _records: Callable[[], "tf.data.Dataset"]
     num_parallel_calls: int = -1
     _stats: dict = dataclasses.field(default_factory=lambda: {"skipped_bad_image": 0})
+    content: str = ""  # fingerprint.files_key of every file read (photos with their class folders, or shards)
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         return decoding.eval_batches(self._records(), batch_size=self.batch_size, prep=self.prep,
@@ -90,7 +91,7 @@ def _catalog_set(name, *, split, data_dir, manual_dir, try_gcs, max_examples, pr
                                 read_config=tfds.ReadConfig(add_tfds_id=True))
         return ds.map(lambda ex: {"image": frame(ex[image_key]), "key": ex["tfds_id"], "label": ex[label_key]})
 
-    return names, sum(sizes), max(sizes), records
+    return names, sum(sizes), max(sizes), records, sources.builder_content(builder)
 
 
 def list_class_folder(directory: str | Path) -> tuple[list[str], list[str], list[int]]:
@@ -117,8 +118,17 @@ def list_class_folder(directory: str | Path) -> tuple[list[str], list[str], list
     return names, paths, labels
 
 
+def folder_content(directory: str | Path, paths: list[str]) -> str:
+    """The content key of a class-folder set: every photo by its path under ``directory`` (so its class
+    folder, i.e. its label) and stat, and the bytes of ``classnames.txt`` (absent: the folder names)."""
+    names_file = Path(directory) / "classnames.txt"
+    return (fingerprint.files_key(paths, root=directory) + ":"
+            + fingerprint.files_key([names_file], root=directory, content=True))
+
+
 def _folder_set(directory, *, max_examples, process_index, process_count):
     names, paths, labels = list_class_folder(directory)
+    content = folder_content(directory, paths)
     if max_examples and max_examples < len(paths):  # a fixed random subset, every class represented
         keep = np.sort(np.random.default_rng(0).permutation(len(paths))[:max_examples])
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
@@ -128,7 +138,7 @@ def _folder_set(directory, *, max_examples, process_index, process_count):
     def records():
         return decoding.read_image_files(paths[start:stop], {"label": np.asarray(labels[start:stop], np.int64)})
 
-    return names, len(paths), max(b - a for a, b in bounds), records
+    return names, len(paths), max(b - a for a, b in bounds), records, content
 
 
 def load_classification(spec: str, *, batch_size: int, prep: preprocess.Preprocessing | None = None,
@@ -145,13 +155,13 @@ def load_classification(spec: str, *, batch_size: int, prep: preprocess.Preproce
     hosts.check_process(process_index, process_count)
     if spec.startswith("folder:"):
         name = spec[len("folder:"):]
-        names, total, per_host, records = _folder_set(name, max_examples=max_examples,
+        names, total, per_host, records, content = _folder_set(name, max_examples=max_examples,
                                                       process_index=process_index, process_count=process_count)
     else:
         name = spec
-        names, total, per_host, records = _catalog_set(
+        names, total, per_host, records, content = _catalog_set(
             spec, split=split, data_dir=data_dir, manual_dir=manual_dir, try_gcs=try_gcs,
             max_examples=max_examples, process_index=process_index, process_count=process_count)
     return ClassificationSet(name=name, class_names=names, num_examples=total, batch_size=batch_size,
                              num_batches=max(1, math.ceil(per_host / batch_size)), prep=prep,
-                             _records=records, num_parallel_calls=num_parallel_calls)
+                             _records=records, num_parallel_calls=num_parallel_calls, content=content)

@@ -17,29 +17,26 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
-import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from jax_refine.data import decoding
 from jax_refine.data.coco_format import check_trainable
-from jax_refine.data.sources import read_captions
+from jax_refine.data.sources import caption_set_content, read_captions
 from jax_refine.data.tf_runtime import tfds
 
 BUILDER_NAME = "coco_captions_json"
 log = logging.getLogger(__name__)
 
 
-def content_key(annotations: str | Path, images: str | Path) -> str:
-    """12 hex digits of sha256 over the annotations file's bytes and the image directory's listing
-    (file names and sizes): a prepared dataset is reused only for the same content."""
-    h = hashlib.sha256(Path(annotations).read_bytes())
-    with os.scandir(images) as entries:
-        for name, size in sorted((e.name, e.stat().st_size) for e in entries if e.is_file()):
-            h.update(f"\0{name}\0{size}".encode())
-    return h.hexdigest()[:12]
+def content_key(annotations: str | Path, images: str | Path, paths: Sequence[str]) -> str:
+    """12 hex digits over the annotations file's bytes and every photo the records use (``paths``, under
+    ``images``, sub-folders included: name, size, mtime, inode; ``fingerprint.files_key``): a prepared dataset
+    is reused only for the same content."""
+    return hashlib.sha256(caption_set_content(annotations, images, list(paths)).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(eq=False)
@@ -121,12 +118,12 @@ def _stored_images(records, cfg: CocoJsonConfig):
             yield from pool.map(load, records[start:start + 256])
 
 
-def _config_name(annotations: str | Path, images: str | Path, name: str | None = None,
+def _config_name(annotations: str | Path, images: str | Path, paths: Sequence[str], name: str | None = None,
                  subset: str | None = None, image_size: int = 0) -> str:
     """`<name or annotations stem[_subset]>-<content_key>[-<image_size>px]`: one prepared dataset per content."""
     stem = name or (Path(annotations).stem + (f"_{Path(subset).stem}" if subset else ""))
     base = re.sub(r"[^\w\-.]", "_", stem) or "default"
-    return f"{base}-{content_key(annotations, images)}" + (f"-{image_size}px" if image_size else "")
+    return f"{base}-{content_key(annotations, images, paths)}" + (f"-{image_size}px" if image_size else "")
 
 
 def prepare_coco_json(
@@ -139,7 +136,7 @@ def prepare_coco_json(
     The result (`out_dir/coco_captions_json/<name>/1.0.0`) opens with `tfds.builder_from_directory`
     (config `data.source="tfds_dir"`). `name` defaults to the annotations file's stem. A dataset already
     prepared there is reused only when it was prepared from the same content: the config name is
-    `<name>-<content_key>` (hash of the annotations file and the image listing) under the builder's version,
+    `<name>-<content_key>` (hash of the annotations file and of every photo it uses) under the builder's version,
     so a changed file or image set with the same file name is prepared anew (and the log says so).
     `format` / `subset`: any caption format `sources.read_captions` reads (Flickr token file + split list,
     Karpathy JSON + split); the default is detected from the file. `image_size`: store each photo with its
@@ -154,7 +151,8 @@ def prepare_coco_json(
     if image_format not in ("jpeg", "png"):
         raise ValueError(f"image_format={image_format!r}: use 'jpeg' or 'png'")
     size = int(image_size or 0)
-    config_name = _config_name(annotations, images, name, subset, size) + ("-png" if size and image_format == "png" else "")
+    config_name = (_config_name(annotations, images, [r["path"] for r in records], name, subset, size)
+                   + ("-png" if size and image_format == "png" else ""))
     cfg = CocoJsonConfig(name=config_name, annotations=str(annotations), images=str(images), split=split,
                          format=fmt, subset=subset or "", image_size=size, image_format=image_format)
     out_dir = Path(out_dir).absolute()  # relative to the caller's directory, printed in full

@@ -39,6 +39,7 @@ class RetrievalSet:
     prep: preprocess.Preprocessing  # the model's image size, resize mode, mean/std, tokenizer
     _records: Callable[[], "tf.data.Dataset"]
     _stats: dict = dataclasses.field(default_factory=lambda: {"skipped_bad_image": 0})
+    content: str = ""  # fingerprint.files_key of every file read (caption file and photos, or shards)
 
     def image_batches(self) -> Iterator[dict[str, np.ndarray]]:
         return decoding.eval_batches(self._records(), batch_size=self.batch_size, prep=self.prep,
@@ -68,10 +69,13 @@ def _from_tfds(builder, split, *, max_examples, process_index, process_count):
         ds = sources.caption_records(builder, splits[process_index], add_tfds_id=True)
         return ds.map(lambda r: {"image": r["image"], "key": r["key"], "image_index": table.lookup(r["key"])})
 
-    return len(keys), captions, owner, per_host, records
+    return len(keys), captions, owner, per_host, records, sources.builder_content(builder)
 
 
-def _from_records(recs, *, max_examples, process_index, process_count):
+def _from_records(recs, annotations=None, images=None, *, max_examples, process_index, process_count):
+    # the content key (an evaluation cache's) of a caption file read in place; "" for an in-memory caption list
+    content = "" if annotations is None else sources.caption_set_content(annotations, images,
+                                                                          [r["path"] for r in recs])
     recs = recs[: max_examples or None]
     captions = [t for r in recs for _, t in r["captions"]]
     owner = [i for i, r in enumerate(recs) for _ in r["captions"]]
@@ -82,7 +86,7 @@ def _from_records(recs, *, max_examples, process_index, process_count):
     def records():
         return decoding.read_image_files(paths, {"image_index": np.arange(start, stop, dtype=np.int64)})
 
-    return len(recs), captions, owner, max(b - a for a, b in bounds), records
+    return len(recs), captions, owner, max(b - a for a, b in bounds), records, content
 
 
 def load_retrieval(spec: str, *, batch_size: int, prep: preprocess.Preprocessing | None = None,
@@ -108,10 +112,10 @@ def load_retrieval(spec: str, *, batch_size: int, prep: preprocess.Preprocessing
         parts = _from_tfds(sources.open_directory(path), split or "train", **kw)
     elif kind == "coco_json" and rest.count(":") == 1:
         ann, images = rest.split(":")
-        parts = _from_records(sources.read_captions(ann, images, format="coco"), **kw)
+        parts = _from_records(sources.read_captions(ann, images, format="coco"), ann, images, **kw)
     elif kind in ("flickr", "karpathy") and rest.count(":") == 2:
         ann, split, images = rest.split(":")
-        parts = _from_records(sources.read_captions(ann, images, format=kind, split=split), **kw)
+        parts = _from_records(sources.read_captions(ann, images, format=kind, split=split), ann, images, **kw)
     else:
         raise ValueError(f"unknown retrieval spec {spec!r}: use coco_karpathy_test, tfds:<name>:<split>, "
                          "tfds_dir:<dir>[:<split>], coco_json:<annotations.json>:<image dir>, "
@@ -133,11 +137,11 @@ def load_caption_list(listed: sources.CaptionList, *, batch_size: int, prep: pre
 
 def _retrieval_set(spec: str, parts: tuple, prep: preprocess.Preprocessing, tokenizer, batch_size: int
                    ) -> RetrievalSet:
-    num_images, captions, owner, per_host, records = parts
+    num_images, captions, owner, per_host, records, content = parts
     if not captions:
         raise ValueError(f"retrieval set {spec!r} has no captions")
     texts = prep.tokenize(captions, tokenizer)
     texts["caption_image_index"] = np.asarray(owner, np.int32)
     return RetrievalSet(name=spec, num_images=num_images, texts=texts, captions=captions, batch_size=batch_size,
                         num_batches=max(1, math.ceil(per_host / batch_size)), prep=prep,
-                        _records=records)
+                        _records=records, content=content)

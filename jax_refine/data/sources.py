@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jax_refine import fingerprint
 from jax_refine.data import flickr, karpathy
 from jax_refine.data.coco_format import check_trainable, read_coco_json
 from jax_refine.data.tf_runtime import tf, tfds
@@ -121,6 +122,22 @@ def open_caption_builder(data_config: Any, *, process_count: int = 1):
     if source == "coco_json":
         raise ValueError("data.source=coco_json is read in place by make_train_iterator, not opened as a builder")
     raise ValueError(f"unknown data.source={source!r}: use coco_json, tfds or tfds_dir")
+
+
+def builder_content(builder) -> str:
+    """The content key of a prepared TFDS dataset: every file of its directory (record shards,
+    dataset_info.json; ``fingerprint.files_key`` by stat). A dataset in a bucket keys by name and version."""
+    root = str(builder.data_dir)
+    if "://" in root:  # no cheap stat of every object there; a prepared version is not rewritten in place
+        return f"{builder.name}:{builder.version}"
+    return fingerprint.files_key(fingerprint.tree_files(root), root=root)
+
+
+def caption_set_content(annotations: str | Path, images: str | Path, paths: list[str]) -> str:
+    """The content key of a caption set read in place: the caption file's bytes and every photo it uses
+    (``paths``, under ``images``: name, size, mtime, inode), as ``<captions key>:<photos key>``."""
+    captions = fingerprint.files_key([annotations], root=Path(annotations).parent, content=True)
+    return f"{captions}:{fingerprint.files_key(paths, root=images)}"
 
 
 def check_split(builder, split: str) -> None:

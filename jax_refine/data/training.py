@@ -20,6 +20,7 @@ State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds e
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,6 +80,7 @@ class TrainIterator:
         self._it: Iterator | None = None
         self._base = dict(self.counts)
         self._epoch_batches = 0  # self.batches when the current epoch began
+        self.identity: dict[str, Any] | None = None  # what it reads (data_identity), set by make_train_iterator
 
     # -- sizes -------------------------------------------------------------------------------------
     def _count_examples(self) -> int:
@@ -264,10 +266,26 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, prep: prepr
         if stored and int(stored.group(1)) < image_size:  # prepare-data --image-size smaller than the model's
             raise ValueError(f"data.data_dir={f(data_config, 'data_dir')} holds photos prepared at {stored.group(1)} px "
                              f"but the model takes {image_size} px: prepare again with --image-size {image_size}")
-    return TrainIterator(
+    it = TrainIterator(
         builder, f(data_config, "split", "train"), global_batch_size=global_batch_size, prep=prep, seed=seed, process_index=process_index, process_count=process_count,
         tokenizer=tokenizer, caption_mode=f(data_config, "caption_mode", "random"),
         shuffle_buffer=int(f(data_config, "shuffle_buffer", 10_000)),
         num_parallel_calls=int(f(data_config, "num_parallel_calls", -1)), prefetch=int(f(data_config, "prefetch", 2)),
         fast_decode=bool(f(data_config, "fast_decode", False)),
     )
+    it.identity = data_identity(data_config, builder)
+    return it
+
+
+def data_identity(data_config: Any, builder) -> dict[str, Any]:
+    """What the run reads, as its workdir records it (``workdir.RunRecord``): the resolved paths and the
+    content keys (``fingerprint.files_key``) of the caption file (bytes) and of the photos of the split
+    (size, mtime, inode); for a prepared TFDS set its directory and every file in it."""
+    f = sources._field
+    if isinstance(builder, sources.CaptionList):
+        ann, images = f(data_config, "annotations"), f(data_config, "images")
+        captions, photos = sources.caption_set_content(ann, images, list(builder.paths)).split(":")
+        return {"annotations": os.path.realpath(ann), "captions_key": captions, "images": os.path.realpath(images),
+                "photos_key": photos, "num_photos": len(builder.paths)}
+    root = str(builder.data_dir)
+    return {"dataset": root if "://" in root else os.path.realpath(root), "files_key": sources.builder_content(builder)}

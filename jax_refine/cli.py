@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from jax_refine import commands
+from jax_refine import commands, failures
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -27,6 +27,21 @@ config overrides:
 """
 
 
+class RepeatedFlag(ValueError):
+    """An option given twice (argparse would keep the last one silently)."""
+
+
+class _Once(argparse.Action):
+    """Store an option's value, refusing a second one: `--config a --config b` is a mistake, not a choice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = f"_given_{self.dest}"
+        if getattr(namespace, seen, None) is not None:
+            raise RepeatedFlag(f"{option_string} is given twice ({getattr(namespace, seen)} and {values}); give it once")
+        setattr(namespace, seen, values)
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jax_refine",
@@ -36,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.register("action", None, _Once)  # every option with a value: given at most once
+        return parser
 
     t = add("train", "Train (refine) a CLIP with the method of a config; saves Orbax checkpoints and exports "
                      "the result in Hugging Face format to WORKDIR/hf. Re-running resumes from the last checkpoint.")
@@ -135,15 +152,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data: keep it quiet
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except RepeatedFlag as err:
+        print(f"error: {err}\n(see `python -m jax_refine --help`)", file=sys.stderr)
+        return 2
     overrides = _split_overrides(rest, parser, args.command)
     try:
         return getattr(commands, args.command.replace("-", "_"))(args, overrides) or 0
+    except failures.RunStopped as err:  # one line per fault, no traceback (e.g. divergence, missing inputs)
+        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
+        return err.exit_code
     except (ValueError, FileNotFoundError) as err:
         if not _is_input_error(err):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}\n(see `python -m jax_refine {args.command} --help`)", file=sys.stderr)
+        print(f"error: {failures.first_line(err)}\n(see `python -m jax_refine {args.command} --help`)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

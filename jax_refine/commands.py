@@ -14,6 +14,7 @@ from jax_refine import workdir as workdir_lib
 from jax_refine.config import load_config
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: a scheduler sees the preemption (the checkpoint is saved; rerun resumes)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: Ctrl-C saved the step and stopped, as a shell expects of an interrupt
 
 
 def train(args, overrides: list[str]) -> int:
@@ -28,7 +29,9 @@ def train(args, overrides: list[str]) -> int:
     result = train_lib.train(config, allow_config_change=args.allow_config_change)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=1, default=str))
-    return PREEMPTED_EXIT if result["preempted"] else 0
+    if not result["preempted"]:
+        return 0
+    return INTERRUPTED_EXIT if result.get("signal") == "SIGINT" else PREEMPTED_EXIT
 
 
 def resolved_config(spec: str, overrides: list[str]) -> dict:

@@ -376,16 +376,28 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
     hook_list.append(hooks.FlushMetrics(writer, int(config.checkpoint.every_steps)))
     guard = hooks.DivergenceGuard(float(config.train.get("divergence_factor", 0.0) or 0.0),
                                   int(config.train.get("divergence_window", 1) or 1), lr=float(config.optimizer.lr))
+    ckpt.quiet_disk_full_logs()
+    failed = False
     try:
         with preemption:
             state, done = run_loop(trainer, state, data_iter, mngr, start, hook_list, guard)
         mngr.wait_until_finished()
+    except Exception as err:
+        failed = True
+        if not ckpt.is_disk_full(err):
+            raise
+        raise ckpt.disk_full_error(err, mngr.directory, ckpt.state_bytes(trainer.abstract_saved()),
+                                   _newest_finished(mngr)) from None
     finally:
         for hook in hook_list:
             if hasattr(hook, "close"):
                 hook.close()
         writer.close()
-        mngr.close()
+        try:
+            mngr.close()
+        except Exception:  # a failed save raises again here: the error in flight says it already
+            if not failed:
+                raise
         if hasattr(data_iter, "close"):  # its tf.data threads end with the run, however it ends
             data_iter.close()
     if preemption.preempted and distributed.is_main():
@@ -399,6 +411,13 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
            "signal": preemption.signal_name, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}
     return {**out, "state": state} if return_state else out
+
+
+def _newest_finished(mngr: Any) -> int | None:
+    """The newest step of ``mngr`` on disk under its final name (a failed save's step is not one)."""
+    directory = workdir_lib.as_path(mngr.directory)
+    steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()] if directory.is_dir() else []
+    return max(steps, default=None)
 
 
 def _start_checkpoint_dir(config: Any) -> Path | None:

@@ -114,12 +114,24 @@ def _parse_value(text: str):
         return text
 
 
+def _field_type(node: ml_collections.ConfigDict, leaf: str) -> type | None:
+    """The type ``node.leaf`` holds (a ``placeholder(T)`` still None: T)."""
+    try:
+        return node.get_type(leaf)
+    except (KeyError, AttributeError):
+        return None if node[leaf] is None else type(node[leaf])
+
+
 def _is_bool_field(node: ml_collections.ConfigDict, leaf: str) -> bool:
     """Whether ``node.leaf`` holds a bool, or is a ``placeholder(bool)`` still None."""
+    return _field_type(node, leaf) is bool
+
+
+def _float_or_text(text: str) -> float | str:
     try:
-        return node.get_type(leaf) is bool
-    except (KeyError, AttributeError):
-        return isinstance(node[leaf], bool)
+        return float(text)
+    except ValueError:
+        return text
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
@@ -145,6 +157,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         value = _parse_value(text)
         if _is_bool_field(node, leaf) and text.strip().lower() in ("true", "false"):
             value = text.strip().lower() == "true"  # false, FALSE, False alike (a shell user types any)
+        elif _field_type(node, leaf) is float and isinstance(value, str):
+            value = _float_or_text(text)  # inf, nan: a number, refused by check_values with the rule it breaks
         if isinstance(node[leaf], str) and not isinstance(value, str):
             value = text  # a string field keeps the text as typed (e.g. --config.workdir=123)
         if isinstance(node[leaf], tuple) and isinstance(value, (str, list)):

@@ -334,3 +334,52 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(coco_json, small_
     assert "the last intact checkpoint, step 2, is kept" in lines[0]
     assert sorted(d.name for d in (work / "checkpoints").iterdir()) == ["2"]  # the unfinished step 4 removed
     ckpt.check_step_files(work / "checkpoints" / "2")
+
+
+# ------------------------------------------------------------------------------ 5. losses
+def _normalize_grad_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """d/dx sum(w * x/||x||) in float64, row by row: (w - y (y.w)) / ||x||; 0 for an all-zero row (the
+    subgradient l2_normalize takes there)."""
+    out = np.zeros_like(x, np.float64)
+    for i, (row, wi) in enumerate(zip(x.astype(np.float64), w.astype(np.float64))):
+        n = np.linalg.norm(row)
+        if n > 0:
+            y = row / n
+            out[i] = (wi - y * (y @ wi)) / n
+    return out
+
+
+def test_l2_normalize_of_a_zero_row_has_a_finite_bounded_gradient():
+    from jax_refine import losses
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    x[2] = 0.0
+    w = rng.normal(size=(4, 8)).astype(np.float32)
+    y = np.asarray(losses.l2_normalize(x))
+    grad = np.asarray(jax.grad(lambda a: (losses.l2_normalize(a) * w).sum())(x))
+    x64 = x.astype(np.float64)
+    norms = np.linalg.norm(x64, axis=1, keepdims=True)
+    expected_y = x64 / np.where(norms > 0, norms, 1.0)  # the zero row stays zero
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, _normalize_grad_reference(x, w), rtol=1e-5, atol=1e-6)  # was ~1e12 at row 2
+    # through a whole loss: HyCD on normalized features, one student image row all zero
+    fi, ft, gi, gt = (rng.normal(size=(4, 8)).astype(np.float32) for _ in range(4))
+    fi[1] = 0.0
+    g = jax.grad(lambda a: losses.hycd_loss(a, ft, gi, gt, alpha=0.5, temperature=1.0, normalize=True))(fi)
+    assert np.all(np.isfinite(g)) and np.abs(g).max() < 10.0, np.abs(g).max()
+
+
+def test_complex_features_are_refused_in_one_line():
+    from jax_refine import losses, metrics
+
+    z = np.ones((4, 8), np.complex64)
+    r = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"^hycd_loss: image_features is complex64; features must be real"):
+        losses.hycd_loss(z, r, r, r, alpha=0.5, temperature=1.0)
+    with pytest.raises(ValueError, match=r"^l2_normalize: x is complex64; features must be real"):
+        losses.l2_normalize(z)
+    with pytest.raises(ValueError, match=r"complex64; features must be real"):
+        metrics.modality_gap(z, r)
+    with pytest.raises(ValueError, match=r"^hycd_loss: temperature=inf is outside \(0.0, inf\]$"):
+        losses.hycd_loss(r, r, r, r, alpha=0.5, temperature=float("inf"))

@@ -7,6 +7,7 @@ transformers (seconds), which `--help` and a bad argument should not wait for.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from jax_refine import outputs
@@ -87,7 +88,8 @@ def export(args, overrides: list[str]) -> int:
     model = checkpoint.load_model(args.checkpoint)
     # local, or to a bucket: written locally, then uploaded file by file (config.json last)
     out = train.export_hf(model, out, tokenizer_dir=_start_tokenizer_dir(args.checkpoint), overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} ({model.family}) -> {out} (open with transformers.AutoModel.from_pretrained)")
+    print(f"exported {args.checkpoint} ({model.family}) -> {out}: {outputs.describe(workdir_lib.as_path(out))} "
+          "(open with transformers.AutoModel.from_pretrained)")
     return 0
 
 
@@ -118,8 +120,8 @@ def prepare_data(args, overrides: list[str]) -> int:
                                  format=getattr(args, "format", None), subset=getattr(args, "split", None),
                                  image_size=getattr(args, "image_size", None),
                                  image_format=getattr(args, "image_format", "jpeg"))
-    print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out} "
-          "--config.data.split=train")
+    print(f"prepared {out}; train from it with --config.data.source=tfds_dir "
+          f"--config.data.data_dir={shlex.quote(str(out))} --config.data.split=train")
     return 0
 
 

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from jax_refine import checkpoint as ckpt
 from jax_refine import config as config_lib
-from jax_refine import distributed, failures, hf, hooks, objectives, preprocess
+from jax_refine import distributed, failures, hf, hooks, objectives, outputs, preprocess
 from jax_refine import sharding as shd
 from jax_refine import step as step_lib
 from jax_refine import train_state as ts
@@ -407,6 +407,8 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
     if not preemption.preempted and bool(config.train.get("export_hf", True)) and end > 0:
         model = nnx.merge(trainer.setup.graphdef, state.params, trainer.setup.rest)
         hf_dir = str(export_hf(model, workdir / "hf", tokenizer_dir=_start_checkpoint_dir(config)))
+        if distributed.is_main():
+            print(f"[train] exported step {end} -> {hf_dir}: {outputs.describe(workdir / 'hf')}", flush=True)
     out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted,
            "signal": preemption.signal_name, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}

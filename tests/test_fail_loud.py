@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR10_DIR, REPO_ROOT, require_shared_data
-from test_faults import coco_json, untouched  # noqa: F401 (fixtures)
+from test_faults import coco_json, trained, untouched  # noqa: F401 (fixtures)
 from train_helpers import SyntheticIterator, tiny_config
 
 from jax_refine import checkpoint as ckpt, cli, failures, hooks, objectives, train
@@ -383,3 +384,110 @@ def test_complex_features_are_refused_in_one_line():
         metrics.modality_gap(z, r)
     with pytest.raises(ValueError, match=r"^hycd_loss: temperature=inf is outside \(0.0, inf\]$"):
         losses.hycd_loss(r, r, r, r, alpha=0.5, temperature=float("inf"))
+
+
+# ------------------------------------------------------------------------------ 5. the small ones
+def _dead_pid() -> int:
+    """A process id that no process has now."""
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_export_through_a_symlink_replaces_its_directory_and_cleans_its_own_leftovers(trained, tmp_path, capsys,
+                                                                                     untouched):
+    real, link = tmp_path / "exports" / "v1", tmp_path / "latest"
+    assert cli.main(["export", "--checkpoint", str(trained), "--out", str(real)]) == 0
+    link.symlink_to(real, target_is_directory=True)
+    dead = _dead_pid()
+    for name in (f".v1.tmp-{dead}-abc123", f".v1.old-{dead}"):  # what a killed export leaves
+        (real.parent / name).mkdir()
+        (real.parent / name / "model.safetensors").write_bytes(b"partial")
+    capsys.readouterr()
+    rc = cli.main(["export", "--checkpoint", str(trained), "--out", str(link), "--overwrite"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err  # was: the export written, then exit 1 (rmtree on a symbolic link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["v1"]  # the leftovers are gone, nothing else is left
+    files = sorted(p.name for p in real.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert {"config.json", "model.safetensors"} <= set(files)
+    assert f"[output] removed 2 leftover(s) of an earlier, killed write of {real}" in captured.out
+    closing = [line for line in captured.out.splitlines() if line.startswith("exported ")]
+    size = sum(p.stat().st_size for p in real.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert len(closing) == 1 and f"-> {link}: {len(files)} files, {size / 1e6:.1f} MB: " in closing[0], closing
+    assert all(name in closing[0] for name in files)
+
+
+def _bom_and_latin1(coco: Path, tmp: Path) -> tuple[Path, Path]:
+    text = (coco / "captions_val2017.json").read_text(encoding="utf-8")
+    bom = tmp / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    doc = json.loads(text)
+    doc["annotations"][0]["caption"] = "un caf\u00e9 cr\u00e8me"  # written as Latin-1 below
+    latin1 = tmp / "latin1.json"
+    latin1.write_bytes(json.dumps(doc, ensure_ascii=False).encode("latin-1"))
+    return bom, latin1
+
+
+def test_a_caption_json_with_a_bom_is_read_and_a_latin1_one_is_one_line(coco_json, tmp_path, capsys, untouched):
+    from jax_refine.data import read_coco_json
+
+    bom, latin1 = _bom_and_latin1(coco_json, tmp_path)
+    plain = read_coco_json(coco_json / "captions_val2017.json", coco_json / "images")
+    assert read_coco_json(bom, coco_json / "images") == plain  # was: refused as not valid JSON
+    rc = cli.main(["prepare-data", "--annotations", str(latin1), "--images", str(coco_json / "images"),
+                   "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.splitlines()
+    offset = latin1.read_bytes().index(b"caf\xe9") + 3
+    assert rc == 2 and lines[0] == f"error: {latin1}: not UTF-8 text (byte 0xe9 at offset {offset}); save it as UTF-8"
+    assert len(lines) == 2 and not (tmp_path / "out").exists()
+
+
+def test_prepare_data_skips_symlink_cycles_with_a_count_and_quotes_its_hint(coco_json, tmp_path, capsys, caplog,
+                                                                            untouched):
+    images = tmp_path / "images"
+    shutil.copytree(coco_json / "images", images)
+    (images / "a.jpg").symlink_to(images / "b.jpg")
+    (images / "b.jpg").symlink_to(images / "a.jpg")  # a <-> b: "too many levels of symbolic links"
+    out = tmp_path / "my prepared data"
+    rc = cli.main(["prepare-data", "--annotations", str(coco_json / "captions_val2017.json"), "--images", str(images),
+                   "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]  # was: a traceback (OSError ELOOP)
+    assert f"{images}: skipped 2 entries that cannot be followed (symlink cycles): a.jpg, b.jpg" in caplog.text
+    hint = next(line for line in captured.out.splitlines() if line.startswith("prepared "))
+    flags = dict(a.split("=", 1) for a in shlex.split(hint.split("train from it with ")[1]))
+    assert Path(flags["--config.data.data_dir"]).is_dir() and " " in flags["--config.data.data_dir"]
+
+
+PREPARE = ["-m", "jax_refine", "prepare-data"]
+
+
+def test_two_prepare_data_runs_of_one_set_into_one_out_both_succeed_and_leftovers_go(coco_json, tmp_path, capsys,
+                                                                                    untouched):
+    out = tmp_path / "out"
+    argv = [*PREPARE, "--annotations", str(coco_json / "captions_val2017.json"), "--images", str(coco_json / "images"),
+            "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    procs = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=500) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):  # was: one of them died with a TFDS traceback
+        assert p.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    dirs = {line.split()[1].rstrip(";") for stdout, _ in results for line in stdout.splitlines()
+            if line.startswith("prepared ")}
+    assert len(dirs) == 1 and Path(dirs.pop()).is_dir()
+    config_dir = next(d for d in (out / "coco_captions_json").iterdir() if d.is_dir())
+    assert not list(config_dir.glob("incomplete.*"))
+    (config_dir / "incomplete.K1LL3D_1.0.0").mkdir()  # what a killed preparation leaves
+    (config_dir / "incomplete.K1LL3D_1.0.0" / "part.tfrecord").write_bytes(b"x")
+    assert cli.main(argv[2:]) == 0
+    assert f"[data] removed 1 leftover(s) of an earlier, killed prepare-data in {config_dir}: incomplete.K1LL3D_1.0.0" \
+        in capsys.readouterr().out
+    assert not list(config_dir.glob("incomplete.*"))

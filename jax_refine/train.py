@@ -379,9 +379,9 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
     ckpt.quiet_disk_full_logs()
     failed = False
     try:
-        with preemption:
+        with preemption:  # over the last save too: a second Ctrl-C while it is written still stops at once
             state, done = run_loop(trainer, state, data_iter, mngr, start, hook_list, guard)
-        mngr.wait_until_finished()
+            mngr.wait_until_finished()
     except Exception as err:
         failed = True
         if not ckpt.is_disk_full(err):

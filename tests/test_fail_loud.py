@@ -288,23 +288,52 @@ def test_ctrl_c_saves_the_step_and_exits_130_in_one_line(coco_json, tmp_path, ca
     assert f"[train] SIGINT: saved step {saved[0]} and stopped" in captured.out
 
 
+SLOW_STEP = textwrap.dedent("""
+    import pathlib, sys, time
+    sys.path[:0] = [{tests!r}, {repo!r}]
+    from jax_refine import cli, train
+
+    real = train.make_data_iterator
+
+    class Slow:  # the real training iterator; the batch of step 3 takes a minute (a slow disk, say)
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+        def __iter__(self):
+            return self
+        def __next__(self):
+            self.n += 1
+            if self.n == 3:
+                pathlib.Path({marker!r}).write_text("waiting")
+                time.sleep(60)
+            return next(self.inner)
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    train.make_data_iterator = lambda config, prep: Slow(real(config, prep))
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
 def test_a_second_ctrl_c_stops_at_once(coco_json, tmp_path, untouched):
-    work = tmp_path / "run"
+    work, marker = tmp_path / "run", tmp_path / "slow_step"
+    script = SLOW_STEP.format(tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT), marker=str(marker))
     argv = ["train", "--config", "tiny_test", "--workdir", str(work), *data_flags(coco_json, tmp_path),
             "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000",
             "--config.data.shuffle_buffer=16"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jax_refine", *argv], env=env, stdout=subprocess.PIPE,
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not (
-            (work / "metrics.jsonl").is_file() and (work / "metrics.jsonl").read_text().strip()):
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)  # at once: no save, no export
+    proc.send_signal(signal.SIGINT)  # the first: save after this step and stop ...
+    time.sleep(1.0)  # (two signals at once reach Python as one)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)  # ... the second: the user will not wait for the slow step
+    out, err = proc.communicate(timeout=300)
+    assert time.time() - t0 < 30  # not the minute the step still takes
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "[train] second SIGINT: stopped at once, nothing saved" in out
+    assert "[train] second SIGINT: stopped at once, nothing saved" in out, out[-2000:]
     assert not [d for d in (work / "checkpoints").iterdir() if d.name.isdigit()]
 
 

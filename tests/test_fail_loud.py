@@ -449,7 +449,7 @@ def test_export_through_a_symlink_replaces_its_directory_and_cleans_its_own_left
     assert f"[output] removed 2 leftover(s) of an earlier, killed write of {real}" in captured.out
     closing = [line for line in captured.out.splitlines() if line.startswith("exported ")]
     size = sum(p.stat().st_size for p in real.iterdir() if p.is_file() and not p.name.startswith("."))
-    assert len(closing) == 1 and f"-> {link}: {len(files)} files, {size / 1e6:.1f} MB: " in closing[0], closing
+    assert len(closing) == 1 and f"-> {real}: {len(files)} files, {size / 1e6:.1f} MB: " in closing[0], closing
     assert all(name in closing[0] for name in files)
 
 

@@ -24,9 +24,13 @@ CLIP or SigLIP, open_clip's format) or a hub id.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_refine import hf
+from jax_refine import failures, hf
 from jax_refine import workdir as workdir_lib
 from jax_refine.models import registry
 from jax_refine.train_state import TrainState, path_str, split_model
@@ -448,3 +452,74 @@ def _load_checkpoint(workdir_or_step_dir: Path | epath.Path, dtype: Any, shardin
     finally:
         mngr.close()
     return nnx.merge(graphdef, params, rest)
+
+
+# ------------------------------------------------------------------------------------------ full disk
+_ENOSPC_MARKS = ("No space left on device", "os_error_code='28'", "[Errno 28]")  # TensorStore's and the OS's words
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out, e = [], err
+    while e is not None and len(out) < 8:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or one of its causes) is ENOSPC: the OS's OSError, or TensorStore's error text."""
+    return any(getattr(e, "errno", None) == errno.ENOSPC or any(m in str(e) for m in _ENOSPC_MARKS)
+               for e in _chain(err))
+
+
+def state_bytes(abstract: TrainState) -> int:
+    """Bytes of the arrays a checkpoint of ``abstract`` (``ShapeDtypeStruct``s or arrays) holds."""
+    leaves = jax.tree_util.tree_leaves(abstract.saved())
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in leaves))
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def disk_full_error(err: BaseException, directory: str | Path | epath.Path, needed: int,
+                    kept: int | None) -> "failures.DiskFull":
+    """The one-line error for a checkpoint save that ran out of space (``is_disk_full(err)``): the path, the
+    bytes one step needs (``needed``: ``state_bytes``) and the space free there, and the step that is kept
+    (``kept``, the newest finished one). The unfinished step's temporary directory is removed (ours, and it
+    holds the space the rerun needs)."""
+    directory = workdir_lib.as_path(directory)
+    step = next((m.group(1) for e in _chain(err) for m in [re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))] if m),
+                None)
+    if not workdir_lib.is_remote(directory) and directory.is_dir():
+        for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    free, size = "", f"{_megabytes(needed)} of arrays"
+    if not workdir_lib.is_remote(directory):
+        free = f", {_megabytes(shutil.disk_usage(str(directory)).free)} free there"
+        if kept is not None:  # what a step really takes on disk (compressed; Adam moments of unused rows are 0)
+            needed = sum(f.stat().st_size for f in Path(directory / str(kept)).rglob("*") if f.is_file())
+            size = f"{_megabytes(needed)}, the size of step {kept}"
+    what = f"checkpoint step {step}" if step else "a checkpoint"
+    keep = (f"the last intact checkpoint, step {kept}, is kept" if kept is not None else "no checkpoint was finished")
+    return failures.DiskFull(f"no space left on device writing {what} to {directory}: a step needs about "
+                             f"{needed} bytes ({size}){free}; {keep}: free space (or lower "
+                             "checkpoint.max_to_keep) and rerun the same command to resume")
+
+
+class _DropDiskFullLogs(logging.Filter):
+    """Drops Orbax's log records of a disk-full save (each a traceback, several per save; the trainer reports
+    the fault in one line instead: ``disk_full_error``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            return not is_disk_full(record.exc_info[1]) and not any(m in text for m in _ENOSPC_MARKS)
+        return not any(m in text for m in _ENOSPC_MARKS)
+
+
+def quiet_disk_full_logs() -> None:
+    """Install ``_DropDiskFullLogs`` on Orbax's (absl's) logger, once."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
+        logger.addFilter(_DropDiskFullLogs())

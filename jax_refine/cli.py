@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from jax_refine import failures
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 EPILOG = """configs (--config NAME[:ARG] or a file PATH.py[:ARG]; see jax_refine/configs/):
@@ -31,6 +33,21 @@ def _prog() -> str:
     return "jax-refine" if Path(sys.argv[0]).name == "jax-refine" else "python -m jax_refine"
 
 
+class RepeatedFlag(ValueError):
+    """An option given twice (argparse would keep the last one silently)."""
+
+
+class _Once(argparse.Action):
+    """Store an option's value, refusing a second one: `--config a --config b` is a mistake, not a choice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = f"_given_{self.dest}"
+        if getattr(namespace, seen, None) is not None:
+            raise RepeatedFlag(f"{option_string} is given twice ({getattr(namespace, seen)} and {values}); give it once")
+        setattr(namespace, seen, values)
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=_prog(),
@@ -40,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.register("action", None, _Once)  # every option with a value: given at most once
+        return parser
 
     t = add("train", "Train (refine) a CLIP with the method of a config; saves Orbax checkpoints and exports "
                      "the result in Hugging Face format to WORKDIR/hf. Re-running resumes from the last checkpoint.")
@@ -167,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data: keep it quiet
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = _parser()  # argparse only: --help works on the core install too
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except RepeatedFlag as err:
+        print(f"error: {err}\n(see `{_prog()} --help`)", file=sys.stderr)
+        return 2
     overrides = _split_overrides(rest, parser, args.command)
     try:
         from jax_refine import commands  # noqa: PLC0415 - needs the `train` extra; --help must not
@@ -180,11 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: `{args.command}` needs the package {missing!r}, which is not installed; install the "
               f"command line's dependencies with: {INSTALL_HINT}", file=sys.stderr)
         return 2
+    except failures.RunStopped as err:  # one line per fault, no traceback (e.g. divergence, missing inputs)
+        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
+        return err.exit_code
     except (ValueError, FileNotFoundError) as err:
         if not _is_input_error(err):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}\n(see `{_prog()} {args.command} --help`)", file=sys.stderr)
+        print(f"error: {failures.first_line(err)}\n(see `{_prog()} {args.command} --help`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

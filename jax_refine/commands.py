@@ -15,6 +15,7 @@ from jax_refine import workdir as workdir_lib
 from jax_refine.config import load_config
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: a scheduler sees the preemption (the checkpoint is saved; rerun resumes)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: Ctrl-C saved the step and stopped, as a shell expects of an interrupt
 
 
 def train(args, overrides: list[str]) -> int:
@@ -29,7 +30,9 @@ def train(args, overrides: list[str]) -> int:
     result = train_lib.train(config, allow_config_change=args.allow_config_change)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=1, default=str))
-    return PREEMPTED_EXIT if result["preempted"] else 0
+    if not result["preempted"]:
+        return 0
+    return INTERRUPTED_EXIT if result.get("signal") == "SIGINT" else PREEMPTED_EXIT
 
 
 def resolved_config(spec: str, overrides: list[str]) -> dict:
@@ -85,7 +88,8 @@ def export(args, overrides: list[str]) -> int:
     model = checkpoint.load_model(args.checkpoint)
     # local, or to a bucket: written locally, then uploaded file by file (config.json last)
     out = train.export_hf(model, out, tokenizer_dir=_start_tokenizer_dir(args.checkpoint), overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} ({model.family}) -> {out} (open with transformers.AutoModel.from_pretrained)")
+    print(f"exported {args.checkpoint} ({model.family}) -> {out}: {outputs.describe(workdir_lib.as_path(out))} "
+          "(open with transformers.AutoModel.from_pretrained)")
     return 0
 
 
@@ -116,8 +120,8 @@ def prepare_data(args, overrides: list[str]) -> int:
                                  format=getattr(args, "format", None), subset=getattr(args, "split", None),
                                  image_size=getattr(args, "image_size", None),
                                  image_format=getattr(args, "image_format", "jpeg"))
-    print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out} "
-          "--config.data.split=train")
+    print(f"prepared {out}; train from it with --config.data.source=tfds_dir "
+          f"--config.data.data_dir={shlex.quote(str(out))} --config.data.split=train")
     return 0
 
 

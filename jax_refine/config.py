@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import math
 import pkgutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -89,11 +90,16 @@ def parse_arg(arg: str | None, source: str, **choices: Sequence[str]) -> dict[st
     a key not in `arg` takes its first value). Raises ConfigError naming `source`, the key and the choices.
     """
     values = {key: allowed[0] for key, allowed in choices.items()}
+    given: dict[str, str] = {}
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in choices:
             raise ConfigError(f"config {source}: unknown argument {item!r}; expected KEY=VALUE with KEY one of "
                               f"{', '.join(choices)}")
+        if key in given:  # the later one would silently win
+            raise ConfigError(f"config {source}: {key} is given twice ({key}={given[key]}, {key}={value}); "
+                              "give it once")
+        given[key] = value
         if value not in choices[key]:
             raise ConfigError(f"config {source}: {key}={value!r} is not one of {', '.join(choices[key])}")
         values[key] = value
@@ -105,6 +111,26 @@ def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        return text
+
+
+def _field_type(node: ml_collections.ConfigDict, leaf: str) -> type | None:
+    """The type ``node.leaf`` holds (a ``placeholder(T)`` still None: T)."""
+    try:
+        return node.get_type(leaf)
+    except (KeyError, AttributeError):
+        return None if node[leaf] is None else type(node[leaf])
+
+
+def _is_bool_field(node: ml_collections.ConfigDict, leaf: str) -> bool:
+    """Whether ``node.leaf`` holds a bool, or is a ``placeholder(bool)`` still None."""
+    return _field_type(node, leaf) is bool
+
+
+def _float_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
         return text
 
 
@@ -129,6 +155,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         if leaf not in node:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}" + _did_you_mean(leaf, node))
         value = _parse_value(text)
+        if _is_bool_field(node, leaf) and text.strip().lower() in ("true", "false"):
+            value = text.strip().lower() == "true"  # false, FALSE, False alike (a shell user types any)
+        elif _field_type(node, leaf) is float and isinstance(value, str):
+            value = _float_or_text(text)  # inf, nan: a number, refused by check_values with the rule it breaks
         if isinstance(node[leaf], str) and not isinstance(value, str):
             value = text  # a string field keeps the text as typed (e.g. --config.workdir=123)
         if isinstance(node[leaf], tuple) and isinstance(value, (str, list)):
@@ -192,6 +222,8 @@ VALUE_CHECKS = (
     ("train.num_steps", lambda v: v is None or _int_at_least(1)(v), "None or an integer >= 1"),
     ("train.grad_accum", _int_at_least(1), "an integer >= 1"),
     ("train.clip_norm", lambda v: v is None or v > 0, "None or > 0"),
+    ("train.divergence_factor", lambda v: v >= 0, ">= 0 (0: stop on non-finite values only)"),
+    ("train.divergence_window", _int_at_least(1), "an integer >= 1"),
     ("method.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("method.temperature", lambda v: v > 0, "> 0"),
     ("method.m2_beta", lambda v: v > 0, "> 0"),
@@ -206,8 +238,14 @@ VALUE_CHECKS = (
 )
 
 
+def _finite(value) -> bool:
+    """False for a NaN or infinite float (``inf > 0`` holds: every range check needs this too)."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError naming the first key whose value is out of range (lr <= 0, batch_size < 1, ...)."""
+    """Raise ConfigError naming the first key whose value is out of range (lr <= 0, batch_size < 1, ...) or,
+    for a number, not finite (inf, nan)."""
     for key, ok, what in VALUE_CHECKS:
         node = config
         for part in key.split("."):
@@ -219,6 +257,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                 good = ok(node)
             except TypeError:
                 good = False
+            if not _finite(node):
+                raise ConfigError(f"config.{key}={node!r} is invalid: must be a finite number, {what}")
             if not good:
                 raise ConfigError(f"config.{key}={node!r} is invalid: must be {what}")
 

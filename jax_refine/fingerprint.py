@@ -28,6 +28,8 @@ def _entry(path: str, content: bool) -> str:
         st = os.stat(path)  # follows symlinks: a linked photo keys as its target
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return MISSING
+    except OSError as e:  # e.g. ELOOP, a symlink cycle: no photo, but a change of what the folder holds
+        return f"unreadable:{e.errno}"
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 

@@ -13,11 +13,14 @@ asks (``ctx.values()``), which also stops training on a non-finite loss.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -27,17 +30,23 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jax_refine import checkpoint as ckpt
-from jax_refine import distributed, evaluate
+from jax_refine import distributed, evaluate, failures
 from jax_refine import workdir as workdir_lib
 from jax_refine.train_state import TrainState
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; training stopped without saving the bad state."""
+class DivergenceError(failures.RunStopped, FloatingPointError):
+    """The loss or gradient norm became non-finite or exploded (``DivergenceGuard``); training stopped without
+    saving the bad state. The message names the checkpoint to resume from and how."""
+
+
+class NonFiniteLossError(DivergenceError):
+    """The loss (or gradient norm) became NaN/Inf."""
 
 
 @dataclasses.dataclass
@@ -51,6 +60,7 @@ class StepContext:
     checkpoints: ocp.CheckpointManager
     batch_size: int  # global batch (examples per step)
     stop: bool = False  # set by a hook: the loop ends after this step's hooks
+    guard: "DivergenceGuard | None" = None  # None: a plain non-finite-loss check
     _values: dict[str, float] | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -59,17 +69,91 @@ class StepContext:
         return self.step == self.total_steps
 
     def values(self) -> dict[str, float]:
-        """This step's metrics as floats (one device->host copy, cached); NonFiniteLossError if the loss is
-        NaN/Inf, naming the last good checkpoint (pending saves are finished first)."""
+        """This step's metrics as floats (one device->host copy, cached). A DivergenceError if the guard (or,
+        without one, a non-finite loss) says training diverged, naming the checkpoint to resume from (pending
+        saves are finished first)."""
         if self._values is None:
             values = {k: float(v) for k, v in jax.device_get(dict(self.metrics)).items()}
-            if not math.isfinite(values["loss"]):
-                self.checkpoints.wait_until_finished()
-                raise NonFiniteLossError(
-                    f"non-finite loss ({values['loss']}) at step {self.step}; training stopped, the last good "
-                    f"checkpoint is step {self.checkpoints.latest_step()} in {self.checkpoints.directory}")
+            guard = self.guard if self.guard is not None else DivergenceGuard(factor=0.0, window=1)
+            reason = guard.reason(self.step, values)
+            if reason is not None:
+                raise guard.stop(self.step, reason, self.checkpoints)
             self._values = values
         return self._values
+
+
+# ------------------------------------------------------------------------------------------ divergence
+DIVERGED_SUBDIR = "checkpoints.diverged"  # steps whose weights gave a diverged loss are moved here (kept)
+# Below these a median counts as zero (a distillation that starts at its teacher has loss and gradient ~0):
+# the threshold is factor * max(median, floor), so merely leaving zero is not taken for a blow-up.
+GUARD_FLOORS = {"loss": 1e-3, "grad_norm": 1e-3}
+
+
+def _shell_flag(key: str, value: float) -> str:
+    return f"--config.{key}={value:.3g}"
+
+
+class DivergenceGuard:
+    """Stops training at the first step whose loss or gradient norm is not finite, or is more than ``factor``
+    times the median of its own last ``window`` values (``factor`` 0: only non-finite values stop).
+
+    Step k's metrics are computed at the weights of step k-1: when step k diverges, the checkpoints of steps
+    >= k-1 hold weights that gave the blow-up. They are moved to ``<workdir>/checkpoints.diverged/<step>``
+    (kept, but no longer resumed), so a rerun resumes from the newest step before it; the error says which
+    and how (a lower ``optimizer.lr`` with ``--allow-config-change``).
+    """
+
+    def __init__(self, factor: float, window: int, lr: float | None = None):
+        self.factor, self.lr = float(factor), lr
+        self.history = {name: collections.deque(maxlen=max(1, int(window))) for name in GUARD_FLOORS}
+
+    def reason(self, step: int, values: Mapping[str, float]) -> str | None:
+        """Why step ``step`` diverged (one phrase), or None; a step that passes joins the history."""
+        for name, floor in GUARD_FLOORS.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                return f"non-finite {name} ({value}) at step {step}"
+            past = self.history[name]
+            if self.factor > 0 and past:
+                median = statistics.median(abs(x) for x in past)
+                ref = max(median, floor)
+                if abs(value) > self.factor * ref:
+                    return (f"exploding {name} ({value:.3g}, {abs(value) / ref:.3g}x the median {median:.3g} of the "
+                            f"last {len(past)} steps; train.divergence_factor={self.factor:g}) at step {step}")
+        for name in GUARD_FLOORS:
+            if name in values:
+                self.history[name].append(values[name])
+        return None
+
+    def stop(self, step: int, reason: str, checkpoints: ocp.CheckpointManager) -> "DivergenceError":
+        """Finish pending saves, move the checkpoints of steps >= ``step`` - 1 aside and return the error to
+        raise: ``reason``, the checkpoint a rerun resumes from (or none) and the flags to pass."""
+        checkpoints.wait_until_finished()
+        directory = workdir_lib.as_path(checkpoints.directory)
+        steps = sorted(checkpoints.all_steps())
+        bad = [s for s in steps if s >= step - 1]
+        good = [s for s in steps if s < step - 1]
+        moved = directory.parent / DIVERGED_SUBDIR
+        if bad and jax.process_index() == 0:
+            moved.mkdir(parents=True, exist_ok=True)
+            for s in bad:
+                dest = moved / str(s)
+                if dest.exists():  # an earlier divergence moved the same step: keep both
+                    dest = dest.with_name(f"{s}-{len(list(moved.iterdir()))}")
+                (directory / str(s)).rename(dest)
+        if bad and jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"diverged_{step}")
+        aside = (f" (step {', '.join(map(str, bad))} moved to {moved}: its weights gave this loss)" if bad else "")
+        lower = "" if self.lr is None else f" {_shell_flag('optimizer.lr', self.lr / 10)} (now {self.lr:.3g})"
+        kind = NonFiniteLossError if reason.startswith("non-finite") else DivergenceError
+        if good:
+            return kind(f"{reason}; training stopped, the last good checkpoint is step {good[-1]} in {directory}"
+                        f"{aside}; to resume from it, rerun the same train command with --allow-config-change"
+                        f" and a lower learning rate{lower}")
+        return kind(f"{reason}; training stopped, no checkpoint from before it{aside}; rerun the same train command "
+                    f"with a lower learning rate{lower} to start again")
 
 
 Hook = Callable[[StepContext], None]
@@ -82,29 +166,44 @@ def due(step: int, every: int, last: bool) -> bool:
 
 # ------------------------------------------------------------------------------------------ preemption
 class Preemption:
-    """Stops the loop on SIGTERM (one process) or Orbax's preemption notice (several processes); the
-    checkpoint hook after it saves that step. Use as a context manager around the loop (installs the
-    SIGTERM handler; outside the main thread none is installed)."""
+    """Stops the loop on SIGTERM or SIGINT (Ctrl-C) (one process) or Orbax's preemption notice (several
+    processes); the checkpoint hook after it saves that step. A second SIGINT ends the process at once (exit
+    130; a save under way is left unfinished, and Orbax never lists it). Use as a context manager around the
+    loop (installs the handlers; outside the main thread none is installed)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, checkpoints: ocp.CheckpointManager):
         self.checkpoints = checkpoints
-        self.flag = False  # SIGTERM received
+        self.flag = False  # a signal was received
+        self.signum: int | None = None  # the first signal received
         self.preempted = False  # the loop was stopped by this hook
-        self._old = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "Preemption":
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread
-            self._old = None
+            self._old = {}
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.flag and signum == signal.SIGINT:  # the user insists: no save, no waiting
+            print(f"\n[train] second {signal.Signals(signum).name}: stopped at once, nothing saved (the newest "
+                  f"finished checkpoint in {self.checkpoints.directory} is where a rerun resumes)", flush=True)
+            os._exit(128 + signum)
         self.flag = True
+        self.signum = self.signum or signum
+
+    @property
+    def signal_name(self) -> str | None:
+        """"SIGTERM" / "SIGINT" once one was received, else None."""
+        return None if self.signum is None else signal.Signals(self.signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
 
     def __call__(self, ctx: StepContext) -> None:
         stop = self.flag if jax.process_count() == 1 else self.checkpoints.reached_preemption(ctx.step)
@@ -113,10 +212,17 @@ class Preemption:
 
 
 # -------------------------------------------------------------------------------------------- logging
+def strict_number(value: Any) -> Any:
+    """``value``, or None for a NaN/infinite float: JSON has no NaN or Infinity (``json.dumps`` would write the
+    bare tokens ``NaN``/``Infinity``, which strict readers refuse)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricWriter:
     """``metrics.jsonl`` rows and TensorBoard scalars on process 0 (silent elsewhere).
 
-    A row is ``{"step": N, "kind": KIND, name: value, ...}``; TensorBoard tags are ``KIND/name``.
+    A row is ``{"step": N, "kind": KIND, name: value, ...}``, strict JSON: a NaN or infinite value is written
+    as ``null`` (TensorBoard gets the float as it is); TensorBoard tags are ``KIND/name``.
     A local workdir gets each row appended and flushed at once. A bucket cannot append and allows about one
     write per second to an object, so for a ``gs://`` workdir both files are written in a local staging
     directory (``metrics.jsonl`` starting from the bucket's copy) and ``flush()`` uploads them whole: the
@@ -146,7 +252,8 @@ class MetricWriter:
     def write(self, step: int, kind: str, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        row = {"step": step, "kind": kind, **{k: strict_number(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in values.items():
@@ -244,33 +351,55 @@ def flatten_result(result: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def load_eval_sets(eval_config: Mapping[str, Any]) -> tuple[tuple[list, list], list[str]]:
+    """Read every set of ``eval_config`` (``zero_shot`` and ``retrieval`` specs): ``((zero-shot tasks, retrieval
+    tasks), problems)``, one line in ``problems`` per set that cannot be read (the data package's one-line
+    input errors; anything else is a bug and raises)."""
+    tasks: tuple[list, list] = ([], [])
+    problems = []
+    for key, make, out in (("zero_shot", evaluate.zero_shot_task, tasks[0]),
+                           ("retrieval", evaluate.retrieval_task, tasks[1])):
+        for spec in eval_config.get(key) or ():
+            try:
+                out.append(make(spec, eval_config))
+            except (ValueError, OSError) as e:
+                problems.append(f"evaluation set {spec!r} of config.eval.{key}: {failures.first_line(e)}")
+    return tasks, problems
+
+
 class Evaluate:
     """Every ``every`` steps (and at the end) the evaluation suite (``evaluate.run_suite``: zero-shot,
     retrieval, modality gap on ``config.eval``'s sets) on the current student, as a ``kind: "eval"`` row.
 
-    The sets are read once, at the first evaluation. The embedding cache is off (each step is a new model).
+    The sets are read once: ``tasks`` (``load_eval_sets``, which the trainer calls before the first step, so a
+    missing set is found at the start), else at the first evaluation. The embedding cache is off (each step is
+    a new model). A set that fails stops the run (``failures.EvaluationFailed``, one line); the step's checkpoint
+    is saved before (``SaveCheckpoint`` runs first, and saves at every evaluated step).
     All processes run it (the embeddings are gathered across them); process 0 writes the row.
     """
 
     def __init__(self, eval_config: Any, every: int, graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh,
-                 writer: MetricWriter, prep: Any = None):
+                 writer: MetricWriter, prep: Any = None, tasks: tuple[list, list] | None = None):
         settings = eval_config.to_dict() if hasattr(eval_config, "to_dict") else dict(eval_config)
         self.eval_config = {**settings, "cache_dir": None}
         self.every, self.graphdef, self.rest, self.mesh, self.writer = every, graphdef, rest, mesh, writer
         self.prep = prep  # the training pipeline's preprocessing (the model's size, resize, tokenizer)
-        self.tasks: tuple[list, list] | None = None
+        self.tasks = tasks  # (zero-shot tasks, retrieval tasks); None: read at the first evaluation
         self.rows: list[tuple[int, dict[str, float]]] = []  # (step, row) of this run's evaluations
 
     def __call__(self, ctx: StepContext) -> None:
         if ctx.stop or not due(ctx.step, self.every, ctx.last):
             return
         if self.tasks is None:
-            cfg = self.eval_config
-            self.tasks = ([evaluate.zero_shot_task(s, cfg) for s in cfg.get("zero_shot") or ()],
-                          [evaluate.retrieval_task(s, cfg) for s in cfg.get("retrieval") or ()])
+            self.tasks, problems = load_eval_sets(self.eval_config)
+            if problems:
+                raise self._failed(ctx, "; ".join(problems))
         model = nnx.merge(self.graphdef, ctx.state.params, self.rest)
-        result, _ = evaluate.run_suite(model, self.eval_config, name=f"step {ctx.step}", mesh=self.mesh,
-                                       prep=self.prep, zero_shot=self.tasks[0], retrieval=self.tasks[1])
+        try:
+            result, _ = evaluate.run_suite(model, self.eval_config, name=f"step {ctx.step}", mesh=self.mesh,
+                                           prep=self.prep, zero_shot=self.tasks[0], retrieval=self.tasks[1])
+        except (ValueError, OSError) as e:  # a set that became unreadable since the start (the rest is a bug)
+            raise self._failed(ctx, failures.first_line(e)) from e
         row = flatten_result(result)
         self.rows.append((ctx.step, row))
         self.writer.write(ctx.step, "eval", row)
@@ -279,22 +408,32 @@ class Evaluate:
             print(f"[train] eval at step {ctx.step}" + (f": zero-shot top-1 {mean:.2f}" if mean is not None else ""),
                   flush=True)
 
+    @staticmethod
+    def _failed(ctx: StepContext, why: str) -> failures.EvaluationFailed:
+        """The error that stops the run; the step's checkpoint (saved before the evaluation) is finished first."""
+        ctx.checkpoints.wait_until_finished()
+        saved = ctx.checkpoints.latest_step()
+        where = (f"checkpoint step {saved} in {ctx.checkpoints.directory} is saved (a rerun resumes there)"
+                 if saved is not None else "no checkpoint saved yet")
+        return failures.EvaluationFailed(f"evaluation at step {ctx.step} failed: {why}; training stopped, {where}")
+
 
 # ---------------------------------------------------------------------------------------- checkpoints
 class SaveCheckpoint:
-    """Every ``every`` steps, at the end and when a hook stopped the loop: an async Orbax save of the state
-    and the data position (never of a state whose loss is not finite). Once Orbax has committed a step (the
-    first step after its save finished, or ``close``), its checksum manifest is written
-    (``checkpoint.write_manifest``, process 0)."""
+    """Every ``every`` steps, every ``also_every`` steps (the evaluation's: each evaluated step has its
+    checkpoint, saved before the evaluation runs), at the end and when a hook stopped the loop: an async Orbax
+    save of the state and the data position (never of a state whose metrics the divergence guard refuses).
+    Once Orbax has committed a step (the first step after its save finished, or ``close``), its checksum
+    manifest is written (``checkpoint.write_manifest``, process 0)."""
 
-    def __init__(self, checkpoints: ocp.CheckpointManager, every: int, meta: Mapping[str, Any]):
-        self.checkpoints, self.every, self.meta = checkpoints, max(1, every), dict(meta)
+    def __init__(self, checkpoints: ocp.CheckpointManager, every: int, meta: Mapping[str, Any], also_every: int = 0):
+        self.checkpoints, self.every, self.meta, self.also_every = checkpoints, max(1, every), dict(meta), also_every
         self.pending: list[int] = []  # steps saved by this run whose manifest is not written yet
 
     def __call__(self, ctx: StepContext) -> None:
         if self.pending and not self.checkpoints.is_saving_in_progress():
             self._manifests()
-        if due(ctx.step, self.every, ctx.last) or ctx.stop:
+        if due(ctx.step, self.every, ctx.last) or due(ctx.step, self.also_every, False) or ctx.stop:
             ctx.values()
             ckpt.save(self.checkpoints, ctx.step, ctx.state, ctx.data_iter.get_state(), self.meta, force=True)
             self.pending.append(ctx.step)

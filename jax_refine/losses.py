@@ -21,6 +21,7 @@ Three ways to call a loss; all give the same value and gradient:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -52,6 +53,7 @@ def array_shape(fn: str, name: str, x: Any, ndim: int | None = None) -> tuple[in
     shape = getattr(x, "shape", None)
     if shape is None:
         raise ValueError(f"{fn}: {name} must be an array, got {type(x).__name__}")
+    _refuse_complex(fn, name, x)
     if ndim is not None and len(shape) != ndim:
         raise ValueError(f"{fn}: {name} must be a {ndim}-D array, got shape {tuple(shape)}")
     return tuple(shape)
@@ -79,7 +81,7 @@ def _check_number(fn: str, name: str, value: Any, *, low: float | None = None, h
     except (TypeError, jax.errors.ConcretizationTypeError):
         return
     bad = (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high)
-    if bad or v != v:
+    if bad or not math.isfinite(v):  # nan, and inf (which passes any one-sided range)
         lo = "(" if low_open else "["
         rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ValueError(f"{fn}: {name}={value!r} is outside {rng}")
@@ -116,15 +118,33 @@ def compute_dtype(*xs: Any) -> Any:
     return jnp.promote_types(jnp.result_type(*(jnp.asarray(x).dtype for x in xs)), jnp.float32)
 
 
+def _refuse_complex(fn: str, name: str, x: Any) -> None:
+    """ValueError for a complex array: a cast to float32 would silently drop its imaginary part."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(f"{fn}: {name} is {jnp.dtype(dtype).name}; features must be real (cast or take .real "
+                         "yourself if that is meant)")
+
+
 def l2_normalize(x: Array, axis: int = -1) -> Array:
-    """x / max(||x||, 1e-12) along `axis`, in float32 (float64 stays float64)."""
+    """x / ||x|| along `axis`, in float32 (float64 stays float64); a row of norm <= 1e-12 (all zero) gives
+    zeros, with a zero gradient.
+
+    Safe at zero: ``x * rsqrt(max(||x||^2, eps^2))`` would give the zero row a gradient of 1/eps = 1e12 per
+    element (the max's constant branch leaves x / eps); here such rows take a ``where`` branch that holds
+    no x, and the rsqrt never sees them (its input there is 1), so forward and backward stay finite.
+    """
+    _refuse_complex("l2_normalize", "x", x)
     x = jnp.asarray(x).astype(compute_dtype(x))
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS**2))
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    ok = sq > _EPS**2
+    return jnp.where(ok, x * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
 def as_float32(x: Array, normalize: bool = False) -> Array:
     """`x` in float32 (float64 stays float64), L2-normalized along the last axis if `normalize`. Shared with
     `metrics`."""
+    _refuse_complex("as_float32", "x", x)
     return l2_normalize(x) if normalize else jnp.asarray(x).astype(compute_dtype(x))
 
 

@@ -203,8 +203,8 @@ def resolve_method(method_cfg: Any) -> ml_collections.ConfigDict:
     for t in TERMS:
         w = given.get(t)
         w = float(p.weights.get(t, 0.0) if w is None else w)
-        if not w >= 0.0:
-            raise ValueError(f"config.method.weights.{t}={w!r} must be >= 0")
+        if not (math.isfinite(w) and w >= 0.0):  # inf >= 0 holds: an infinite weight is no weight
+            raise ValueError(f"config.method.weights.{t}={w!r} must be a finite number >= 0")
         weights[t] = w
     if not any(weights.values()):
         raise ValueError(f"config.method.weights are all 0 for method {c.name!r}: nothing to train")

@@ -10,8 +10,10 @@ checkpoint or a git repository -- unless it is this command's own earlier output
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -83,6 +85,8 @@ def check_target(target: str | os.PathLike, *, kind: str, overwrite: bool) -> Pa
     out = workdir_lib.as_path(target) if remote else Path(target).expanduser().absolute()
     if remote:
         workdir_lib.check_bucket(out)
+    elif out.is_symlink():  # write where the link points: the link stays, the directory it names is replaced
+        out = out.resolve()
     if not out.exists():
         return out
     if out.is_dir() and not any(out.iterdir()):
@@ -111,7 +115,8 @@ def output_dir(target: str | Path, *, kind: str, overwrite: bool = False, mark: 
         raise OutputError(f"{kind} output {target}: output_dir writes local directories only")
     out = check_target(target, kind=kind, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         if mark:
@@ -129,6 +134,31 @@ def output_dir(target: str | Path, *, kind: str, overwrite: bool = False, mark: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove what an earlier ``output_dir`` of ``out`` left when its process was killed: the sibling
+    ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>`` directories of processes that are gone (a live one's are
+    its work in progress). Returns them; one line says so."""
+    gone = []
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp-(\d+)-.+|old-(\d+))", path.name)
+        if m and not workdir_lib._alive(int(m.group(1) or m.group(2))):  # the lock's test
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            gone.append(path)
+    if gone:
+        print(f"[output] removed {len(gone)} leftover(s) of an earlier, killed write of {out}: "
+              f"{', '.join(p.name for p in gone)}", flush=True)
+    return gone
+
+
+def describe(out: Path | epath.Path) -> str:
+    """``"N files, X MB: a, b, ..."`` of the directory ``out`` (local or a bucket): what a writer wrote."""
+    root = workdir_lib.as_path(out)
+    files = sorted((r / n for r, _, names in root.walk() for n in names if n != OWNER_FILE), key=str)
+    size = sum(f.stat().length for f in files)
+    names = [str(f.relative_to(root)) for f in files]
+    return f"{len(names)} files, {size / 1e6:.1f} MB: {', '.join(names)}"
 
 
 def _umask_permissions(root: Path) -> None:

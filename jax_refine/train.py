@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from jax_refine import checkpoint as ckpt
 from jax_refine import config as config_lib
-from jax_refine import distributed, hf, hooks, objectives, preprocess
+from jax_refine import distributed, failures, hf, hooks, objectives, outputs, preprocess
 from jax_refine import sharding as shd
 from jax_refine import step as step_lib
 from jax_refine import train_state as ts
@@ -181,6 +181,56 @@ def model_config_of(config: Any) -> tuple[Family, Any]:
     return family, family.config_from(directory)
 
 
+def vocab_problem(config: Any, tokenizer: Any) -> str | None:
+    """For a random-init text tower: a line when its ``vocab_size`` is below the tokenizer's ids (an id past
+    the embedding table reads garbage: NaN at step 1), else None. A checkpoint ships its own tokenizer."""
+    if config.model.get("random_init") is None:
+        return None
+    _, model_config = model_config_of(config)
+    vocab = getattr(getattr(model_config, "text_config", None), "vocab_size", None)
+    ids = len(tokenizer)
+    if vocab is not None and int(vocab) < ids:
+        return (f"config.model.random_init.text_config.vocab_size={vocab} is smaller than the tokenizer's {ids} "
+                f"token ids: set it to at least {ids}")
+    return None
+
+
+def open_inputs(config: Any, data_iter: Any = None
+                ) -> tuple[preprocess.Preprocessing, Any, tuple[list, list] | None]:
+    """Everything the run will read, opened before anything is built: the start checkpoint and its tokenizer
+    (with the random-init vocabulary checked against it), the training data (``make_data_iterator``, unless
+    ``data_iter`` is given) and every evaluation set of ``config.eval`` when ``eval.every_steps`` > 0.
+
+    Returns ``(preprocessing, data iterator, eval tasks or None)``; raises ``failures.MissingInputs`` with one
+    line per piece that is missing or unreadable (all of them, not the first).
+    """
+    problems: list[str] = []
+    prep = None
+    try:
+        prep = model_preprocessing(config)
+        problem = vocab_problem(config, prep.get_tokenizer())
+        if problem:
+            problems.append(problem)
+    except (ValueError, OSError) as e:  # the checkpoint's or tokenizer's own one-line errors
+        where = "random_init" if config.model.get("random_init") is not None else \
+            f"name_or_path={config.model.name_or_path!r}"
+        problems.append(f"start checkpoint / tokenizer (config.model.{where}): {failures.first_line(e)}")
+    if data_iter is None:
+        try:  # without the model's preprocessing (unreadable above) CLIP's still finds the data's own faults
+            data_iter = make_data_iterator(config, prep or preprocess.Preprocessing())
+        except (ValueError, OSError) as e:
+            problems.append(f"training data (config.data.source={config.data.source!r}): {failures.first_line(e)}")
+    tasks = None
+    every = int(config.eval.get("every_steps", 0) or 0)
+    if every > 0:
+        eval_config = {**config.eval.to_dict(), "cache_dir": None}
+        tasks, eval_problems = hooks.load_eval_sets(eval_config)
+        problems += [f"{line} (eval.every_steps={every})" for line in eval_problems]
+    if problems:
+        raise failures.MissingInputs(problems)
+    return prep, data_iter, tasks
+
+
 def make_data_iterator(config: Any, prep: preprocess.Preprocessing) -> Iterator:
     """This process's slice of the training data (the data package's resumable ``TrainIterator``), prepared
     as the model takes it (``prep``: ``model_preprocessing(config)``)."""
@@ -250,10 +300,12 @@ def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None, ove
 
 
 def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkpoints: Any, start: int,
-             hook_list: Sequence[hooks.Hook]) -> tuple[ts.TrainState, int]:
+             hook_list: Sequence[hooks.Hook], guard: hooks.DivergenceGuard | None = None
+             ) -> tuple[ts.TrainState, int]:
     """Steps ``start`` .. ``trainer.total_steps`` (fewer if the data ends or a hook stops the loop); after each
-    step the hooks run in order. Each step's loss is checked one step late (the host does not wait for the
-    device), the last one at the end. Returns the final state and the number of steps done."""
+    step the hooks run in order. Each step's loss and gradient norm are checked (``guard``; None: a non-finite
+    loss only) one step late (the host does not wait for the device), or earlier when a hook reads them (a
+    checkpoint save does, first), the last one at the end. Returns the final state and the number of steps done."""
     rng = np.asarray(jax.device_get(state.rng))
     batch_size = int(trainer.config.train.batch_size)
     compiled, ctx = None, None
@@ -273,7 +325,8 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
         state, metrics = compiled(state, batch, key)
         if ctx is not None:
             ctx.values()
-        ctx = hooks.StepContext(step + 1, trainer.total_steps, state, metrics, data_iter, checkpoints, batch_size)
+        ctx = hooks.StepContext(step + 1, trainer.total_steps, state, metrics, data_iter, checkpoints, batch_size,
+                                guard=guard)
         for hook in hook_list:
             hook(ctx)
         if ctx.stop:
@@ -287,8 +340,7 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
            record: workdir_lib.RunRecord | None = None) -> dict[str, Any]:
     """The run; ``record`` (process 0): the workdir's config record, checked against the data read and written
     once the state is restored or initialised."""
-    if data_iter is None:
-        data_iter = make_data_iterator(config, model_preprocessing(config))
+    prep, data_iter, eval_tasks = open_inputs(config, data_iter)
     if record is not None:
         record.check_data(getattr(data_iter, "identity", None))
     num_steps = config.train.get("num_steps")
@@ -324,33 +376,60 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
     writer = hooks.MetricWriter(workdir, bool(config.log.get("tensorboard", True)), distributed.is_main())
     preemption = hooks.Preemption(mngr)
     log_metrics = hooks.LogMetrics(writer, int(config.log.every_steps), trainer.total_steps, start)
-    hook_list: list[hooks.Hook] = [preemption, log_metrics]
     eval_every = int(config.eval.get("every_steps", 0) or 0)
+    # the step's checkpoint is saved before its evaluation (which may fail or take long), and at each one
+    hook_list: list[hooks.Hook] = [preemption, log_metrics,
+                                   hooks.SaveCheckpoint(mngr, int(config.checkpoint.every_steps), meta, eval_every)]
     if eval_every > 0:
         hook_list.append(hooks.Evaluate(config.eval, eval_every, trainer.setup.graphdef, trainer.setup.rest,
-                                        trainer.mesh, writer, prep=model_preprocessing(config)))
-    hook_list.append(hooks.SaveCheckpoint(mngr, int(config.checkpoint.every_steps), meta))
+                                        trainer.mesh, writer, prep=prep, tasks=eval_tasks))
     hook_list.append(hooks.FlushMetrics(writer, int(config.checkpoint.every_steps)))
+    guard = hooks.DivergenceGuard(float(config.train.get("divergence_factor", 0.0) or 0.0),
+                                  int(config.train.get("divergence_window", 1) or 1), lr=float(config.optimizer.lr))
+    ckpt.quiet_disk_full_logs()
+    failed = False
     try:
-        with preemption:
-            state, done = run_loop(trainer, state, data_iter, mngr, start, hook_list)
-        mngr.wait_until_finished()
+        with preemption:  # over the last save too: a second Ctrl-C while it is written still stops at once
+            state, done = run_loop(trainer, state, data_iter, mngr, start, hook_list, guard)
+            mngr.wait_until_finished()
+    except Exception as err:
+        failed = True
+        if not ckpt.is_disk_full(err):
+            raise
+        raise ckpt.disk_full_error(err, mngr.directory, ckpt.state_bytes(trainer.abstract_saved()),
+                                   _newest_finished(mngr)) from None
     finally:
         for hook in hook_list:
             if hasattr(hook, "close"):
                 hook.close()
         writer.close()
-        mngr.close()
+        try:
+            mngr.close()
+        except Exception:  # a failed save raises again here: the error in flight says it already
+            if not failed:
+                raise
+        if hasattr(data_iter, "close"):  # its tf.data threads end with the run, however it ends
+            data_iter.close()
     if preemption.preempted and distributed.is_main():
-        print(f"[train] SIGTERM: saved step {done} and stopped", flush=True)
+        print(f"[train] {preemption.signal_name or 'preemption notice'}: saved step {done} and stopped", flush=True)
     end = int(jax.device_get(state.step))
     hf_dir = None
     if not preemption.preempted and bool(config.train.get("export_hf", True)) and end > 0:
         model = nnx.merge(trainer.setup.graphdef, state.params, trainer.setup.rest)
         hf_dir = str(export_hf(model, workdir / "hf", tokenizer_dir=_start_checkpoint_dir(config)))
-    out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted, "workdir": str(workdir),
+        if distributed.is_main():
+            print(f"[train] exported step {end} -> {hf_dir}: {outputs.describe(workdir / 'hf')}", flush=True)
+    out = {"metrics": log_metrics.last, "steps": end, "preempted": preemption.preempted,
+           "signal": preemption.signal_name, "workdir": str(workdir),
            "checkpoint_dir": str(workdir / ckpt.CHECKPOINT_SUBDIR), "hf_dir": hf_dir}
     return {**out, "state": state} if return_state else out
+
+
+def _newest_finished(mngr: Any) -> int | None:
+    """The newest step of ``mngr`` on disk under its final name (a failed save's step is not one)."""
+    directory = workdir_lib.as_path(mngr.directory)
+    steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()] if directory.is_dir() else []
+    return max(steps, default=None)
 
 
 def _start_checkpoint_dir(config: Any) -> Path | None:

@@ -14,11 +14,14 @@ captions is stored with an empty caption list and skipped-and-counted the same w
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -156,12 +159,44 @@ def prepare_coco_json(
     cfg = CocoJsonConfig(name=config_name, annotations=str(annotations), images=str(images), split=split,
                          format=fmt, subset=subset or "", image_size=size, image_format=image_format)
     out_dir = Path(out_dir).absolute()  # relative to the caller's directory, printed in full
-    builder = CocoCaptionsJson(config=cfg, data_dir=str(out_dir))
-    if not builder.is_prepared():
-        base = config_name.rsplit("-", 1)[0]
-        others = sorted(p.name for p in (Path(out_dir) / BUILDER_NAME).glob(f"{base}-*") if p.name != config_name)
-        if others:
-            print(f"[data] {annotations}: content differs from the prepared {', '.join(others)} in {out_dir}; "
-                  f"preparing anew as {config_name}", flush=True)
-    builder.download_and_prepare(download_dir=str(Path(out_dir) / "downloads"))
+    with _prepare_lock(out_dir / BUILDER_NAME / f".{config_name}.lock"):  # a second run of the same set waits
+        _remove_incomplete(out_dir / BUILDER_NAME / config_name)
+        builder = CocoCaptionsJson(config=cfg, data_dir=str(out_dir))  # made under the lock: sees a finished one
+        if not builder.is_prepared():
+            base = config_name.rsplit("-", 1)[0]
+            others = sorted(p.name for p in (Path(out_dir) / BUILDER_NAME).glob(f"{base}-*")
+                            if p.name != config_name and not p.name.startswith("."))
+            if others:
+                print(f"[data] {annotations}: content differs from the prepared {', '.join(others)} in {out_dir}; "
+                      f"preparing anew as {config_name}", flush=True)
+        builder.download_and_prepare(download_dir=str(Path(out_dir) / "downloads"))
     return Path(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _prepare_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for one preparation: two prepare-data runs of the same set into the
+    same --out take turns (the second finds the dataset ready and reuses it). The kernel drops the lock when
+    its process dies, so a killed run never blocks the next."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[data] another prepare-data of the same set is writing {path.parent}: waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_incomplete(config_dir: Path) -> None:
+    """Remove TFDS's ``incomplete.*`` directories of a killed earlier preparation (called under the lock, so no
+    live run owns them); one line says so."""
+    leftovers = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        print(f"[data] removed {len(leftovers)} leftover(s) of an earlier, killed prepare-data in {config_dir}: "
+              f"{', '.join(p.name for p in leftovers)}", flush=True)

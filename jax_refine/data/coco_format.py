@@ -18,6 +18,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def read_json(path: Path) -> Any:
+    """The JSON document in the file ``path``: UTF-8, with or without a byte-order mark (Windows editors add
+    one). ValueError naming the file for bytes that are not UTF-8 (say, Latin-1) or for text that is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it "
+                         "as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_coco_json(annotations: str | Path, images: str | Path) -> list[dict]:
     """Parse a COCO-format captions JSON: one dict per image {"id", "file_name", "path", "captions"}.
 
@@ -29,10 +41,7 @@ def read_coco_json(annotations: str | Path, images: str | Path) -> list[dict]:
         raise FileNotFoundError(f"annotations JSON not found: {ann_path} (pass data.annotations=<captions.json>)")
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image directory not found: {img_dir} (pass data.images=<image dir>)")
-    try:
-        doc = json.loads(ann_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ann_path}: not valid JSON ({e})") from None
+    doc = read_json(ann_path)
     for key in ("images", "annotations"):
         if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
             raise ValueError(f"{ann_path}: missing list '{key}' (COCO caption format: images + annotations)")

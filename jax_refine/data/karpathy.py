@@ -7,10 +7,10 @@ Captions of missing photos and photos without captions are skipped, counted and 
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from jax_refine.data.coco_format import read_json
 from jax_refine.data.flickr import SKIP_COUNTS
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,7 @@ def read_karpathy_json(path: str | Path, images: str | Path, split: str = "test"
     bad = [s for s in wanted if s not in SPLITS]
     if not wanted or bad:
         raise ValueError(f"{json_path}: unknown split {split!r}; use {'|'.join(SPLITS)} (joined with '+')")
-    try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    doc = read_json(json_path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise ValueError(f"{json_path}: missing list 'images' (Karpathy split format)")
     n = dict.fromkeys(SKIP_COUNTS, 0)

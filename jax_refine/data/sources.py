@@ -5,7 +5,6 @@ ahead cheaply on resume and flag corrupt images itself.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 
 from jax_refine import fingerprint
 from jax_refine.data import flickr, karpathy
-from jax_refine.data.coco_format import check_trainable, read_coco_json
+from jax_refine.data.coco_format import check_trainable, read_coco_json, read_json
 from jax_refine.data.tf_runtime import tf, tfds
 
 # Catalog aliases: names people use -> the TFDS catalog name.
@@ -239,10 +238,7 @@ def detect_format(annotations: str | Path) -> str:
         raise FileNotFoundError(f"caption file not found: {path}")
     if path.suffix.lower() != ".json":
         return "flickr"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    doc = read_json(path)
     if isinstance(doc, dict) and "annotations" in doc:
         return "coco"
     images = doc.get("images") if isinstance(doc, dict) else None

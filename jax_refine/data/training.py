@@ -235,6 +235,11 @@ class TrainIterator:
         self._it = None
         self._epoch_batches = self.batches
 
+    def close(self) -> None:
+        """Drop the tf.data iterator, so its prefetch and parallel-map threads end with the run (the trainer
+        calls this however the run ends); a later ``next`` starts again at the current position."""
+        self._it = None
+
     def stats(self) -> dict[str, int]:
         """Counters for the metrics: skipped examples (no caption / unreadable image) in total and in the
         last finished epoch (`last_epoch_skipped_*`), batches, epoch."""

@@ -439,7 +439,9 @@ class _DropDiskFullLogs(logging.Filter):
 
 
 def quiet_disk_full_logs() -> None:
-    """Install ``_DropDiskFullLogs`` on Orbax's (absl's) logger, once."""
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
-        logger.addFilter(_DropDiskFullLogs())
+    """Install ``_DropDiskFullLogs`` on Orbax's (absl's) logger and on asyncio's (its "exception never retrieved"
+    of the same failed writes, when their futures are collected), once each."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
+            logger.addFilter(_DropDiskFullLogs())

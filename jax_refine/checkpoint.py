@@ -484,7 +484,8 @@ def _megabytes(n: float) -> str:
 
 def disk_full_error(err: BaseException, directory: str | Path | epath.Path, needed: int,
                     kept: int | None) -> "failures.DiskFull":
-    """The one-line error for a checkpoint save that ran out of space (``is_disk_full(err)``): the path, the
+    """The one-line error for a run that ran out of space (``is_disk_full(err)``: a checkpoint save, or another
+    write of the run while a save fills the disk, e.g. ``metrics.jsonl``): the path, the
     bytes one step needs (``needed``: ``state_bytes``) and the space free there, and the step that is kept
     (``kept``, the newest finished one). The unfinished step's temporary directory is removed (ours, and it
     holds the space the rerun needs)."""
@@ -500,9 +501,12 @@ def disk_full_error(err: BaseException, directory: str | Path | epath.Path, need
         if kept is not None:  # what a step really takes on disk (compressed; Adam moments of unused rows are 0)
             needed = sum(f.stat().st_size for f in Path(directory / str(kept)).rglob("*") if f.is_file())
             size = f"{_megabytes(needed)}, the size of step {kept}"
-    what = f"checkpoint step {step}" if step else "a checkpoint"
+    # which file: Orbax's errors name the step's temporary directory; the OS's name the file (metrics.jsonl, say)
+    filename = next((e.filename for e in _chain(err) if getattr(e, "filename", None)), None)
+    what = (f"checkpoint step {step} to {directory}" if step else
+            f"{filename} (checkpoints in {directory})" if filename else f"to {directory}")
     keep = (f"the last intact checkpoint, step {kept}, is kept" if kept is not None else "no checkpoint was finished")
-    return failures.DiskFull(f"no space left on device writing {what} to {directory}: a step needs about "
+    return failures.DiskFull(f"no space left on device writing {what}: a checkpoint step needs about "
                              f"{needed} bytes ({size}){free}; {keep}: free space (or lower "
                              "checkpoint.max_to_keep) and rerun the same command to resume")
 
@@ -519,7 +523,9 @@ class _DropDiskFullLogs(logging.Filter):
 
 
 def quiet_disk_full_logs() -> None:
-    """Install ``_DropDiskFullLogs`` on Orbax's (absl's) logger, once."""
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
-        logger.addFilter(_DropDiskFullLogs())
+    """Install ``_DropDiskFullLogs`` on Orbax's (absl's) logger and on asyncio's (its "exception never retrieved"
+    of the same failed writes, when their futures are collected), once each."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
+            logger.addFilter(_DropDiskFullLogs())

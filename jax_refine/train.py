@@ -402,12 +402,12 @@ def _train(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, 
         for hook in hook_list:
             if hasattr(hook, "close"):
                 hook.close()
-        writer.close()
-        try:
-            mngr.close()
-        except Exception:  # a failed save raises again here: the error in flight says it already
-            if not failed:
-                raise
+        for close in (writer.close, mngr.close):
+            try:
+                close()
+            except Exception:  # a failed write raises again here (a full disk): the error in flight says it
+                if not failed:
+                    raise
         if hasattr(data_iter, "close"):  # its tf.data threads end with the run, however it ends
             data_iter.close()
     if preemption.preempted and distributed.is_main():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances as tol
 from jax_refine import metrics as M
 
 
@@ -63,18 +64,27 @@ def test_gap_known_answers():
 
 def test_gap_vs_numpy():
     x, y = _rand(1, 20, 8) + 1.0, _rand(2, 13, 8) - 0.5
-    np.testing.assert_allclose(float(M.modality_gap(x, y)), np_gap(x, y), rtol=1e-5)
-    mu = _unit(x.astype(np.float64)).mean(0) - _unit(y.astype(np.float64)).mean(0)
-    np.testing.assert_allclose(float(M.modality_gap_mse(x, y)), np.mean(mu**2), rtol=1e-5)
-    raw = x.astype(np.float64).mean(0) - y.astype(np.float64).mean(0)
-    np.testing.assert_allclose(float(M.modality_gap_mse(x, y, normalize=False)), np.mean(raw**2), rtol=1e-5)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    e_gap, e_mse = tol.centroid_gap(x64, y64)  # fp32 bounds derived from the sums involved
+    tol.assert_fp32_close(float(M.modality_gap(x, y)), np_gap(x, y), e_gap, "gap")
+    mu = _unit(x64).mean(0) - _unit(y64).mean(0)
+    tol.assert_fp32_close(float(M.modality_gap_mse(x, y)), np.mean(mu**2), e_mse, "gap mse")
+    raw = x64.mean(0) - y64.mean(0)
+    tol.assert_fp32_close(float(M.modality_gap_mse(x, y, normalize=False)), np.mean(raw**2),
+                          tol.centroid_gap(x64, y64, normalize=False)[1], "raw gap mse")
 
 
 def test_alignment():
     x, y = _rand(3, 12, 5), _rand(4, 12, 5)
-    ref = np.mean(np.sum((_unit(x.astype(np.float64)) - _unit(y.astype(np.float64))) ** 2, 1))
-    np.testing.assert_allclose(float(M.alignment(x, y)), ref, rtol=1e-5)
-    np.testing.assert_allclose(float(M.alignment(x, y, normalize=False)), np.mean(np.sum((x - y) ** 2, 1)), rtol=1e-5)
+    u, v = _unit(x.astype(np.float64)), _unit(y.astype(np.float64))
+    ref = np.mean(np.sum((u - v) ** 2, 1))
+    # bound: the mean of the rows' squared-distance bounds plus the row sum's rounding (tests/tolerances.py)
+    tol.assert_fp32_close(float(M.alignment(x, y)), ref, tol.pair_distances(u, v).mean() + tol.sum_error(12, ref),
+                          "alignment")
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    raw = np.mean(np.sum((x64 - y64) ** 2, 1))
+    tol.assert_fp32_close(float(M.alignment(x, y, normalize=False)), raw,
+                          tol.pair_distances(x64, y64, False).mean() + tol.sum_error(12, raw), "raw alignment")
     assert float(M.alignment(x, 2 * x)) <= 1e-6
     assert abs(float(M.alignment(x, -x)) - 4.0) <= 1e-5  # antipodal pairs: ||2x||^2 = 4
 
@@ -82,7 +92,8 @@ def test_alignment():
 @pytest.mark.parametrize("n,chunk", [(2, 1024), (17, 4), (17, 5), (40, 1024), (40, 7)])
 def test_uniformity_vs_numpy(n, chunk):
     x = _rand(5 + n, n, 6)
-    np.testing.assert_allclose(float(M.uniformity(x, chunk_size=chunk)), np_uniformity(x), rtol=1e-5)
+    tol.assert_fp32_close(float(M.uniformity(x, chunk_size=chunk)), np_uniformity(x),
+                          tol.uniformity(x.astype(np.float64)), "uniformity")
     # the last chunk may hold no pair (e.g. n=17, chunk 4): gradient must stay finite
     assert np.all(np.isfinite(np.asarray(jax.grad(lambda a: M.uniformity(a, chunk_size=chunk))(x))))
 
@@ -93,9 +104,10 @@ def test_uniformity_known_answers_and_all():
     np.testing.assert_allclose(float(M.uniformity(e)), -8.0, rtol=1e-6)
     x, y = _rand(30, 9, 4), _rand(31, 7, 4)
     u = M.uniformity_all(x, y)
-    np.testing.assert_allclose(float(u["image"]), np_uniformity(x), rtol=1e-5)
-    np.testing.assert_allclose(float(u["text"]), np_uniformity(y), rtol=1e-5)
-    np.testing.assert_allclose(float(u["joint"]), np_uniformity(np.concatenate([_unit(x), _unit(y)])), rtol=1e-5)
+    tol.assert_fp32_close(float(u["image"]), np_uniformity(x), tol.uniformity(x.astype(np.float64)), "image")
+    tol.assert_fp32_close(float(u["text"]), np_uniformity(y), tol.uniformity(y.astype(np.float64)), "text")
+    joint = np.concatenate([_unit(x.astype(np.float64)), _unit(y.astype(np.float64))])
+    tol.assert_fp32_close(float(u["joint"]), np_uniformity(joint), tol.uniformity(joint), "joint")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,6 +257,44 @@ def slerp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return e_theta * (1 + 2 * np.abs(cos) / sin) / sin + 8 * U32 * 2 / sin
 
 
+# ---- metrics (jax_refine.metrics) on unit vectors: every entry of an fp32 unit vector carries the error of its
+# norm's D-term sum of squares (half of it, through the square root) plus two ulps
+def unit_entry_error(d: int) -> float:
+    """Absolute error bound of one entry of an fp32 L2-normalized D-vector (entries <= 1)."""
+    return float(sum_error(d, 1.0) / 2 + 2 * U32)
+
+
+def centroid_gap(x: np.ndarray, y: np.ndarray, normalize: bool = True) -> tuple[float, float]:
+    """(modality_gap, modality_gap_mse) bounds: each centroid entry is a mean of n entries (their errors and
+    the n-term sum's), the difference adds both; the gap's D-term norm and the MSE's mean add their sums'."""
+    n = max(len(x), len(y))
+    xs, ys = (_unit(x), _unit(y)) if normalize else (x, y)
+    entry = (unit_entry_error(x.shape[1]) if normalize else 0.0) * max(1.0, float(np.abs(np.vstack([xs, ys])).max()))
+    e_mu = 2 * (entry + float(sum_error(n, np.abs(np.vstack([xs, ys])).max())))
+    mu = xs.mean(0) - ys.mean(0)
+    gap = float(np.linalg.norm(mu))
+    e_gap = math.sqrt(len(mu)) * e_mu + float(sum_error(len(mu), gap))
+    e_mse = 2 * float(np.mean(np.abs(mu))) * e_mu + e_mu**2 + float(sum_error(len(mu), np.mean(mu**2)))
+    return e_gap, e_mse
+
+
+def pair_distances(u: np.ndarray, v: np.ndarray, normalized: bool = True) -> np.ndarray:
+    """Bounds of the fp32 squared distances ||u_i - v_i||^2 (rows paired), from each entry's error."""
+    e = 2 * unit_entry_error(u.shape[1]) if normalized else 2 * U32 * max(np.abs(u).max(), np.abs(v).max())
+    sq = np.sum((u - v) ** 2, 1)
+    return 2 * np.sum(np.abs(u - v), 1) * e + sum_error(u.shape[1], sq)
+
+
+def uniformity(x: np.ndarray, t: float = 2.0) -> float:
+    """log mean_{i<j} exp(-t ||x_i - x_j||^2) on unit rows: each exponent moves by t x its distance's error,
+    the log-mean-exp by at most the largest of those, plus the pair sum's rounding."""
+    u = _unit(x)
+    i, j = np.triu_indices(len(u), 1)
+    e_sq = pair_distances(u[i], u[j])
+    vals = np.exp(-t * np.sum((u[i] - u[j]) ** 2, 1))
+    return float(t * e_sq.max() + sum_error(len(i), 1.0) + 4 * U32 * abs(np.log(vals.mean())))
+
+
 def objective(weights: dict[str, float], fi, ft, gi, gt, z, log_scale: float, lam: float, value: float, *,
               alpha: float = 0.5, temperature: float = 1.0, normalize: bool = False, bias: float = 0.0) -> Bounds:
     """Bounds for jax_refine.objectives.total_loss = sum_t w_t L_t (the terms of tests/torch_reference_losses

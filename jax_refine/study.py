@@ -29,6 +29,7 @@ METHOD_NAMES = {"clip_refine": "CLIP-Refine", "contrastive": "Contrastive FT", "
                 "hycd": "HyCD only", "rafa": "RaFA only", "feature_distill": "Feature distill.",
                 "logit_distill": "Logit distill.", "m2_mix": "m2-mix"}
 FLICKR, COCO, CIFAR = "flickr8k_test", "coco_val", "cifar10_test"
+PRETRAIN_LOGIT_SCALE_INIT = float(np.log(1 / 0.07))  # transformers.CLIPConfig's logit_scale_init_value
 
 
 def _key(*parts: Any) -> str:
@@ -231,7 +232,8 @@ def _evaluate(model_dir: str, config: ml_collections.ConfigDict, tasks: Mapping[
                   uniformity_image=f["uniformity_image"], uniformity_text=f["uniformity_text"])
     # the raw (unnormalized) feature norms: what the "raw" regime's terms see (the reference: ~10 and ~8)
     scores.update(norm_image=float(np.linalg.norm(pairs[FLICKR].image, axis=-1).mean()),
-                  norm_text=float(np.linalg.norm(pairs[FLICKR].text, axis=-1).mean()))
+                  norm_text=float(np.linalg.norm(pairs[FLICKR].text, axis=-1).mean()),
+                  logit_scale=float(np.exp(np.asarray(model.logit_scale[...]))))  # exp of the learned log scale
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(scores, indent=1))
     return scores, pairs
@@ -370,7 +372,8 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     _say(f"  pre-trained: F8k R@1 T->I {base[f'{FLICKR}/t2i/R@1']:.2f} I->T {base[f'{FLICKR}/i2t/R@1']:.2f}, "
          f"R@10 T->I {base[f'{FLICKR}/t2i/R@10']:.2f} I->T {base[f'{FLICKR}/i2t/R@10']:.2f}, "
          f"C10 {base['cifar_single']:.2f} / {base['cifar_ensemble']:.2f} (80 tmpl), gap {base['gap']:.3f}, "
-         f"raw norms image {base['norm_image']:.2f} text {base['norm_text']:.2f}")
+         f"raw norms image {base['norm_image']:.2f} text {base['norm_text']:.2f}, logit scale "
+         f"{base['logit_scale']:.2f} (init {np.exp(PRETRAIN_LOGIT_SCALE_INIT):.2f})")
 
     # 2. the precomputed prior of each regime that asks for one (the teacher's feature statistics on the
     # refinement captions, in that regime's feature space)
@@ -398,7 +401,9 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     val_task = dataclasses.replace(evaluate.retrieval_task(f"coco_json:{data.val}:/", config.eval),
                                    name="flickr8k_dev_val")
     lrs = [float(x) for x in s.select.lrs]
-    cells = [(r, m) for r in s.ablation.regimes for m in s.ablation.methods]
+    # method by method (each in every regime), then the full table's other methods: a run cut short has the
+    # first methods' whole ablation rather than every method in one regime
+    cells = [(r, m) for m in s.ablation.methods for r in s.ablation.regimes]
     cells += [(s.regime, m) for m in s.methods if (s.regime, m) not in cells]
     _say(f"stage 3/5: {len(cells)} (regime, method) cells: the lr of each from {lrs} on "
          f"{data.counts['val_photos']} held-out Flickr8k dev photos, then seeds {list(s.seeds)}; "
@@ -436,24 +441,41 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
             runs.setdefault(cell, []).append(scores)
             _say(f"  {cell} seed {seed}: F8k R@1 T->I {scores[f'{FLICKR}/t2i/R@1']:.2f} "
                  f"I->T {scores[f'{FLICKR}/i2t/R@1']:.2f}, C10 {scores['cifar_single']:.2f}, gap {scores['gap']:.3f}")
-    timings["select_refine_evaluate"] = time.perf_counter() - t0
+        timings["select_refine_evaluate"] = time.perf_counter() - t0
+        write_report(out / "report", study=s, base=base, runs=runs, cells=cells, regimes=regimes,
+                     selections=selections, data=data, timings=timings, config=config)
 
     # 4. the tables and the pictures
     _say("stage 5/5: tables and pictures")
-    report = out / "report"
-    report.mkdir(exist_ok=True)
-    pictures = [str(p) for p in plots.make_plots({k: v[FLICKR] for k, v in pics.items()}, report,
+    pictures = [str(x) for x in plots.make_plots({k: v[FLICKR] for k, v in pics.items()}, out / "report",
                                                   prefix="flickr8k_test_")]
-    table = summarize(runs, base)
     timings["total"] = time.perf_counter() - t_start
-    full = {m: table[f"{s.regime}/{m}"] for m in s.methods}
-    ablation = {c: table[c] for c in (f"{r}/{m}" for r, m in cells if r in s.ablation.regimes)}
-    regime_text = "; ".join(f"**{n}**: {r}" for n, r in regimes.items())
+    paths = write_report(out / "report", study=s, base=base, runs=runs, cells=cells, regimes=regimes,
+                         selections=selections, data=data, timings=timings, config=config, pictures=pictures)
+    _say(f"done in {timings['total']:.0f}s")
+    return {**{k: str(v) for k, v in paths.items()}, "pictures": pictures, "timings": timings,
+            "table": summarize(runs, base)}
+
+
+def write_report(report: Path, *, study: Any, base: Mapping, runs: Mapping[str, Sequence[Mapping]],
+                 cells: Sequence[tuple[str, str]], regimes: Mapping, selections: Mapping, data: StudyData,
+                 timings: Mapping[str, float], config: ml_collections.ConfigDict, pictures: Sequence[str] = ()
+                 ) -> dict[str, Path]:
+    """study.md and study.json under `report` from the cells done so far (`runs`; the study rewrites them
+    after every cell, so a run cut short leaves the tables of what finished): the full table (every method
+    in `study.regime`) and the ablation (regimes x methods)."""
+    s = study
+    report.mkdir(parents=True, exist_ok=True)
+    table = summarize(runs, base)
+    full = {m: table[f"{s.regime}/{m}"] for m in s.methods if f"{s.regime}/{m}" in table}
+    ablation = {c: table[c] for c in (f"{r}/{m}" for r, m in cells if r in s.ablation.regimes) if c in table}
+    missing = [f"{r}/{m}" for r, m in cells if f"{r}/{m}" not in table]
+    seeds = {c: len(v) for c, v in runs.items() if len(v) != len(s.seeds)}
     md = ["# Real-data study", "",
           f"## All methods in the regime `{s.regime}` ({regimes[s.regime]})", "",
           markdown(full, base, extra={"header": ["lr"], **{m: [f"{selections[f'{s.regime}/{m}']['lr']:g}"]
-                                                           for m in s.methods}}),
-          "## Regime ablation", "", regime_text, "",
+                                                           for m in full}}),
+          "## Regime ablation", "", "; ".join(f"**{n}**: {r}" for n, r in regimes.items()), "",
           markdown(ablation, base, ABLATION_COLUMNS,
                    labels={c: f"{c.split('/')[0]} / {METHOD_NAMES.get(c.split('/')[1])}" for c in ablation},
                    extra={"header": ["lr"], **{c: [f"{selections[c]['lr']:g}"] for c in ablation}}),
@@ -464,13 +486,16 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
               f"{c}: " + ", ".join(f"{k} {v:.2f}±{sel['noise'][k]:.2f}" for k, v in sel["scores"].items())
               for c, sel in selections.items()),
           "Data: " + "; ".join(f"{k} {v}" for k, v in data.counts.items()),
-          "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
-    md += [f"![{Path(p).stem}]({Path(p).name})" for p in pictures]
+          "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())]
+    if missing or seeds:
+        md.append(f"**Incomplete**: cells not run yet {missing}; cells with fewer seeds {seeds}.")
+    md += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in pictures]
     paths = {"markdown": report / "study.md", "json": report / "study.json"}
     paths["markdown"].write_text("\n".join(md) + "\n")
     paths["json"].write_text(json.dumps({"pretrained": base, "methods": full, "ablation": ablation, "runs": runs,
                                          "regimes": regimes, "regime": s.regime, "selection": selections,
-                                         "data": data.counts, "timings": timings, "config": config.to_dict()},
+                                         "missing": missing, "data": data.counts,
+                                         "files": {"pretrain": data.pretrain, "refine": data.refine, "val": data.val},
+                                         "timings": dict(timings), "config": config.to_dict()},
                                         indent=1, default=str))
-    _say(f"done in {timings['total']:.0f}s")
-    return {**{k: str(v) for k, v in paths.items()}, "pictures": pictures, "timings": timings, "table": table}
+    return paths

@@ -170,6 +170,9 @@ def _train_config(config: ml_collections.ConfigDict, workdir: Path, annotations:
     c.optimizer.weight_decay = float(stage["weight_decay"])
     c.optimizer.schedule = stage.get("schedule", "constant")
     c.optimizer.warmup_steps = int(stage.get("warmup_steps", 0))
+    # one lax.scan over each tower's blocks: the same parameters and numbers, a faster compile (every lr of
+    # the selection grid is a new program)
+    c.model.scan_layers = bool(stage.get("scan_layers", c.model.scan_layers))
     if stage.get("normalize") is not None:
         c.method.normalize = bool(stage["normalize"])
     for k, v in (regime or {}).items():  # a refinement regime: normalize, feature_scale, prior, prior_params

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 schedule="warmup_cosine", warmup_steps=50, normalize=True))
     # one epoch of the refinement set (the Flickr8k photos never pre-trained on), AdamW constant lr as the paper;
     # the methods' weights and alpha are their presets, the feature regime is the cell's (below)
-    s.refine = ml_collections.ConfigDict(dict(epochs=1, batch_size=32, weight_decay=0.1))
+    s.refine = ml_collections.ConfigDict(dict(epochs=1, batch_size=32, weight_decay=0.1, scan_layers=True))
     # feature regimes of the refinement (the `config.method` keys each sets; README "Real-data study"):
     #   unit: every term on unit vectors at T = 1 (HyCD's logits are cosines in [-1, 1]);
     #   teacher: unit vectors times c = sqrt(exp(teacher logit_scale)), so HyCD's logits are the teacher's CLIP
@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         s.pretrain.update(dict(epochs=1, batch_size=16, warmup_steps=1))
         s.refine.update(dict(epochs=1, batch_size=16))
         s.select.update(dict(lrs=(1e-4, 1e-3)))
-        s.ablation.update(dict(regimes=("unit", "teacher_prior"), methods=("clip_refine", "contrastive")))
+        s.ablation.update(dict(regimes=("unit", "teacher_prior"), methods=("clip_refine",)))
         s.regime = "teacher_prior"
         s.methods = ("clip_refine", "contrastive")
         s.seeds = (0,)

@@ -471,7 +471,8 @@ def write_report(report: Path, *, study: Any, base: Mapping, runs: Mapping[str, 
     report.mkdir(parents=True, exist_ok=True)
     table = summarize(runs, base)
     full = {m: table[f"{s.regime}/{m}"] for m in s.methods if f"{s.regime}/{m}" in table}
-    ablation = {c: table[c] for c in (f"{r}/{m}" for r, m in cells if r in s.ablation.regimes) if c in table}
+    ablation = {c: table[c] for c in (f"{r}/{m}" for r, m in cells
+                                      if r in s.ablation.regimes and m in s.ablation.methods) if c in table}
     missing = [f"{r}/{m}" for r, m in cells if f"{r}/{m}" not in table]
     seeds = {c: len(v) for c, v in runs.items() if len(v) != len(s.seeds)}
     md = ["# Real-data study", "",

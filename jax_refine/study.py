@@ -404,9 +404,11 @@ def run_study(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     val_task = dataclasses.replace(evaluate.retrieval_task(f"coco_json:{data.val}:/", config.eval),
                                    name="flickr8k_dev_val")
     lrs = [float(x) for x in s.select.lrs]
-    # method by method (each in every regime), then the full table's other methods: a run cut short has the
-    # first methods' whole ablation rather than every method in one regime
-    cells = [(r, m) for m in s.ablation.methods for r in s.ablation.regimes]
+    # the ablation's methods two at a time (CLIP-Refine and contrastive FT first) in every regime, then the
+    # full table's other methods: a run cut short still compares the first two methods across the regimes
+    order = {m: i for i, m in enumerate(s.ablation.methods)}
+    cells = sorted(((r, m) for m in s.ablation.methods for r in s.ablation.regimes),
+                   key=lambda rm: (order[rm[1]] // 2, list(s.ablation.regimes).index(rm[0]), order[rm[1]]))
     cells += [(s.regime, m) for m in s.methods if (s.regime, m) not in cells]
     _say(f"stage 3/5: {len(cells)} (regime, method) cells: the lr of each from {lrs} on "
          f"{data.counts['val_photos']} held-out Flickr8k dev photos, then seeds {list(s.seeds)}; "

@@ -1,4 +1,5 @@
-"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, config, study, demo.
+"""`python -m jax_refine COMMAND`: train, evaluate, compare, export, prepare-data, feature-stats, config, study,
+demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
 `--config.SECTION.KEY=VALUE` (see jax_refine/configs/default.py for the keys). Errors in the input (a
@@ -90,6 +91,19 @@ def _parser() -> argparse.ArgumentParser:
                                                  "pixels (the model's image size; JPEG q95), so training decodes "
                                                  "small images (default: the original bytes)")
     d.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg", help="of the resized photos")
+
+    f = add("feature-stats", "Embed a caption set (every image and caption) with the run's start model and write the "
+                             "per-dimension feature mean and std (image, text, pooled) that RaFA's "
+                             "`--config.method.prior=precomputed --config.method.prior_params.path=FILE` reads, in "
+                             "the feature regime of the run's config (raw, unit, or unit times method.feature_scale).")
+    f.add_argument("--config", required=True, help="the run's config NAME[:ARG] or PATH.py[:ARG] (its model, data, "
+                                                   "method.normalize / feature_scale)")
+    f.add_argument("--out", required=True, help="the stats file to write (npz; written whole or not at all)")
+    f.add_argument("--data", help="a caption set instead of config.data: coco_json:<json>:<images>, "
+                                  "flickr:<token.txt>:<split>:<images>, karpathy:<json>:<split>:<images>, "
+                                  "tfds_dir:<dir>[:<split>] or tfds:<name>:<split>")
+    f.add_argument("--max-examples", type=int, help="the first N images (with all their captions)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     g = add("config", "Print the fully resolved config (the method's preset weights filled in, overrides applied) "
                       "as JSON, to see and diff exactly what a run will use.")

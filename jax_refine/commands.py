@@ -7,6 +7,7 @@ transformers (seconds), which `--help` and a bad argument should not wait for.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from jax_refine import outputs
@@ -117,6 +118,24 @@ def prepare_data(args, overrides: list[str]) -> int:
                                  image_format=getattr(args, "image_format", "jpeg"))
     print(f"prepared {out}; train from it with --config.data.source=tfds_dir --config.data.data_dir={out} "
           "--config.data.split=train")
+    return 0
+
+
+def feature_stats(args, overrides: list[str]) -> int:
+    config = load_config(args.config, overrides)
+    out = Path(args.out)
+    if out.is_dir() or (out.exists() and not args.overwrite):
+        raise ValueError(f"feature-stats: --out {out} exists" + ("" if out.is_dir() else "; pass --overwrite to replace it"))
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"feature-stats: --max-examples={args.max_examples} must be >= 1")
+    from jax_refine import feature_stats as stats_lib
+
+    meta = stats_lib.compute_feature_stats(config, out, data_spec=args.data, max_examples=args.max_examples,
+                                           progress=bool(config.eval.get("progress", True)))
+    scale = "" if meta["scale"] is None else f" x {meta['scale']:.4g}"
+    print(f"[feature-stats] wrote {out}: {meta['images']} images, {meta['captions']} captions of {meta['data']}, "
+          f"D={meta['dim']}, {meta['regime']}{scale} features of {meta['model']}; train with "
+          f"--config.method.prior=precomputed --config.method.prior_params.path={shlex.quote(str(out))}")
     return 0
 
 

@@ -121,6 +121,15 @@ def as_float32(x: Array, normalize: bool = False) -> Array:
     return l2_normalize(x) if normalize else jnp.asarray(x).astype(jnp.float32)
 
 
+def scale_features(x: Array, scale: Array | float) -> Array:
+    """`scale * x / ||x||` (B, D) in float32: unit vectors times a scale c, the reference's regime on any model.
+
+    Pass the result to any loss here (with normalize=False): HyCD's logits become c^2 cos (c^2 = a CLIP's
+    exp(logit_scale) gives its own logits). See docs/losses_usage.md, "The feature scale".
+    """
+    return jnp.asarray(scale, jnp.float32) * l2_normalize(x)
+
+
 def _student_teacher(fn: str, fi: Array, ft: Array, gi: Array, gt: Array, normalize: bool
                      ) -> tuple[int, int, Array, Array, Array, Array]:
     """Check four (B, D) feature arrays; return B, D and them in fp32 (L2-normalized if `normalize`),

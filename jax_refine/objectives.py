@@ -36,18 +36,31 @@ take unit vectors (SigLIP's loss is defined on them; slerp needs them). False is
 and its CLIP loss multiplies their dot products by a logit scale initialised at log 100. The m2-mix preset
 sets True, so its contrastive term is CLIP's own loss on unit vectors, as in Oh et al. (NeurIPS 2023).
 
+Feature scale (`config.method.feature_scale`, None by default: `normalize` decides, as above): a finite
+number c > 0, or "teacher" for c = sqrt(exp(teacher logit_scale)). Every feature term (contrastive, kd,
+rafa, feature, logit) then takes c * unit(f) for the student's AND the teacher's features, so HyCD's logits
+are c^2 cos: with "teacher", the teacher's own CLIP logits exp(logit_scale) cos. This is the reference's
+regime on any model (OpenAI CLIP's raw features have norms ~10 / ~8, so its HyCD logits are about the logit
+scale times the cosine; on unit vectors at T = 1 HyCD's 0.5 diagonal target cannot be reached).
+`sigmoid` and `m2` keep their unit vectors; RaFA's z is not scaled (the reference compares its norm-~10
+features with N(0, I) draws). `normalize=False` set explicitly together with a feature scale is an error
+(the scale normalizes); left at None it resolves to True. "teacher" keeps a frozen copy of the start
+weights (`needs_teacher`) even for methods without teacher terms: a contrastive run trains its own scale.
+
 Batch coupling: `contrastive`, `kd`, `logit` and `m2` mix examples through the (B, B) logits, so with
 gradient accumulation each micro-batch is an independent smaller batch (the result equals the big batch
 only for the per-example terms `rafa` and `feature`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jax_refine import losses
 
@@ -101,6 +114,7 @@ class Outputs(NamedTuple):
     log_logit_scale: Array  # model.logit_scale (log of the scale), ()
     key: Array  # PRNG key for stochastic losses (m2)
     logit_bias: Array | None = None  # model.logit_bias (SigLIP), (); None for CLIP
+    teacher_log_logit_scale: Array | None = None  # the teacher's logit_scale (log), (); feature_scale="teacher"
 
 
 class Objective(NamedTuple):
@@ -124,11 +138,58 @@ def _preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+FEATURE_SCALE_TEACHER = "teacher"
+
+
+def feature_scale_setting(value: Any) -> float | str | None:
+    """`config.method.feature_scale` checked: None, a finite float > 0 or "teacher" (a number typed as text, as
+    an override of a field a config file set to "teacher" arrives, is read as the number); one-line error naming
+    the key and value otherwise."""
+    if value is None or value == FEATURE_SCALE_TEACHER:
+        return value
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number) and number > 0:
+        return float(number)
+    raise ValueError(f"config.method.feature_scale={value!r} is invalid: must be None, a finite number > 0 "
+                     f"or {FEATURE_SCALE_TEACHER!r}")
+
+
+def feature_regime(c: Any) -> str:
+    """What the feature terms (and RaFA) compare, for a resolved `config.method`: "raw" features, "unit"
+    vectors, or "scaled" (unit times `feature_scale`)."""
+    if c.get("feature_scale") is not None:
+        return "scaled"
+    return "unit" if c.get("normalize") else "raw"
+
+
+def feature_scale(c: Any, teacher_log_logit_scale: Array | None = None) -> Array | None:
+    """The scale c (float32, ()) of `config.method.feature_scale`, or None when it is not set.
+
+    "teacher": c = sqrt(exp(teacher_log_logit_scale)) = exp(log_scale / 2), no gradient.
+    """
+    value = feature_scale_setting(c.get("feature_scale"))
+    if value is None:
+        return None
+    if value != FEATURE_SCALE_TEACHER:
+        return jnp.float32(value)
+    if teacher_log_logit_scale is None:
+        raise ValueError("config.method.feature_scale='teacher' needs the teacher's logit scale "
+                         "(objectives.Outputs.teacher_log_logit_scale), got None")
+    log_scale = jnp.asarray(teacher_log_logit_scale, jnp.float32).reshape(())
+    return jnp.exp(0.5 * jax.lax.stop_gradient(log_scale))
+
+
 def resolve_method(method_cfg: Any) -> ml_collections.ConfigDict:
     """`config.method` with the preset of `method_cfg.name` filling every None weight, alpha, normalize.
 
     Returns a new ConfigDict (the input is not changed); one-line errors for an unknown method, an
-    unknown term, a negative weight or all weights zero.
+    unknown term, a negative weight or all weights zero, a bad feature scale (or one with normalize=False)
+    and bad RaFA prior parameters (`check_prior`; the stats file itself is read by `prior_params`).
     """
     c = ml_collections.ConfigDict(method_cfg.to_dict() if hasattr(method_cfg, "to_dict") else dict(method_cfg))
     p = _preset(c.name)
@@ -148,8 +209,13 @@ def resolve_method(method_cfg: Any) -> ml_collections.ConfigDict:
     c.weights = ml_collections.ConfigDict(weights)
     if c.get("alpha") is None:
         c.alpha = p.alpha
+    scale = feature_scale_setting(c.get("feature_scale"))
+    if scale is not None and c.get("normalize") is False:
+        raise ValueError(f"config.method.feature_scale={scale!r} takes unit vectors times the scale, but "
+                         "config.method.normalize=False is set: leave normalize unset (None) or True")
     if c.get("normalize") is None:
-        c.normalize = p.normalize
+        c.normalize = True if scale is not None else p.normalize
+    check_prior(c)
     return c
 
 
@@ -157,9 +223,16 @@ def total_loss(out: Outputs, method_cfg: Any) -> tuple[Array, dict[str, Array]]:
     """``sum_t w_t L_t`` over the terms of nonzero weight; returns (loss, {term: L_t}) in float32."""
     c = resolve_method(method_cfg)
     w, n = c.weights, bool(c.normalize)
+    fi, ft, gi, gt = out.fi, out.ft, out.gi, out.gt
+    scale = feature_scale(c, out.teacher_log_logit_scale)
+    if scale is not None:  # unit vectors times c, once for every feature term (student and teacher alike)
+        fi, ft = losses.scale_features(fi, scale), losses.scale_features(ft, scale)
+        if gi is not None:
+            gi, gt = losses.scale_features(gi, scale), losses.scale_features(gt, scale)
+        n = False  # already normalized (and scaled)
     parts: dict[str, Array] = {}
     if w.contrastive:
-        parts["contrastive"] = losses.contrastive_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), normalize=n)
+        parts["contrastive"] = losses.contrastive_loss(fi, ft, jnp.exp(out.log_logit_scale), normalize=n)
     if w.sigmoid:
         if out.logit_bias is None:
             raise ValueError("config.method.weights.sigmoid > 0 needs a model with a logit bias (SigLIP); this model "
@@ -167,14 +240,13 @@ def total_loss(out: Outputs, method_cfg: Any) -> tuple[Array, dict[str, Array]]:
         parts["sigmoid"] = losses.sigmoid_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), out.logit_bias,
                                                normalize=True)
     if w.kd:
-        parts["kd"] = losses.hycd_loss(out.fi, out.ft, out.gi, out.gt, alpha=c.alpha, temperature=c.temperature,
-                                       normalize=n)
-    if w.rafa:
-        parts["rafa"] = losses.rafa_loss(out.fi, out.ft, out.z, normalize=n)
+        parts["kd"] = losses.hycd_loss(fi, ft, gi, gt, alpha=c.alpha, temperature=c.temperature, normalize=n)
+    if w.rafa:  # z is never scaled: the reference compares its norm-~10 features with N(0, I) draws
+        parts["rafa"] = losses.rafa_loss(fi, ft, out.z, normalize=n)
     if w.feature:
-        parts["feature"] = losses.feature_distill_loss(out.fi, out.ft, out.gi, out.gt, normalize=n)
+        parts["feature"] = losses.feature_distill_loss(fi, ft, gi, gt, normalize=n)
     if w.logit:
-        parts["logit"] = losses.logit_distill_loss(out.fi, out.ft, out.gi, out.gt, normalize=n)
+        parts["logit"] = losses.logit_distill_loss(fi, ft, gi, gt, normalize=n)
     if w.m2:
         parts["m2"] = losses.m2_mix_loss(out.fi, out.ft, jnp.exp(out.log_logit_scale), out.key,
                                          beta=c.m2_beta, normalize=True)
@@ -188,11 +260,100 @@ def get_objective(method: Any) -> Objective:
         method = {"name": method}
     c = resolve_method(method)
     weights = {t: w for t, w in c.weights.items() if w}
-    return Objective(total_loss, weights, any(t in weights for t in TEACHER_TERMS), "rafa" in weights,
+    if "rafa" in weights:
+        prior_params(c)  # a missing or malformed stats file fails here, before any model is built
+    # feature_scale="teacher" reads the start model's logit scale: the frozen teacher copy holds it
+    needs_teacher = any(t in weights for t in TEACHER_TERMS) or c.get("feature_scale") == FEATURE_SCALE_TEACHER
+    return Objective(total_loss, weights, needs_teacher, "rafa" in weights,
                      any(t in weights for t in LOGIT_SCALE_TERMS), any(t in weights for t in LOGIT_BIAS_TERMS))
 
 
 def reference(key: Array, shape: tuple[int, int], c: Any) -> Array:
-    """RaFA reference z (B, D) from ``config.method.prior`` / ``prior_params``."""
-    params = dict(c.get("prior_params") or {})
-    return losses.sample_reference(key, shape, c.prior, **params)
+    """RaFA reference z (B, D) from ``config.method.prior`` / ``prior_params`` (see `prior_params`)."""
+    return losses.sample_reference(key, shape, c.prior, **prior_params(c, int(shape[-1])))
+
+
+# ------------------------------------------------------------------------------------- RaFA prior
+# The keys of `config.method.prior_params` each prior reads; the others are left alone (the defaults hold
+# normal's mean 0 / std 1 whatever the prior). "path": a `feature-stats` file (jax_refine/feature_stats.py).
+PRIOR_KEYS = {"normal": ("mean", "std"), "uniform": ("low", "high"), "precomputed": ("path", "mean", "std"),
+              "fixed": ("mean",)}
+ALL_PRIOR_KEYS = ("mean", "std", "low", "high", "path")
+
+
+def _finite(key: str, value: Any, *, positive: bool = False) -> np.ndarray:
+    """`value` as a float64 array; ValueError naming `config.method.prior_params.<key>` unless every entry is
+    finite (and > 0 with `positive`)."""
+    try:
+        a = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"config.method.prior_params.{key}={value!r} is not a number or an array of numbers") from None
+    bad = ~np.isfinite(a) | ((a <= 0) if positive else False)
+    if a.ndim > 1 or bad.any():
+        what = "finite and > 0" if positive else "finite"
+        shown = value if a.size <= 8 else f"array of shape {a.shape} ({int(bad.sum())} entries not {what})"
+        raise ValueError(f"config.method.prior_params.{key}={shown!r} is invalid: must be {what}"
+                         + (" (a number or a (D,) array)" if a.ndim > 1 else ""))
+    return a
+
+
+def check_prior(c: Any) -> None:
+    """`config.method.prior` and its `prior_params`: one-line errors naming the key for an unknown prior or
+    parameter, a std that is not finite and > 0, a mean / low / high that is not finite, low >= high, or a
+    `path` for a prior other than precomputed. The stats file is read by `prior_params`."""
+    prior = c.get("prior", "normal")
+    if prior not in PRIOR_KEYS:
+        raise ValueError(f"config.method.prior: unknown prior {prior!r}; expected one of {', '.join(PRIOR_KEYS)}")
+    params = {k: v for k, v in dict(c.get("prior_params") or {}).items() if v is not None}
+    unknown = sorted(set(params) - set(ALL_PRIOR_KEYS))
+    if unknown:
+        raise ValueError(f"config.method.prior_params has unknown key(s) {unknown}; prior {prior!r} reads "
+                         f"{', '.join(PRIOR_KEYS[prior])}")
+    if "path" in params and prior != "precomputed":
+        raise ValueError(f"config.method.prior_params.path={params['path']!r} is read only by prior=precomputed, "
+                         f"but config.method.prior={prior!r}")
+    for key in set(PRIOR_KEYS[prior]) & set(params) - {"path"}:
+        _finite(key, params[key], positive=key == "std")
+    if prior == "uniform":
+        low, high = float(params.get("low", 0.0)), float(params.get("high", 1.0))
+        if not low < high:
+            raise ValueError(f"config.method.prior_params: uniform needs low < high, got low={low!r}, high={high!r}")
+
+
+def prior_params(c: Any, dim: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of `losses.sample_reference` for `config.method.prior` (checked by `check_prior`).
+
+    precomputed: `path` (a `feature-stats` file: its pooled per-dimension mean and std, which must describe
+    the features this run's RaFA compares, `feature_regime`) or `mean` / `std` arrays of shape (D,) (the
+    normal prior's scalar defaults are not used for it). `dim`: the model's D; a mean or std of another
+    length is a one-line error naming the key or file.
+    """
+    from jax_refine import feature_stats  # numpy only
+
+    check_prior(c)
+    prior = c.get("prior", "normal")
+    given = {k: v for k, v in dict(c.get("prior_params") or {}).items() if v is not None}
+    params = {k: given[k] for k in PRIOR_KEYS[prior] if k in given}
+    where = {"mean": "config.method.prior_params.mean", "std": "config.method.prior_params.std"}
+    if prior == "precomputed":
+        arrays = {k: np.asarray(params[k]) for k in ("mean", "std") if k in params and np.ndim(params[k]) == 1}
+        if "path" in params:
+            if arrays:
+                raise ValueError(f"config.method.prior_params: give either path={params['path']!r} or mean/std "
+                                 "arrays, not both")
+            stats = feature_stats.load_stats(params["path"], regime=feature_regime(c),
+                                             feature_scale=feature_scale_setting(c.get("feature_scale")))
+            params = {"mean": stats.mean, "std": stats.std}
+            where = dict.fromkeys(where, f"config.method.prior_params.path={given['path']}")
+        elif len(arrays) != 2:
+            raise ValueError("config.method.prior=precomputed needs config.method.prior_params.path=FILE (written "
+                             "by `python -m jax_refine feature-stats`) or mean and std arrays of shape (D,)")
+        else:
+            params = arrays
+    if dim is not None:
+        for k in ("mean", "std"):
+            if k in params and np.ndim(params[k]) == 1 and np.shape(params[k])[0] != dim:
+                raise ValueError(f"{where[k]}: {k} has length {np.shape(params[k])[0]} but the model's features "
+                                 f"have D={dim}")
+    return params
+

@@ -80,7 +80,8 @@ def make_train_step(setup: ModelSetup, method_cfg: Any, tx: optax.GradientTransf
         gi = gt = None
         if objective.needs_teacher:
             gi, gt = jax.lax.stop_gradient(features(teacher, batch))
-        out = objectives.Outputs(fi, ft, gi, gt, z, params["logit_scale"], key, params.get("logit_bias"))
+        out = objectives.Outputs(fi, ft, gi, gt, z, params["logit_scale"], key, params.get("logit_bias"),
+                                 None if teacher is None else teacher["logit_scale"])
         loss, parts = objective.fn(out, method_cfg)
         return loss, (parts, jax.lax.stop_gradient(fi), jax.lax.stop_gradient(ft))
 

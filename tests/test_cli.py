@@ -20,7 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("train", "evaluate", "compare", "export", "prepare-data", "demo"):
+    for command in ("train", "evaluate", "compare", "export", "prepare-data", "feature-stats", "demo"):
         assert command in out.stdout
 
 

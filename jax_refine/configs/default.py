@@ -40,9 +40,17 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.method.alpha = ml_collections.config_dict.placeholder(float)  # HyCD identity weight; None: preset (0.5; self_kd 0)
     c.method.temperature = 1.0  # HyCD / KD temperature T
     c.method.prior = "normal"  # RaFA prior: normal|uniform|precomputed|fixed
-    c.method.prior_params = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})
+    # normal: mean, std; uniform: low, high (None: 0, 1); fixed: mean; precomputed: path = a `feature-stats` file
+    # (its pooled per-dimension mean and std) or mean/std arrays of shape (D,) (objectives.prior_params)
+    c.method.prior_params = ml_collections.ConfigDict(
+        {"mean": 0.0, "std": 1.0, "low": ml_collections.config_dict.placeholder(float),
+         "high": ml_collections.config_dict.placeholder(float), "path": ml_collections.config_dict.placeholder(str)})
     # L2-normalize features before every term (m2 always does); None: preset (False, as the reference; m2_mix True)
     c.method.normalize = ml_collections.config_dict.placeholder(bool)
+    # Unit features times a scale c for every feature term (contrastive, kd, rafa, feature, logit; student and
+    # teacher): a number > 0, or "teacher" for c = sqrt(exp(teacher logit_scale)) (HyCD's logits are then the
+    # teacher's CLIP logits: the reference's regime on any model). None: `normalize` decides. RaFA's z unscaled.
+    c.method.feature_scale = ml_collections.config_dict.placeholder(object)
     c.method.m2_beta = 0.5  # m^2-mix ratio lam ~ Beta(b, b) (Oh et al.'s scripts/m2mix.sh: beta2 0.5)
 
     # --- data (see jax_refine/data/) -----------------------------------------------------------

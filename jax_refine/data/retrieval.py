@@ -116,6 +116,23 @@ def load_retrieval(spec: str, *, batch_size: int, prep: preprocess.Preprocessing
         raise ValueError(f"unknown retrieval spec {spec!r}: use coco_karpathy_test, tfds:<name>:<split>, "
                          "tfds_dir:<dir>[:<split>], coco_json:<annotations.json>:<image dir>, "
                          "flickr:<token.txt>:<split list>:<image dir> or karpathy:<json>:<split>:<image dir>")
+    return _retrieval_set(spec, parts, prep, tokenizer, batch_size)
+
+
+def load_caption_list(listed: sources.CaptionList, *, batch_size: int, prep: preprocess.Preprocessing | None = None,
+                      tokenizer=None, process_index: int = 0, process_count: int = 1,
+                      max_examples: int | None = None) -> RetrievalSet:
+    """A retrieval set (every caption of every image) of a `sources.CaptionList`, e.g. a coco_json training
+    split (`sources.coco_json_split`); arguments as `load_retrieval`."""
+    prep = preprocess.preprocessing_arg(prep, None, None)
+    hosts.check_process(process_index, process_count)
+    recs = [{"path": p, "captions": [(None, t) for t in caps]} for p, caps in zip(listed.paths, listed.captions)]
+    parts = _from_records(recs, max_examples=max_examples, process_index=process_index, process_count=process_count)
+    return _retrieval_set(listed.name, parts, prep, tokenizer, batch_size)
+
+
+def _retrieval_set(spec: str, parts: tuple, prep: preprocess.Preprocessing, tokenizer, batch_size: int
+                   ) -> RetrievalSet:
     num_images, captions, owner, per_host, records = parts
     if not captions:
         raise ValueError(f"retrieval set {spec!r} has no captions")

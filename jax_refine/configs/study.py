@@ -1,13 +1,16 @@
 """The real-data study (`./run.sh study --data-dir ../shared/data`; `--quick` for a few-minute cut).
 
-1. pre-train a small CLIP from scratch, contrastively, on Flickr8k train (6,000 photos x 5 human captions)
-   plus CIFAR-10 train photos with template captions (so that CIFAR-10 zero-shot is measurably above
-   chance: Flickr8k's captions name few of its classes); cached under out/pretrain/<key>;
-2. choose the refinement lr ONCE on a validation slice (the last `val_photos` photos of Flickr8k dev,
-   never refined on, never the test set): mean R@1 (both ways) of `select.methods`, seed 0;
-3. refine with every method, `seeds` seeds each, the same data (the other Flickr8k dev photos, one random
-   caption per photo per epoch), steps and lr, the paper's alpha 0.5 / T 1 / lambda 1, AdamW constant lr;
-4. evaluate every model on Flickr8k test (1,000 x 5), coco_mini val (79 photos), CIFAR-10 test zero-shot
+1. pre-train a small CLIP from scratch, contrastively, on the first `pretrain_flickr_photos` Flickr8k train
+   photos (each with its 5 human captions) plus CIFAR-10 train photos with template captions (so that
+   CIFAR-10 zero-shot is measurably above chance: Flickr8k's captions name few of its classes); cached under
+   out/pretrain/<key>;
+2. for each (feature regime, method) cell: choose the refinement lr on a validation slice (the last
+   `val_photos` photos of Flickr8k dev, never refined on, never the test set): (I->T R@1 + T->I R@1) / 2 at
+   seed 0 over `select.lrs`; then refine with `seeds` seeds at that lr: one epoch of the refinement set (the
+   Flickr8k train photos held out of pre-training and the other dev photos, one random caption per photo),
+   the paper's alpha 0.5 / T 1 / lambda 1, AdamW constant lr; the ablation's regimes x methods, then every
+   method in `regime`;
+3. evaluate every model on Flickr8k test (1,000 x 5), coco_mini val (79 photos), CIFAR-10 test zero-shot
    (single prompt and the 80-template ensemble); one table of mean +- std over seeds and pictures.
 """
 import ml_collections
@@ -46,19 +49,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study = ml_collections.ConfigDict()
     s = c.study
     s.flickr_photos = 0  # cut Flickr8k train/dev/test to their first N photos (0: all)
-    s.cifar_per_class = 200  # CIFAR-10 train photos per class mixed into pre-training (0: none)
+    s.pretrain_flickr_photos = 5000  # the first N Flickr8k train photos pre-train; the other 1,000 refine (0: all)
+    s.pretrain_every_caption = True  # pre-training sees each Flickr8k photo with all 5 captions per epoch
+    s.cifar_per_class = 1000  # CIFAR-10 train photos per class mixed into pre-training (5000: all; 0: none)
     s.cifar_test_examples = 1000  # CIFAR-10 test photos for zero-shot (a fixed subset, every class; 0: all)
     s.coco_images = 0  # coco_mini val photos for retrieval (0: all 79)
     # CLIP's own pre-training loss: InfoNCE on L2-normalized features times a learned scale
-    s.pretrain = ml_collections.ConfigDict(dict(epochs=6, batch_size=128, lr=1e-3, weight_decay=0.1,
+    s.pretrain = ml_collections.ConfigDict(dict(epochs=2, batch_size=128, lr=2e-3, weight_decay=0.1,
                                                 schedule="warmup_cosine", warmup_steps=50, normalize=True))
-    # normalize=True for every method: this CLIP learned its features through normalized similarities only,
-    # so the norms of its unnormalized features are arbitrary (the reference's unnormalized form assumes
-    # OpenAI CLIP's); the methods' weights and alpha are their presets
-    s.refine = ml_collections.ConfigDict(dict(epochs=2, batch_size=64, weight_decay=0.1, normalize=True))
+    # one epoch of the refinement set (the Flickr8k photos never pre-trained on), AdamW constant lr as the paper;
+    # the methods' weights and alpha are their presets, the feature regime is the cell's (below)
+    s.refine = ml_collections.ConfigDict(dict(epochs=1, batch_size=32, weight_decay=0.1, scan_layers=True))
+    # feature regimes of the refinement (the `config.method` keys each sets; README "Real-data study"):
+    #   unit: every term on unit vectors at T = 1 (HyCD's logits are cosines in [-1, 1]);
+    #   teacher: unit vectors times c = sqrt(exp(teacher logit_scale)), so HyCD's logits are the teacher's CLIP
+    #     logits, as the reference's raw OpenAI-CLIP features give them (norms ~10 / ~8 there);
+    #   raw: the model's unnormalized features, whatever their norms (the reference's code, run on this model);
+    #   teacher_prior: teacher, with RaFA's z from the teacher's own feature statistics (the reference's
+    #     `precomputed` prior) instead of N(0, I). Methods without RaFA ignore the prior (same runs as teacher).
+    s.regimes = ml_collections.ConfigDict({
+        "unit": {"normalize": True},
+        "teacher": {"normalize": True, "feature_scale": "teacher"},
+        "raw": {"normalize": False},
+        "teacher_prior": {"normalize": True, "feature_scale": "teacher", "prior": "precomputed"},
+    })
+    # run method by method in this order (the study rewrites its report after every cell)
+    s.ablation = ml_collections.ConfigDict(dict(regimes=("teacher", "unit", "raw", "teacher_prior"),
+                                                methods=("clip_refine", "contrastive", "hycd", "rafa")))
+    s.regime = "teacher"  # the full table's regime: the reference's (HyCD on the teacher's CLIP logits, N(0, I))
     s.resize_images = True  # decode + resize the photos once into out/data/<set>_<size>px (PNG, same pixels)
-    s.val_photos = 200  # the last N Flickr8k dev photos: the lr-selection slice
-    s.select = ml_collections.ConfigDict(dict(lrs=(3e-5, 1e-4, 3e-4), methods=("clip_refine", "contrastive")))
+    s.val_photos = 500  # the last N Flickr8k dev photos: the lr-selection slice
+    # per (regime, method) cell, seed 0: the pre-training lr 2e-3 times 2e-3 (the paper's ratio: 1e-6 after
+    # ~5e-4), 2e-2 and 2e-1
+    s.select = ml_collections.ConfigDict(dict(lrs=(4e-6, 4e-5, 4e-4)))
     s.methods = METHODS
     s.seeds = (0, 1, 2)
     s.picture_methods = ("clip_refine", "contrastive")  # drawn beside the pre-trained model (seed 0)
@@ -73,13 +96,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             "num_attention_heads": 2, "max_position_embeddings": 32},
         }
         s.flickr_photos = 48
+        s.pretrain_flickr_photos = 32  # 16 Flickr8k train photos held out for refinement
         s.cifar_per_class = 4
         s.cifar_test_examples = 40
         s.coco_images = 16
         s.val_photos = 16
         s.pretrain.update(dict(epochs=1, batch_size=16, warmup_steps=1))
         s.refine.update(dict(epochs=1, batch_size=16))
-        s.select.update(dict(lrs=(1e-4, 1e-3), methods=("clip_refine",)))
+        s.select.update(dict(lrs=(1e-4, 1e-3)))
+        s.ablation.update(dict(regimes=("unit", "teacher_prior"), methods=("clip_refine",)))
+        s.regime = "teacher_prior"
         s.methods = ("clip_refine", "contrastive")
         s.seeds = (0,)
         c.eval.batch_size = 64

@@ -32,6 +32,8 @@ from train_helpers import SyntheticIterator, tiny_config
 from jax_refine import checkpoint as ckpt, cli, failures, hooks, objectives, train
 from jax_refine.config import ConfigError, apply_overrides, load_config, load_config_file
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses, signals and a tmpfs: not in the fast tier
+
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 
 

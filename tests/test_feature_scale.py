@@ -206,6 +206,7 @@ def _step_loss_and_reference(tmp_path, devices, shape):
     return float(metrics["loss"]), want
 
 
+@pytest.mark.slow  # a train step on 1 and 8 devices / a training run
 def test_train_step_uses_the_teachers_logit_scale_on_1_and_8_devices(tmp_path):
     one, want = _step_loss_and_reference(tmp_path / "one", jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
     eight, _ = _step_loss_and_reference(tmp_path / "eight", jax.devices(), {"data": 2, "fsdp": 4, "tensor": 1})
@@ -213,6 +214,7 @@ def test_train_step_uses_the_teachers_logit_scale_on_1_and_8_devices(tmp_path):
     assert eight == pytest.approx(one, rel=1e-5)
 
 
+@pytest.mark.slow  # a training run
 def test_resuming_a_run_from_before_the_new_keys_is_no_config_change(tmp_path):
     """A workdir whose saved config predates method.feature_scale and prior_params.low/high/path resumes: the new
     keys at their None default are today's behaviour; set to something else they are a change."""

@@ -14,6 +14,8 @@ from train_helpers import set_dotted, synthetic_batch, tiny_config
 from jax_refine import cli, feature_stats, objectives, train
 from jax_refine.configs import default
 
+pytestmark = pytest.mark.slow  # the command and train steps on a tiny model: not in the fast tier
+
 N_PHOTOS = 5
 
 

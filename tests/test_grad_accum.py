@@ -23,6 +23,8 @@ from train_helpers import synthetic_batch, tiny_config
 
 from jax_refine import objectives, sharding as shd, step as step_lib, train
 
+pytestmark = pytest.mark.slow  # a compiled step per method and k on 1 and 8 devices: not in the fast tier
+
 BATCH = 32  # 8 devices x micro-batches of >= 8 rows at k = 4 need B / k divisible by 8
 ONE = ({"data": 1, "fsdp": 1, "tensor": 1}, 1)
 EIGHT = ({"data": 2, "fsdp": 4, "tensor": 1}, 8)  # params FSDP-sharded over 4, batch over all 8

@@ -20,6 +20,8 @@ from train_helpers import SyntheticIterator, tiny_config
 
 from jax_refine import checkpoint as ckpt, cli, sharding as shd, train, workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # training runs, resumes and exports: not in the fast tier
+
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 
 

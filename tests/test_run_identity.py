@@ -138,7 +138,9 @@ def test_prepare_data_sees_a_replaced_photo_of_the_same_size_and_photos_in_sub_f
         assert photo.stat().st_size == size
         again = prepare_coco_json(ann, img, data_dir)
         said = capsys.readouterr().out
-        assert again != first and f"{ann}: content differs from the prepared {first.parent.name}" in said
+        assert again != first and f"{ann}: content differs from the prepared " in said, said
+        named = said.split("content differs from the prepared ", 1)[1].split(" in ", 1)[0].split(", ")
+        assert first.parent.name in named, said  # every earlier prepared set is listed, sorted by its key
         stored = {ex["image/filename"].decode(): ex["image"] for ex in tfds.builder_from_directory(str(again))
                   .as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()}).as_numpy_iterator()}
         assert stored[name] == photo.read_bytes()  # the new photo's bytes, not the old one's

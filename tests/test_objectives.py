@@ -149,7 +149,7 @@ def test_resolve_method_fills_presets_and_keeps_overrides():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"name": "simclr"}, r"config.method.name='simclr' is unknown"),
-    ({"weights.kd": -1.0}, r"config.method.weights.kd=-1.0 must be >= 0"),
+    ({"weights.kd": -1.0}, r"config.method.weights.kd=-1.0 must be a finite number >= 0"),
     ({"weights.kd": 0.0, "weights.rafa": 0.0}, r"all 0 for method 'clip_refine'"),
 ])
 def test_bad_method_config_is_one_line_error(overrides, message):

@@ -299,12 +299,6 @@ def check_resume(workdir: str | os.PathLike, config: Any, *, resuming: bool, all
     return RunRecord(workdir, current, saved, allow_change)
 
 
-def record_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, allow_change: bool = False
-                  ) -> epath.Path:
-    """``check_resume`` then ``write`` at once (no restore between them)."""
-    return check_resume(workdir, config, resuming=resuming, allow_change=allow_change).write()
-
-
 def check_workdir(value: Any, *, contents: bool = True) -> epath.Path:
     """``config.workdir`` as a path, if a run may use it: WorkdirError (one line) for an empty value (it would
     be the current directory) and for a folder that holds files but is not a jax_refine workdir (no

@@ -223,14 +223,14 @@ def test_resuming_a_run_from_before_the_new_keys_is_no_config_change(tmp_path):
     from jax_refine import workdir as workdir_lib
 
     config = tiny_config(tmp_path)
-    path = workdir_lib.record_config(tmp_path, config, resuming=False)
+    path = workdir_lib.check_resume(tmp_path, config, resuming=False).write()
     saved = json.loads(path.read_text())
     del saved["method"]["feature_scale"]
     for k in ("low", "high", "path"):
         del saved["method"]["prior_params"][k]
     path.write_text(json.dumps(saved))
-    workdir_lib.record_config(tmp_path, config, resuming=True)
+    workdir_lib.check_resume(tmp_path, config, resuming=True).write()
     path.write_text(json.dumps(saved))
     config.method.feature_scale = "teacher"
     with pytest.raises(workdir_lib.WorkdirError, match=r"method\.feature_scale: '<absent>' -> 'teacher'"):
-        workdir_lib.record_config(tmp_path, config, resuming=True)
+        workdir_lib.check_resume(tmp_path, config, resuming=True).write()

@@ -125,13 +125,13 @@ def test_gs_lock_refuses_a_live_holder_and_a_simultaneous_taker(tmp_path, monkey
 def test_gs_config_record_refuses_a_changed_resume(tmp_path):
     with gcs_standin(tmp_path) as root:
         config = tiny_config(WORKDIR)
-        path = workdir_lib.record_config(WORKDIR, config, resuming=False)
+        path = workdir_lib.check_resume(WORKDIR, config, resuming=False).write()
         assert str(path) == f"{WORKDIR}/config.resolved.json"
         assert json.loads((root / "test-bucket/run/config.resolved.json").read_text())["seed"] == config.seed
         config.optimizer.learning_rate = 1.0
         with pytest.raises(workdir_lib.WorkdirError, match="resume of gs://test-bucket/run with a changed config: "
                                                            "optimizer.learning_rate"):
-            workdir_lib.record_config(WORKDIR, config, resuming=True)
+            workdir_lib.check_resume(WORKDIR, config, resuming=True).write()
 
 
 def test_paths_and_out_urls():

@@ -514,8 +514,10 @@ def test_two_prepare_data_runs_of_one_set_into_one_out_both_succeed_and_leftover
         assert p.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     dirs = {line.split()[1].rstrip(";") for stdout, _ in results for line in stdout.splitlines()
             if line.startswith("prepared ")}
-    assert len(dirs) == 1 and Path(dirs.pop()).is_dir()
-    config_dir = next(d for d in (out / "coco_captions_json").iterdir() if d.is_dir())
+    assert len(dirs) == 1
+    prepared = Path(dirs.pop())  # .../coco_captions_json/<config>/<version>; the builder also keeps a hidden .config
+    assert prepared.is_dir()
+    config_dir = prepared.parent
     assert not list(config_dir.glob("incomplete.*"))
     (config_dir / "incomplete.K1LL3D_1.0.0").mkdir()  # what a killed preparation leaves
     (config_dir / "incomplete.K1LL3D_1.0.0" / "part.tfrecord").write_bytes(b"x")

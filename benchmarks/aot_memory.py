@@ -9,8 +9,8 @@
 No weights are made: the train state and the batch are `jax.ShapeDtypeStruct`s with their shardings, and
 `jit(step).lower(...).compile().memory_analysis()` gives each device's bytes. Fake CPU devices stand in for
 the accelerators (`--xla_force_host_platform_device_count`, set here before JAX starts): the mesh presets of
-jax_refine/configs/presets.py are `gpu1` = 1 device; `gpu8` = 8 devices, data 1 x fsdp 8; `tpu_pod` = `--pod-devices` (64) devices, data
-16 x fsdp 4. XLA:CPU's buffer assignment stands in for the GPU/TPU compiler's, so read the numbers as
+jax_refine/config_base.py are `gpu1` = 1 device; `gpu8` = 8 devices, data 1 x fsdp 8; `tpu_pod` =
+`--pod-devices` (64) devices, data 16 x fsdp 4. XLA:CPU's buffer assignment stands in for the GPU/TPU compiler's, so read the numbers as
 estimates (the argument bytes are exact; temporaries depend on the backend's fusion and scheduling).
 Per-device total = arguments + temporaries + outputs - outputs aliased to donated arguments.
 FLOPs: `flops_model` is the analytic matmul count of benchmarks/clip_sizes.py (the step as run); `flops_xla` is
@@ -47,7 +47,7 @@ def measure(model: str, preset: str, devices: int, remat: str, scan: bool, batch
     import jax.numpy as jnp
 
     from benchmarks.clip_sizes import clip_refine_step_flops, clip_size
-    from jax_refine.configs.default import get_config
+    from jax_refine.config_base import get_config
     from jax_refine import sharding as shd, train
 
     c = get_config(preset)

@@ -2,7 +2,7 @@
 
 | name        | vision (width/layers/heads/mlp, patch, px) | text (width/layers/heads/mlp) | proj |
 |-------------|---------------------------------------------|-------------------------------|------|
-| tiny        | the trainer tests' model (jax_refine/configs/tiny_test.py)                            |||
+| tiny        | the trainer tests' model (configs/tiny_test.py)                                      |||
 | vitb32      | 768/12/12/3072, 32, 224                     | 512/12/8/2048                 | 512  |
 | vitb16      | 768/12/12/3072, 16, 224                     | 512/12/8/2048                 | 512  |
 | vitl14      | 1024/24/16/4096, 14, 224                    | 768/12/12/3072                | 768  |
@@ -26,12 +26,12 @@ def _tower(width: int, layers: int, heads: int, mlp: int, **extra) -> dict:
 
 
 def _sizes() -> dict[str, dict]:
-    from jax_refine.configs.tiny_test import TINY_CLIP
+    from jax_refine.config import shipped_module
 
     b_text = _tower(512, 12, 8, 2048)
     l_text = _tower(768, 12, 12, 3072)
     return {
-        "tiny": copy.deepcopy(TINY_CLIP),
+        "tiny": copy.deepcopy(shipped_module("tiny_test").TINY_CLIP),
         "vitb32": dict(text_config=b_text, vision_config=_tower(768, 12, 12, 3072, patch_size=32, image_size=224),
                        projection_dim=512),
         "vitb16": dict(text_config=b_text, vision_config=_tower(768, 12, 12, 3072, patch_size=16, image_size=224),

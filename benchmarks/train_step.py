@@ -111,7 +111,7 @@ def run_jax(args) -> dict:
 
     if args.precision != "bf16":
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.precision == "tf32" else "highest")
-    from jax_refine.configs.default import get_config
+    from jax_refine.config_base import get_config
     from jax_refine import sharding as shd, train
 
     if args.attention == "cudnn" and jax.default_backend() != "gpu":

@@ -2,7 +2,7 @@
 feature-stats, config, study, demo.
 
 Every command that takes `--config FILE[:PRESET]` also takes any number of overrides of the form
-`--config.SECTION.KEY=VALUE` (see jax_refine/configs/default.py for the keys). Errors in the input (a
+`--config.SECTION.KEY=VALUE` (see jax_refine/config_base.py for the keys). Errors in the input (a
 missing file, an unknown key, a bad value) end with one line naming what is wrong and a pointer to --help;
 an error anywhere else (a bug) keeps its traceback.
 """
@@ -19,7 +19,7 @@ from jax_refine import failures
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-EPILOG = """configs (--config NAME[:ARG] or a file PATH.py[:ARG]; see jax_refine/configs/):
+EPILOG = """configs (--config NAME[:ARG] or a file PATH.py[:ARG]; see configs/):
   clip_refine:model=vitb32,method=clip_refine,data=coco,mesh=cpu   the paper's experiments (these defaults)
   default, demo, study, tiny_test   (ARG: a mesh preset cpu|gpu1|gpu8|tpu_pod; study also `quick`)
 config overrides:

@@ -1,76 +1,107 @@
 """Configs and command-line overrides.
 
 A config is a Python module with `get_config(arg=None) -> ml_collections.ConfigDict` (ml_collections style,
-as in big_vision): one shipped in `jax_refine/configs/` given by name (`clip_refine:model=vitb16`), or a
-file given by path (`my_config.py:ARG`). Overrides use the dotted path of a field:
-`--config.train.batch_size=256 --config.mesh.shape.fsdp=4 --config.train.freeze='("^vision/",)'`.
+as in big_vision): one shipped in the top-level `configs/` folder given by name (`clip_refine:model=vitb16`), or
+a file given by path (`my_config.py:ARG`); both start from `jax_refine.config_base`. Overrides use the dotted
+path of a field: `--config.train.batch_size=256 --config.mesh.shape.fsdp=4 --config.train.freeze='("^vision/",)'`.
 An override of a key that does not exist is an error with a did-you-mean suggestion, never ignored.
 """
 from __future__ import annotations
 
 import ast
 import difflib
-import importlib
+import functools
 import importlib.util
 import math
-import pkgutil
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
 import ml_collections
 
-from jax_refine import configs
-from jax_refine.configs import default
+from jax_refine import config_base
+from jax_refine.config_base import ConfigError  # what every caller catches; defined beside parse_arg
+
+# Names of the per-experiment config files that `clip_refine` replaced; they still work as config names,
+# and `OLD_NAME:PRESET` is `clip_refine:...,mesh=PRESET`.
+OLD_CONFIG_NAMES = {
+    f"{method}_{model}_coco": f"clip_refine:method={method},model={model}"
+    for method, model in (("clip_refine", "vitb32"), ("clip_refine", "vitb16"), ("clip_refine", "vitl14"),
+                          ("contrastive", "vitb32"), ("self_kd", "vitb32"), ("feature_distill", "vitb32"),
+                          ("logit_distill", "vitb32"), ("hycd", "vitb32"), ("rafa", "vitb32"), ("m2_mix", "vitb32"))
+}
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file or key."""
+def configs_dir() -> Path:
+    """The shipped configs' folder: the installed wheel's copy (`jax_refine/configs/`, mapped from the top-level
+    `configs/` by pyproject.toml) or, in a clone, `configs/` beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    # default.py, not the folder: a clone may keep a stale jax_refine/configs/__pycache__ from the old layout
+    return installed if (installed / "default.py").is_file() else package.parent / "configs"
 
 
 def shipped_configs() -> list[str]:
-    """Names of the configs in `jax_refine/configs/` (`presets` holds no config)."""
-    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__)
-                  if not m.name.startswith("_") and m.name != "presets")
+    """Names of the configs in `configs_dir()`."""
+    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.name.startswith("_"))
 
 
 def _known() -> str:
-    return f"shipped configs: {', '.join(shipped_configs())}; old names like {next(iter(configs.ALIASES))}"
+    return f"shipped configs: {', '.join(shipped_configs())}; old names like {next(iter(OLD_CONFIG_NAMES))}"
 
 
-def _import_file(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"jax_refine_config_{path.stem}", path)
+def _import_file(path: Path, name: str) -> ModuleType:
+    """The config file `path` executed as module `name` (importlib's recipe for importing a source file)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an imported module is: dataclasses and pickle look classes up there
     try:
         spec.loader.exec_module(module)
-    except ModuleNotFoundError as e:
-        hint = " (the configs moved into the package: `from jax_refine.configs import default`)" \
-            if e.name == "configs" else ""
-        raise ConfigError(f"cannot load config file {path}: {e}{hint}") from e
-    except (SyntaxError, ImportError, NameError, AttributeError) as e:  # a mistake inside the user's file
-        raise ConfigError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
+def _load_file(path: Path, name: str) -> ModuleType:
+    """`_import_file(path, name)`; an error inside the file is a ConfigError naming it."""
+    try:
+        return _import_file(path, name)
+    except ImportError as e:
+        hint = " (the base config is `from jax_refine import config_base`, `config_base.get_config()`)" \
+            if e.name in ("configs", "jax_refine.configs") else ""  # a file written for an older layout
+        raise ConfigError(f"cannot load config file {path}: {type(e).__name__}: {e}{hint}") from e
+    except (SyntaxError, NameError, AttributeError) as e:  # a mistake inside the user's file
+        raise ConfigError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+
+
+@functools.cache
+def shipped_module(name: str) -> ModuleType:
+    """The module of the shipped config `name` (e.g. `shipped_module("tiny_test").TINY_CLIP`), loaded by path
+    from `configs_dir()` once. Raises ConfigError for a name that is not shipped."""
+    if name not in shipped_configs():
+        raise ConfigError(f"unknown config {name!r} ({_known()}; or a file path)")
+    return _load_file(configs_dir() / f"{name}.py", f"jax_refine_shipped_config_{name}")
+
+
 def load_config_file(spec: str | Path) -> ml_collections.ConfigDict:
-    """The config of `spec`: `NAME[:ARG]` (a config shipped in jax_refine/configs, or an old name in
-    `configs.ALIASES`) or `PATH.py[:ARG]` (any file; a spec with a `/` or a `.py` suffix is a path).
+    """The config of `spec`: `NAME[:ARG]` (a config shipped in configs/, or an old name in `OLD_CONFIG_NAMES`)
+    or `PATH.py[:ARG]` (any file; a spec with a `/` or a `.py` suffix is a path).
 
     Calls `get_config(ARG)`, or `get_config()` without ARG. Raises ConfigError naming the config.
     """
     name, _, arg = str(spec).partition(":")
-    if name in configs.ALIASES:  # an old per-experiment name; its ARG was a mesh preset
-        name, _, alias_arg = configs.ALIASES[name].partition(":")
+    if name in OLD_CONFIG_NAMES:  # an old per-experiment name; its ARG was a mesh preset
+        name, _, alias_arg = OLD_CONFIG_NAMES[name].partition(":")
         arg = ",".join(filter(None, (alias_arg, arg and f"mesh={arg}")))
     if "/" in name or name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"config file not found: {name} ({_known()})")
-        module, where = _import_file(path), str(path)
-    elif name in shipped_configs():
-        module, where = importlib.import_module(f"jax_refine.configs.{name}"), name
+        module, where = _load_file(path, f"jax_refine_config_{path.stem}"), str(path)
     else:
-        raise ConfigError(f"unknown config {name!r} ({_known()}; or a file path)")
+        module, where = shipped_module(name), name
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config {where} has no get_config() function")
     try:
@@ -82,28 +113,6 @@ def load_config_file(spec: str | Path) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{where}: get_config() must return an ml_collections.ConfigDict")
     return config
-
-
-def parse_arg(arg: str | None, source: str, **choices: Sequence[str]) -> dict[str, str]:
-    """A config's `get_config(arg)` argument, big_vision style: `"model=vitb16,method=contrastive"` ->
-    `{"model": "vitb16", "method": "contrastive", ...}` for the keys of `choices` (key -> allowed values;
-    a key not in `arg` takes its first value). Raises ConfigError naming `source`, the key and the choices.
-    """
-    values = {key: allowed[0] for key, allowed in choices.items()}
-    given: dict[str, str] = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or key not in choices:
-            raise ConfigError(f"config {source}: unknown argument {item!r}; expected KEY=VALUE with KEY one of "
-                              f"{', '.join(choices)}")
-        if key in given:  # the later one would silently win
-            raise ConfigError(f"config {source}: {key} is given twice ({key}={given[key]}, {key}={value}); "
-                              "give it once")
-        given[key] = value
-        if value not in choices[key]:
-            raise ConfigError(f"config {source}: {key}={value!r} is not one of {', '.join(choices[key])}")
-        values[key] = value
-    return values
 
 
 def _parse_value(text: str):
@@ -189,11 +198,12 @@ FREE_FORM = ("model.random_init", "method.prior_params")
 
 def check_schema(config: ml_collections.ConfigDict, source: str,
                  schema: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
-    """Raise ConfigError for a key of `config` that jax_refine/configs/default.py does not have (did-you-mean).
+    """Raise ConfigError for a key of `config` that the base config (jax_refine/config_base.py) does not have
+    (did-you-mean).
 
     `source` names the file in the message. Sections in EXTRA_SECTIONS and keys in FREE_FORM are not checked.
     """
-    schema = default.get_config() if schema is None else schema
+    schema = config_base.get_config() if schema is None else schema
     for key in config.keys():
         dotted = f"{prefix}{key}"
         if not prefix and key in EXTRA_SECTIONS or dotted in FREE_FORM:
@@ -264,8 +274,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """`load_config_file(path)`, checked against jax_refine/configs/default.py's keys, then `apply_overrides`,
-    then `check_values`."""
+    """`load_config_file(path)`, checked against the base config's keys (jax_refine/config_base.py), then
+    `apply_overrides`, then `check_values`."""
     config = load_config_file(path)
     check_schema(config, str(path).partition(":")[0])
     config = apply_overrides(config, overrides)

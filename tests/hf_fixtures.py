@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_refine.configs.tiny_test import TINY_CLIP
+from jax_refine.config import shipped_module
+
+TINY_CLIP = shipped_module("tiny_test").TINY_CLIP
 
 # CLIPConfig keyword arguments by size. "tiny" is the trainer tests' model; transformers' CLIPConfig defaults
 # are ViT-B/32, so "vit_b32" only cuts the layers (to 2) to keep the tests fast.

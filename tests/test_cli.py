@@ -89,16 +89,19 @@ def test_bad_config_names_and_arguments_are_one_line(spec, message):
     assert out.stderr.startswith(f"error: {message}") and len(out.stderr.strip().splitlines()) == 2
 
 
-def test_a_users_config_file_starts_from_a_packaged_one(tmp_path):
+def test_a_users_config_file_starts_from_the_base_config(tmp_path):
     mine = tmp_path / "mine.py"
-    mine.write_text("from jax_refine.configs import default\n\n\ndef get_config(arg=None):\n"
-                    "    c = default.get_config(arg)\n    c.train.batch_size = 7\n    return c\n")
+    mine.write_text("from jax_refine import config_base\n\n\ndef get_config(arg=None):\n"
+                    "    c = config_base.get_config(arg)\n    c.train.batch_size = 7\n    return c\n")
     c = load_config(f"{mine}:gpu8")
     assert c.train.batch_size == 7 and dict(c.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    old = tmp_path / "old.py"  # written before the configs moved into the package
-    old.write_text("from configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
-    with pytest.raises(ConfigError, match="from jax_refine.configs import default"):
+    old = tmp_path / "old.py"  # written while the configs lived inside the package
+    old.write_text("from jax_refine.configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
+    with pytest.raises(ConfigError) as info:
         load_config(str(old))
+    assert str(info.value).startswith(f"cannot load config file {old}: ")
+    assert str(info.value).endswith("(the base config is `from jax_refine import config_base`, "
+                                    "`config_base.get_config()`)")
 
 
 def test_a_bug_keeps_its_traceback_and_an_input_error_stays_one_line(monkeypatch, capsys):

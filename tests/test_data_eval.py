@@ -222,7 +222,7 @@ def test_ucf101_is_evaluated_on_each_video_middle_frame(tmp_path):
 
 def test_reference_suite_class_names_and_templates():
     """The reference's 12 zero-shot sets all have class names; its prompt is "a photo of {c}"."""
-    from jax_refine.configs import default
+    from jax_refine import config_base as default  # the base config, `--config default`
     from jax_refine.data.sources import CATALOG_ALIASES
     from jax_refine.evaluate import resolve_templates
 

@@ -250,7 +250,7 @@ def cifar_subset(cifar10_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def _eval_config(subset: dict[str, Path], cache_dir: Path) -> ml_collections.ConfigDict:
-    from jax_refine.configs import default
+    from jax_refine import config_base as default  # the base config, `--config default`
 
     config = default.get_config()
     config.eval.zero_shot = (f"folder:{subset['folders']}",)
@@ -350,7 +350,7 @@ def test_compare_on_a_siglip_checkpoint_prepares_as_siglip(coco_mini_dir, tmp_pa
     from PIL import Image
 
     from hf_fixtures import write_tiny_siglip
-    from jax_refine.configs import default
+    from jax_refine import config_base as default  # the base config, `--config default`
     from jax_refine.data import sources
 
     directory = write_tiny_siglip(tmp_path / "siglip")

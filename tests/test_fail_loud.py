@@ -233,7 +233,8 @@ def test_non_finite_numbers_are_refused_in_one_line(override, message, tmp_path,
 
 def test_lr_inf_from_a_config_file_is_refused_before_training(tmp_path, capsys, untouched):
     path = tmp_path / "mine.py"
-    path.write_text("from jax_refine.configs.tiny_test import get_config as base\n\n\ndef get_config():\n"
+    path.write_text("from jax_refine.config import shipped_module\n\nbase = shipped_module('tiny_test').get_config\n\n\n"
+                    "def get_config():\n"
                     "    c = base()\n    c.optimizer.lr = float('inf')\n    return c\n")
     assert cli.main(["train", "--config", str(path), "--workdir", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().err.splitlines()[0] == "error: config.optimizer.lr=inf is invalid: must be a finite " \

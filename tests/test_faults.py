@@ -244,7 +244,8 @@ def test_empty_and_null_captions_are_skipped_and_counted(coco_json, tmp_path, ca
 ])
 def test_config_file_typos_are_errors(tmp_path, line, message, untouched):
     path = tmp_path / "mine.py"
-    path.write_text("from jax_refine.configs.tiny_test import get_config as base\n\n\ndef get_config():\n    c = base()\n"
+    path.write_text("from jax_refine.config import shipped_module\n\nbase = shipped_module('tiny_test').get_config\n\n\n"
+                    "def get_config():\n    c = base()\n"
                     f"    {line}\n    return c\n")
     with pytest.raises(ConfigError) as info:
         load_config(str(path))

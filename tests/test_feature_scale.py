@@ -13,7 +13,7 @@ import torch
 import torch_reference_losses as ref
 from train_helpers import set_dotted, synthetic_batch, tiny_config
 from jax_refine import losses, objectives
-from jax_refine.configs import default
+from jax_refine import config_base as default  # the base config, `--config default`
 
 KEY = jax.random.key(3)
 C = float(np.sqrt(13.5))  # the study's pre-trained model: exp(logit_scale) = 13.5

@@ -12,7 +12,7 @@ import pytest
 
 from train_helpers import set_dotted, synthetic_batch, tiny_config
 from jax_refine import cli, feature_stats, objectives, train
-from jax_refine.configs import default
+from jax_refine import config_base as default  # the base config, `--config default`
 
 pytestmark = pytest.mark.slow  # the command and train steps on a tiny model: not in the fast tier
 

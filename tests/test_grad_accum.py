@@ -193,7 +193,9 @@ def test_uneven_micro_batch_is_a_one_line_error(tmp_path, batch, accum, devices,
 def test_paper_config_on_one_gpu_takes_the_measured_accumulation():
     """`clip_refine:model=vitl14,mesh=gpu1`: one device, remat=full + scan and docs/grad_accum.md's k for 80 GB;
     a model without a measurement keeps its own settings (only the mesh changes)."""
-    from jax_refine.configs import clip_refine
+    from jax_refine.config import shipped_module
+
+    clip_refine = shipped_module("clip_refine")
 
     for model, k in GPU1_ACCUM.items():
         c = clip_refine.get_config(f"model={model},mesh=gpu1")

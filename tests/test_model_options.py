@@ -107,7 +107,7 @@ def test_activation_names_become_batch_constraints():
     """Inside `activation_sharding` the residual stream is pinned to the batch axes; outside it is untouched."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jax_refine.configs.default import get_config
+    from jax_refine.config_base import get_config
     from jax_refine.models.clip.modeling import ACT
 
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})

@@ -12,7 +12,7 @@ import torch
 import tolerances as tol
 import torch_reference_losses as ref
 from train_helpers import set_dotted
-from jax_refine.configs import default
+from jax_refine import config_base as default  # the base config, `--config default`
 from jax_refine import objectives
 
 KEY = jax.random.key(11)

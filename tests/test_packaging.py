@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-SHIPPED = {"__init__", "clip_refine", "default", "demo", "presets", "study", "tiny_test"}
+SHIPPED = {"clip_refine", "default", "demo", "study", "tiny_test"}  # configs/, installed as jax_refine/configs/
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 # Imported only on a path that says what to install when it is missing (hf.py's old PyTorch .bin reader, plots'
 # optional UMAP): not a dependency of any extra.
@@ -47,8 +47,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def _package_imports() -> dict[str, set[str]]:
-    """{module path inside jax_refine: its imported module names}."""
-    return {str(p.relative_to(REPO_ROOT)): _imports(p) for p in sorted((REPO_ROOT / "jax_refine").rglob("*.py"))}
+    """{module path inside jax_refine/ or configs/ (both ship in the wheel): its imported module names}."""
+    paths = sorted((REPO_ROOT / "jax_refine").rglob("*.py")) + sorted((REPO_ROOT / "configs").glob("*.py"))
+    return {str(p.relative_to(REPO_ROOT)): _imports(p) for p in paths}
 
 
 def test_every_imported_package_is_declared_and_no_private_module_is_imported():
@@ -93,7 +94,8 @@ def wheel(tmp_path_factory) -> Path:
     """The wheel built from a copy of the sources (setuptools writes build/ and *.egg-info beside them)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(REPO_ROOT / "jax_refine", src / "jax_refine", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("jax_refine", "configs"):
+        shutil.copytree(REPO_ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel", "--no-deps",
@@ -107,6 +109,11 @@ def test_the_wheel_ships_configs_assets_and_the_console_script(wheel):
     names = set(z.namelist())
     assert {f"jax_refine/configs/{n}.py" for n in SHIPPED} <= names
     assert "jax_refine/assets/templates.json" in names and not any(n.startswith("configs/") for n in names)
+    # pyproject lists the packages by hand (configs/ is mapped in): every file of the checkout must be in the wheel
+    files = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "jax_refine").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    files |= {f"jax_refine/configs/{p.name}" for p in (REPO_ROOT / "configs").glob("*.py")}
+    assert not files - names, f"not in the wheel (add the folder to pyproject's packages): {files - names}"
     entry_points, = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "jax-refine = jax_refine.cli:main" in z.read(entry_points).decode()
     metadata, = [n for n in names if n.endswith(".dist-info/METADATA")]
@@ -171,3 +178,18 @@ def test_a_fresh_venv_install_core_then_train_extra(wheel, tmp_path):
             "openai/clip-vit-base-patch32", "clip_refine", "outputs/clip_refine_vitb32_coco", 512)
     where = run(str(bin_ / "python"), "-c", "import jax_refine; print(jax_refine.__file__)")
     assert where.stdout.strip().startswith(str(venv)), where.stdout  # the installed copy, not the checkout
+    # every shipped config and an old name by name, from the installed copy of configs/
+    found = run(str(bin_ / "python"), "-c", "from jax_refine import config; print(config.configs_dir()); "
+                "print(*config.shipped_configs()); [config.load_config(n) for n in config.shipped_configs()]")
+    assert found.returncode == 0, found.stderr[-3000:]
+    folder, listed = found.stdout.strip().splitlines()
+    assert folder.startswith(str(venv)) and folder.endswith("jax_refine/configs") and set(listed.split()) == SHIPPED
+    old = run(str(bin_ / "jax-refine"), "config", "hycd_vitb32_coco:gpu1")
+    assert old.returncode == 0 and json.loads(old.stdout)["workdir"] == "outputs/hycd_vitb32_coco", old.stderr[-3000:]
+    # a user's config file starts from the base config of the installed package
+    (elsewhere / "mine.py").write_text("from jax_refine import config_base\n\n\ndef get_config(arg=None):\n"
+                                       "    c = config_base.get_config(arg)\n    c.train.batch_size = 7\n    return c\n")
+    mine = run(str(bin_ / "jax-refine"), "config", "mine.py:gpu8")
+    assert mine.returncode == 0, mine.stderr[-3000:]
+    c = json.loads(mine.stdout)
+    assert (c["train"]["batch_size"], c["mesh"]["shape"]["fsdp"]) == (7, 8)

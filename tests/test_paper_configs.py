@@ -5,7 +5,7 @@ train_val_split_ratio 0.99; AdamW lr 1.0e-6, weight_decay 0.1, torch's default b
 1e-8; RandRegUpdater strategy std_sample (N(0, I)), lambda_cont 0, lambda_rand 1, lambda_kd 1, distill_loss
 kd, alpha_blending 0.5, temperature 1 (default)), fp32 (its model converts every weight to float32), no
 scheduler (a constant lr), all parameters trained, unnormalized features; zero-shot prompt "a photo of {c}".
-The values are written out here, not read from jax_refine/configs/.
+The values are written out here, not read from configs/.
 """
 from __future__ import annotations
 

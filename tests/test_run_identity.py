@@ -153,7 +153,7 @@ def test_prepare_data_sees_a_replaced_photo_of_the_same_size_and_photos_in_sub_f
 def test_eval_cache_re_embeds_swapped_class_folders_and_a_rewritten_photo(
         cifar10_dir, tiny_hf_clip_dir, tmp_path, capsys, untouched):
     from jax_refine import evaluate, hf
-    from jax_refine.configs import default
+    from jax_refine import config_base as default  # the base config, `--config default`
 
     folders = tmp_path / "classes"
     for name, n in (("cat", 3), ("ship", 4)):  # 7 photos: top-1 k/7 and (7-k)/7 always differ

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from jax_refine.configs.default import get_config
+from jax_refine.config_base import get_config
 from jax_refine import sharding as shd
 
 RULES = get_config().mesh.rules

@@ -141,9 +141,9 @@ def test_options_and_logical_names(tiny):
 
 
 def test_sharded_load_uses_the_project_rules(tiny):
-    """Each tensor goes straight into the sharding its logical names give under jax_refine.configs.default rules
+    """Each tensor goes straight into the sharding its logical names give under jax_refine.config_base rules
     on a (data 2, fsdp 2, tensor 2) mesh; features and the exported tensors equal the one-device load."""
-    from jax_refine.configs.default import get_config
+    from jax_refine.config_base import get_config
     from jax_refine.sharding import logical_to_sharding, make_mesh
 
     directory, _ = tiny

@@ -22,8 +22,10 @@ def set_dotted(config, overrides: dict):
 
 
 def tiny_config(workdir, **overrides):
-    """jax_refine/configs/tiny_test.py with dotted-key overrides, e.g. ``**{"train.batch_size": 16}``."""
-    from jax_refine.configs.tiny_test import get_config
+    """configs/tiny_test.py with dotted-key overrides, e.g. ``**{"train.batch_size": 16}``."""
+    from jax_refine.config import shipped_module
+
+    get_config = shipped_module("tiny_test").get_config
 
     c = get_config()
     c.workdir = str(workdir)

@@ -5,7 +5,7 @@ Training (trainer):
                         process_index=0, process_count=1, tokenizer=None) -> TrainIterator
         prep: the model's `preprocess.Preprocessing` (size, resize, mean/std, tokenizer, text length); every
         loader here takes it (None: CLIP's; image_size= / max_length= give CLIP's at another size).
-        data_config: jax_refine/configs/default.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
+        data_config: jax_refine/config_base.py `c.data` (source tfds|tfds_dir|coco_json, name, split, data_dir,
         manual_dir, annotations, images, train_fraction, split_seed, try_gcs, caption_mode random|all,
         shuffle_buffer, num_parallel_calls, prefetch). coco_json is read in place (split "train"/"val" at
         random, seed split_seed), each epoch a full permutation keyed by (seed, epoch). Endless; next() -> per-host numpy batch

@@ -102,7 +102,7 @@ def open_directory(path: str | Path):
 
 
 def open_caption_builder(data_config: Any, *, process_count: int = 1):
-    """The TFDS builder for a training `data_config` (fields of jax_refine/configs/default.py `c.data`).
+    """The TFDS builder for a training `data_config` (fields of jax_refine/config_base.py `c.data`).
 
     source: "tfds" (catalog `name`) or "tfds_dir" (`data_dir` is the prepared dataset dir). A "coco_json"
     source is not a builder: `coco_json_split` reads it in place (see data/training.py).

@@ -250,7 +250,7 @@ class TrainIterator:
 def make_train_iterator(data_config: Any, *, global_batch_size: int, prep: preprocess.Preprocessing | None = None,
                         image_size: int | None = None, max_length: int | None = None, seed: int = 0,
                         process_index: int = 0, process_count: int = 1, tokenizer=None) -> TrainIterator:
-    """The training iterator for `data_config` (configs/default.py `c.data`); see `TrainIterator`.
+    """The training iterator for `data_config` (jax_refine/config_base.py `c.data`); see `TrainIterator`.
 
     `prep`: the model's preprocessing (`Preprocessing.of_model`); or CLIP's at `image_size` / `max_length`
     (default 224 / 77). `tokenizer`: overrides `prep.get_tokenizer()`.

@@ -15,14 +15,14 @@
 """
 import ml_collections
 
-from jax_refine.configs import default
+from jax_refine import config_base
 
 METHODS = ("clip_refine", "contrastive", "self_kd", "hycd", "rafa", "feature_distill", "logit_distill", "m2_mix")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     quick = arg == "quick"
-    c = default.get_config(None if quick else arg)
+    c = config_base.get_config(None if quick else arg)
     c.workdir = "outputs/study"
     c.model.name_or_path = ""
     c.model.random_init = {  # ViT with 8x8 patches on 48x48 photos (36 tokens), 3 layers, width 128

@@ -1,18 +1,67 @@
-"""The base config every other config starts from: CLIP-Refine, ViT-B/32, COCO Captions, the paper's
-hyper-parameters (1 epoch, global batch 512, AdamW lr 1e-6, weight decay 0.1, constant lr, fp32).
+"""What every config builds on (big_vision's configs/common.py): the base config `get_config` (CLIP-Refine,
+ViT-B/32, COCO Captions, the paper's hyper-parameters: 1 epoch, global batch 512, AdamW lr 1e-6, weight decay 0.1,
+constant lr, fp32), the mesh presets, `parse_arg` for a config's ARG, and ConfigError.
 
-Override from the command line: `--config default --config.train.batch_size=256`.
-Sections: model, method, data, train, optimizer, mesh, checkpoint, log, eval.
+A config of your own starts from it: `from jax_refine import config_base; c = config_base.get_config()`.
+Its sections (model, method, data, train, optimizer, mesh, checkpoint, log, eval) are the schema every config is
+checked against. Imports nothing of jax_refine: the configs/ files and config.py (the loader) both depend on it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 
-from jax_refine.configs import presets
+
+class ConfigError(ValueError):
+    """A config file, argument or override that cannot be used; the message names the file or key."""
+
+
+# `--config default:PRESET` (demo, study too) or `--config clip_refine:mesh=PRESET`: mesh axis sizes
+# (data x fsdp x tensor; -1 takes all remaining devices). The paper's fp32 compute is kept; add
+# `--config.model.dtype=bfloat16` for speed on GPUs/TPUs.
+MESH_PRESETS = {
+    "cpu": {"data": -1, "fsdp": 1, "tensor": 1},  # the default: this machine's devices (also the tests' fake ones)
+    "gpu1": {"data": 1, "fsdp": 1, "tensor": 1},  # one CUDA GPU
+    "gpu8": {"data": 1, "fsdp": 8, "tensor": 1},  # one host with 8 GPUs: FSDP over NVLink
+    "tpu_pod": {"data": -1, "fsdp": 4, "tensor": 1},  # a TPU pod slice, all hosts: FSDP inside groups of 4 chips
+}
+
+
+def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
+    """Set `config.mesh.shape` from a named preset (None or "" keeps it)."""
+    if not preset:
+        return config
+    if preset not in MESH_PRESETS:
+        raise ValueError(f"unknown mesh preset {preset!r}; choose one of {sorted(MESH_PRESETS)}")
+    config.mesh.shape = ml_collections.ConfigDict(MESH_PRESETS[preset])
+    return config
+
+
+def parse_arg(arg: str | None, source: str, **choices: Sequence[str]) -> dict[str, str]:
+    """A config's `get_config(arg)` argument, big_vision style: `"model=vitb16,method=contrastive"` ->
+    `{"model": "vitb16", "method": "contrastive", ...}` for the keys of `choices` (key -> allowed values;
+    a key not in `arg` takes its first value). Raises ConfigError naming `source`, the key and the choices.
+    """
+    values = {key: allowed[0] for key, allowed in choices.items()}
+    given: dict[str, str] = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in choices:
+            raise ConfigError(f"config {source}: unknown argument {item!r}; expected KEY=VALUE with KEY one of "
+                              f"{', '.join(choices)}")
+        if key in given:  # the later one would silently win
+            raise ConfigError(f"config {source}: {key} is given twice ({key}={given[key]}, {key}={value}); "
+                              "give it once")
+        given[key] = value
+        if value not in choices[key]:
+            raise ConfigError(f"config {source}: {key}={value!r} is not one of {', '.join(choices[key])}")
+        values[key] = value
+    return values
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """The base config; `preset` is a mesh preset of presets.py (cpu, gpu1, gpu8, tpu_pod)."""
+    """The base config; `preset` is a mesh preset of MESH_PRESETS (cpu, gpu1, gpu8, tpu_pod)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "outputs/clip_refine_vitb32_coco"
@@ -153,4 +202,4 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.eval.plots = True  # PCA (and UMAP if umap-learn is installed) + similarity histogram PNGs
     c.eval.progress = True  # tqdm bars during embedding extraction
     c.eval.every_steps = 0  # during training: the suite every N steps and at the end (0: off), kind "eval" rows
-    return presets.apply_preset(c, preset)
+    return apply_preset(c, preset)

@@ -16,11 +16,11 @@ This is not the paper's setup (COCO + OpenAI CLIP + 12 zero-shot sets): it shows
 """
 import ml_collections
 
-from jax_refine.configs import default
+from jax_refine import config_base
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    c = default.get_config(preset)
+    c = config_base.get_config(preset)
     c.workdir = "outputs/demo"
     c.model.name_or_path = ""  # the refinements start from the pre-trained model of stage 1
     c.model.random_init = {  # a small CLIP on the pictures resized to 32x32: ViT with 8x8 patches, 3 layers, width 128

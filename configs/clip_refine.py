@@ -12,21 +12,10 @@ give only what differs, big_vision style; `mesh=` too):
   sigmoid with the learned logit scale and bias); `sigmoid` on a CLIP (no logit bias) is an error;
 - `data`: coco (COCO Captions 2017 train read in place, the paper's set) | coco_karpathy (TFDS's
   coco_captions, COCO 2014 Karpathy train+restval, read through a shuffle buffer);
-- `mesh`: a mesh preset of `jax_refine.configs.presets` (cpu, gpu1, gpu8, tpu_pod), or `default`: the model's
-  own (`MODELS[model].mesh`), with its remat / scan settings.
+- `mesh`: a mesh preset of `jax_refine.config_base.MESH_PRESETS` (cpu, gpu1, gpu8, tpu_pod), or `default`:
+  the model's own (`MODELS[model].mesh`), with its remat / scan settings.
 
-Each model's default mesh and memory settings fit its fp32 step at global batch 512 on 8 GPUs of 80 GB:
-`benchmarks/aot_memory.py --dtype float32` (the compiled step's per-device bytes on 8 fake devices: fp32 params,
-AdamW moments, teacher, activations; XLA:CPU's buffer assignment standing in for the GPU compiler's) measured
-- vitb32, vitb16: `cpu`, i.e. plain data parallel over every local device (64 examples per GPU on 8), no remat,
-  no scan: 8.7 / 20.1 GiB per device. On ONE GPU all 512 examples sit on it: by linear scaling of the
-  temporaries B/32 takes ~53 GiB (fits), B/16 ~145 GiB: add `--config.model.remat=full` or `train.grad_accum`;
-- vitl14: `gpu8` (FSDP over 8), `remat=save_dots`, scan: 17.5 GiB (without remat L/14-336 takes 170 GiB bf16);
-- openclip_bigg14, dfn_h14_378, siglip_so400m: `gpu8`, `remat=full`, scan: 17.2, 22.2, 18.5 GiB;
-  openclip_h14 takes the same settings (not measured: smaller than bigG/14 in width, depth and parameters).
-On a TPU pod pass `mesh=tpu_pod` (bigG with remat=full: 17 GiB per chip, fits v4/v5p, not v5e).
-`mesh=gpu1`: ONE GPU of 80 GB, batch 512 kept, `remat=full`, scan and the smallest exact `train.grad_accum` that
-fits there by docs/grad_accum.md's one-device AOT table (`ModelChoice.gpu1_accum`; unmeasured models: the mesh only).
+Each model's default mesh and memory settings (`MODELS`) and what they measured: docs/memory.md.
 The workdir is `outputs/<method>_<model>_<data>`. Paper (ViT-B/32, CLIP-Refine): 12-dataset zero-shot 54.69,
 ImageNet 60.93, COCO R@1 T->I 37.64 / I->T 38.78.
 """
@@ -36,9 +25,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-from jax_refine import config as config_lib
-from jax_refine import objectives
-from jax_refine.configs import default, presets
+from jax_refine import config_base, objectives
 
 
 class ModelChoice(NamedTuple):
@@ -46,7 +33,7 @@ class ModelChoice(NamedTuple):
 
     checkpoint: str  # hub id (HF CLIPModel / SiglipModel format, or open_clip's own)
     family: str  # "clip" | "siglip"
-    mesh: str  # default mesh preset (configs/presets.py)
+    mesh: str  # default mesh preset (config_base.MESH_PRESETS)
     remat: str = "none"  # config.model.remat
     scan_layers: bool = False  # config.model.scan_layers
     gpu1_accum: int | None = None  # mesh=gpu1: train.grad_accum fitting 80 GB (remat=full); None: not measured
@@ -61,7 +48,7 @@ MODELS = {
     "dfn_h14_378": ModelChoice("apple/DFN5B-CLIP-ViT-H-14-378", "clip", "gpu8", "full", True),
     "siglip_so400m": ModelChoice("google/siglip-so400m-patch14-384", "siglip", "gpu8", "full", True, gpu1_accum=4),
 }
-# data choice -> the `c.data` fields it sets (the rest are default.py's)
+# data choice -> the `c.data` fields it sets (the rest are the base config's)
 DATA = {
     "coco": {},
     "coco_karpathy": {"source": "tfds", "name": "coco_captions", "split": "train+restval"},
@@ -73,7 +60,7 @@ def method_for(method: str, family: str) -> str:
     if family == "siglip" and method == "contrastive":
         return "sigmoid"
     if family != "siglip" and method == "sigmoid":
-        raise config_lib.ConfigError(f"config clip_refine: method=sigmoid needs a model with a logit bias (SigLIP); "
+        raise config_base.ConfigError(f"config clip_refine: method=sigmoid needs a model with a logit bias (SigLIP); "
                                      f"this is a {family} model: use method=contrastive")
     return method
 
@@ -81,10 +68,10 @@ def method_for(method: str, family: str) -> str:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The config of `arg` ("model=vitb16,method=contrastive"; unset keys take the first allowed value,
     mesh the model's own)."""
-    a = config_lib.parse_arg(arg, "clip_refine", model=tuple(MODELS), method=tuple(objectives.PRESETS),
-                             data=tuple(DATA), mesh=("default", *presets.MESH_PRESETS))
+    a = config_base.parse_arg(arg, "clip_refine", model=tuple(MODELS), method=tuple(objectives.PRESETS),
+                             data=tuple(DATA), mesh=("default", *config_base.MESH_PRESETS))
     m = MODELS[a["model"]]
-    c = default.get_config(m.mesh if a["mesh"] == "default" else a["mesh"])
+    c = config_base.get_config(m.mesh if a["mesh"] == "default" else a["mesh"])
     c.workdir = f"outputs/{a['method']}_{a['model']}_{a['data']}"
     c.method.name = method_for(a["method"], m.family)
     c.model.name_or_path = m.checkpoint

@@ -5,7 +5,7 @@ import copy
 
 import ml_collections
 
-from jax_refine.configs.default import get_config as base_config
+from jax_refine import config_base
 
 TINY_CLIP = dict(
     text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -17,7 +17,7 @@ TINY_CLIP = dict(
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = base_config()
+    c = config_base.get_config()
     c.workdir = "/tmp/jax_refine_tiny_test"
     c.model.random_init = copy.deepcopy(TINY_CLIP)
     c.train.batch_size = 8

@@ -2,14 +2,10 @@
 CLIP, and `compare` of several models in one table with pictures.
 
 `evaluate(model, config.eval)` returns the result dict described in `jax_refine/report.py`;
-`compare(models, config, out_dir)` runs it on several models and writes one table plus pictures.
-Datasets come from `config.eval`: `zero_shot` (catalog names or "folder:<dir>", read by
-`jax_refine.data.classification`) and `retrieval` ("coco_karpathy_test" or
-"coco_json:<annotations.json>:<image_dir>", read by `jax_refine.data.retrieval`), or already-built
-`ZeroShotTask` / `RetrievalTask` objects (e.g. in-memory arrays). Embeddings go through
-`embeddings.extract` (jitted, sharded over the mesh's data axes) and an npz cache
-(`config.eval.cache_dir`) keyed by (model fingerprint, dataset, split, n, templates, and the content key of
-the files the set reads: a changed photo, caption file or class folder re-embeds).
+`compare(models, config, out_dir)` runs it on several models and writes one table plus pictures. Sets come
+from `config.eval` (read by `jax_refine.data`) or are given as `ZeroShotTask` / `RetrievalTask` objects;
+embeddings go through `embeddings.extract` and a content-keyed cache. The suite and its specs:
+docs/evaluation.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
 """What the training loop does after each step, as hooks.
 
-A hook is a callable ``hook(ctx: StepContext) -> None``; the loop calls its list of hooks in order after
-every step, and calls ``close()`` on those that have one when the loop ends (normally or not). A hook asks
-the loop to stop by setting ``ctx.stop``; later hooks in the list see it (the checkpoint hook then saves).
-Adding behaviour (a profiler, an EMA, an early stop) is a new entry in the list, not an edit of the loop.
-
-The hooks here: ``Preemption`` (SIGTERM or Orbax's multi-host preemption notice -> stop),
-``LogMetrics`` (tqdm, ``metrics.jsonl``, TensorBoard), ``Evaluate`` (the evaluation suite every N steps and
-at the end), ``SaveCheckpoint`` (Orbax, every N steps, at the end and when stopping) and ``FlushMetrics``
-(the metric files into a bucket workdir, at each checkpoint). Metrics are read on the host only when a hook
-asks (``ctx.values()``), which also stops training on a non-finite loss.
+A hook is a callable ``hook(ctx: StepContext) -> None``, called in list order after every step; ``close()``
+is called on those that have one when the loop ends. A hook stops the loop by setting ``ctx.stop`` (later
+hooks see it); metrics reach the host only when a hook asks (``ctx.values()``). New behaviour (a profiler,
+an EMA, an early stop) is a new entry in the list, not an edit of the loop. The hooks here and their order:
+docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
 """CLIP-Refine losses (RaFA, HyCD) and the paper's baselines as pure, jittable JAX functions.
 
-Every loss takes features of shape (B, D) (B batch, D projection dim), casts them to float32 (bf16
-in, fp32 out; float64 stays float64, which needs `jax.enable_x64`: the tests' exact reference path),
-optionally L2-normalizes them (`normalize=False` by default: the reference works on the projected,
-*unnormalized* features), and returns a float32 (float64) scalar. Logits are plain dot products
-computed at `Precision.HIGHEST`. Teacher features are wrapped in `stop_gradient`. Hyper-parameters
-and shapes are checked in Python, so bad input raises `ValueError` at trace time.
-
-Three ways to call a loss; all give the same value and gradient:
-
-1. Plain: `hycd_loss(fi, ft, gi, gt)` on whole-batch arrays (one device, or `jax.jit` letting XLA
-   partition). Materializes the (B, B) logits.
-2. Inside your own `jax.shard_map` over the batch: pass `axis_name=("data", "fsdp")` and the *local*
-   shards (b, D). Features are all-gathered, each device computes only its b rows of the (B, B)
-   logits (b x B memory), and the row sums are `psum`-ed. Use this inside a shard_map train step.
-3. From a jitted step on global, batch-sharded arrays: `sharded(hycd_loss, mesh)(fi, ft, gi, gt,
-   alpha=0.5)`; a convenience wrapper that builds the shard_map of (2) with 2-D arguments split
-   over `batch_axes` (default `("data", "fsdp")`) and everything else (keys, logit scale) replicated.
+Features are (B, D); each loss computes in float32 (float64 stays float64), optionally L2-normalizes
+(`normalize=False` by default: the reference's unnormalized features) and returns a scalar; teacher features
+get no gradient; bad shapes and hyper-parameters raise `ValueError` at trace time. Three calls give the same
+value and gradient: on whole-batch arrays; on local (b, D) shards inside your own `jax.shard_map` with
+`axis_name=` (each device builds only its b rows of the (B, B) logits); or `sharded(loss, mesh)` on global
+arrays. Equations: docs/losses_usage.md.
 """
 from __future__ import annotations
 

@@ -1,57 +1,10 @@
-"""Training objectives: every method is ONE weighted sum of named loss terms, as the reference builds it.
+"""Training objectives: every method is one weighted sum of named loss terms, as the reference builds it.
 
-The reference's updater (yshinya6/clip-refine, `updater/contrastive.py`) computes
-``lambda_cont * contrastive + lambda_kd * distill + lambda_rand * RaFA`` with ``lambda_cont = 1`` unless a
-method's config sets it; only CLIP-Refine (`clip-refine.yaml`) sets it to 0. Here::
-
-    L = sum_t  w_t * L_t,   t in TERMS = (contrastive, sigmoid, kd, rafa, feature, logit, m2)
-
-| term          | loss (jax_refine/losses.py)                                  | needs            |
-|---------------|--------------------------------------------------------------|------------------|
-| `contrastive` | `contrastive_loss(fi, ft, exp(logit_scale))`                 | the logit scale  |
-| `sigmoid`     | `sigmoid_loss(fi, ft, exp(logit_scale), logit_bias)` (SigLIP's own; unit vectors always) | scale + bias |
-| `kd`          | `hycd_loss(fi, ft, gi, gt, alpha, temperature)` (HyCD; Self-KD at alpha 0) | teacher |
-| `rafa`        | `rafa_loss(fi, ft, z)`, z from `config.method.prior`         | reference z      |
-| `feature`     | `feature_distill_loss(fi, ft, gi, gt)`                       | teacher          |
-| `logit`       | `logit_distill_loss(fi, ft, gi, gt)`                         | teacher          |
-| `m2`          | `m2_mix_loss(fi, ft, exp(logit_scale), key, beta)` (unit vectors always) | the logit scale |
-
-`config.method.name` picks a preset (`PRESETS`): the default weights, `alpha` and `normalize` of that
-method. Any `config.method.weights.<term>`, `config.method.alpha` or `config.method.normalize` left at
-None takes the preset's value; a value set in the config or on the command line wins
-(`--config.method.name=self_kd --config.method.weights.kd=2.0`). `resolve_method` gives the filled-in
-section (the `config` command prints it). A term of weight 0 is not computed.
-
-What trains: all parameters, except the logit scale, which is trainable iff a term that uses it
-(`contrastive`, `sigmoid`, `m2`) has a nonzero weight, and the logit bias (SigLIP), trainable iff `sigmoid`
-has (otherwise they get no gradient and no weight decay: `Objective.frozen`).
-
-SigLIP: its own contrastive baseline is the `sigmoid` preset (SigLIP's pairwise sigmoid loss with the
-model's logit scale and bias, as SigLIP was pre-trained); `configs/clip_refine.py` picks it for
-`method=contrastive` on a SigLIP model. The `sigmoid` term needs a model with a logit bias (an error
-otherwise). HyCD, RaFA and the distillation terms use the projected features only and apply unchanged.
-
-Normalization: `normalize` (False by default) applies to every term but `sigmoid` and `m2`, which always
-take unit vectors (SigLIP's loss is defined on them; slerp needs them). False is what the reference computes: its model returns unnormalized features
-and its CLIP loss multiplies their dot products by a logit scale initialised at log 100. The m2-mix preset
-sets True, so its contrastive term is CLIP's own loss on unit vectors, as in Oh et al. (NeurIPS 2023).
-
-Feature scale (`config.method.feature_scale`, None by default: `normalize` decides, as above): a finite
-number c > 0, or "teacher" for c = sqrt(exp(teacher logit_scale)). Every feature term (contrastive, kd,
-rafa, feature, logit) then takes c * unit(f) for the student's AND the teacher's features, so HyCD's logits
-are c^2 cos: with "teacher", the teacher's own CLIP logits exp(logit_scale) cos. This is the reference's
-regime on any model (OpenAI CLIP's raw features have norms ~10 / ~8, so its HyCD logits are about the logit
-scale times the cosine; on unit vectors at T = 1 HyCD's 0.5 diagonal target cannot be reached).
-`sigmoid` and `m2` keep their unit vectors; RaFA's z is not scaled (the reference compares its norm-~10
-features with N(0, I) draws). `normalize=False` set explicitly together with a feature scale is an error
-(the scale normalizes); left at None it resolves to True. "teacher" keeps a frozen copy of the start
-weights (`needs_teacher`) even for methods without teacher terms: a contrastive run trains its own scale.
-
-Batch coupling: `contrastive`, `sigmoid`, `kd`, `logit` and `m2` mix examples through the (B, B) logits
-(`rafa` and `feature` are per-example). Gradient accumulation keeps that coupling: with
-`train.grad_accum=k` the objective still runs once on the whole batch's (B, D) features and its gradient
-is pulled back through the model micro-batch by micro-batch (jax_refine/step.py), so every term, its
-negatives and the logit scale's gradient are those of batch B, not of B/k (docs/grad_accum.md).
+``L = sum_t w_t * L_t`` over ``TERMS`` (contrastive, sigmoid, kd, rafa, feature, logit, m2), each term one
+function of `jax_refine.losses`. `config.method.name` picks a preset (``PRESETS``) of the weights, alpha and
+normalize; a value set in the config wins and `resolve_method` fills in the rest. ``Objective.frozen`` says
+which loss-side parameters (logit scale, logit bias) train. The term table, the presets and their sources in
+the reference, normalization and the feature scale: docs/training.md, "Methods".
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """What a training workdir holds besides checkpoints: the lock of the run using it and the config it ran with.
 
-A workdir is a local directory or a bucket URL (``gs://bucket/run``, what TPU pods use): every workdir path is
-an ``etils.epath.Path`` (``as_path``), the path type Orbax uses, so both take the same code.
-``WORKDIR/train.lock``: JSON ``{"host", "pid", "started"}`` of the run holding the workdir. A second run
-fails fast naming the holder; a lock whose holder process is dead (same host) is taken over with a message.
-Locally the lock is created with ``O_EXCL``. A bucket has no exclusive create here: the lock object is
-written with a random ``token`` and read back after ``REMOTE_LOCK_SETTLE_S``; whoever does not read its own
-token back fails. Two runs can still both hold it if one of them stalls longer than the settle time between
-seeing no lock and writing its own (GCS reads after a write are strongly consistent; the race is that gap).
-``WORKDIR/config.resolved.json``: the resolved config of the run, and under ``data_identity`` what it reads
-(resolved paths and content keys of the caption file and the photos: ``data.training.data_identity``). A
-resume compares the new config with it and refuses changes of anything but the run length, logging, checkpoint
-cadence, evaluation, export and mesh settings, and other data (another caption set, or the same file changed in
-place; another spelling of the same path is no change), naming what differs (``allow_change`` overrides).
-It is written (whole) only once the restore it describes succeeded (``RunRecord``), so a refused start changes
-nothing. ``train`` takes a new or empty folder or a jax_refine workdir, nothing else (``check_workdir``).
+Every workdir path is an ``etils.epath.Path`` (``as_path``: local or ``gs://``, the path type Orbax uses).
+``train.lock`` names the run holding the workdir; ``config.resolved.json`` (``RunRecord``, written once the
+restore it describes succeeded) holds the resolved config and the data it reads, and a resume is compared
+with it (``check_resume``); ``check_workdir`` says which folders ``train`` may use. The rules, and what is
+atomic in a bucket: docs/checkpoints.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """Our TFDS builder for caption sets in the COCO format, and the one-call `prepare_coco_json`.
 
-The caption set is read by `coco_format.read_coco_json` (the format is described there). COCO 2017
-(`captions_train2017.json` + `train2017/`) and any caption set written in that format work.
-
-The prepared dataset has the features of the catalog's `coco_captions` that the pipeline reads
-("image" encoded bytes, "image/id", "image/filename", "captions" {"text", "id"}), so one reader serves
-both. Images are stored as their original bytes (never decoded at prepare time), or, with `image_size`,
-resized once to the model's resolution (`decoding.resize_for_storage`) so training decodes small images:
-a corrupt or missing
-file is stored as-is / empty and skipped-and-counted by the training pipeline; an image without
-captions is stored with an empty caption list and skipped-and-counted the same way.
+The caption set is read by `coco_format.read_coco_json`. The prepared dataset has the features of the
+catalog's `coco_captions` that the pipeline reads, so one reader serves both; photos are stored as their
+original bytes or resized once (`image_size`), and bad or caption-less ones are stored as they are, to be
+skipped and counted by the training pipeline (docs/data.md).
 """
 from __future__ import annotations
 

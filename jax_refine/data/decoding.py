@@ -1,15 +1,9 @@
 """Image decoding inside tf.data with the model's processor numerics, bad images flagged instead of raised.
 
-Every function takes the model's `preprocess.Preprocessing` (`prep`: size, resize mode, mean/std, tokenizer).
-Decode + resize (+ crop) run in `prep.decode` (PIL, bicubic on uint8: exactly the `CLIPImageProcessor`
-pixels, or `SiglipImageProcessor`'s for resize "squash") through `tf.numpy_function` in a parallel,
-order-preserving `map`; PIL releases the GIL while decoding and resizing, so the map scales with cores.
-Normalization (/255, the model's mean/std) runs in TensorFlow on whole batches. Two ways to make training decode less (measured in benchmarks/input_pipeline.py):
-  - `fast=True` (`data.fast_decode`): JPEG DCT-domain downscaling (`Image.draft`) by the largest power of
-    two that keeps the shortest side >= the target, then the same exact resize; close to, not equal to,
-    the CLIPImageProcessor pixels (bound in tests/test_data_decoding.py).
-  - photos stored pre-resized by `prepare-data --image-size` (`resize_for_storage`): the exact path then
-    only decodes a small JPEG and crops (no resize), the pixels differing only by the re-encoding.
+Decode + resize (+ crop) run in `prep.decode` (PIL: the image processor's exact pixels) through
+`tf.numpy_function` in a parallel, order-preserving `map`; normalization runs in TensorFlow on whole batches.
+`fast=True` (`data.fast_decode`) and photos stored pre-resized (`resize_for_storage`) make training decode
+less; their pixel errors and throughput: docs/data.md, "Throughput".
 """
 from __future__ import annotations
 

@@ -1,22 +1,10 @@
 """A procedural image-caption world for the offline demo: the project makes its own data.
 
-Each scene holds 1-3 identical objects (shape, colour, size) in one half of the picture (position) on a
-grey background with a pattern. It is rendered with PIL's ImageDraw (no anti-aliasing, so every pixel is
-either a background grey or the object colour) and described by captions drawn from a small grammar with
-paraphrases ("two small red circles on the left on a striped background", "a pair of little crimson discs
-to the left", "a photo of two shapes"). Every attribute is also a class label for zero-shot tasks.
-
-Deterministic from a seed (numpy Generator; PNG bytes are identical for the same seed and Pillow), written
-in the COCO caption format (so it goes through `prepare-data` and the training pipeline like real data),
-plus one class-folder set per attribute for zero-shot evaluation:
-
-    <root>/images/<split>/<00000>.png             the pictures, 64x64 RGB by default
-    <root>/captions_<split>.json                  COCO format: "images", "annotations" (5 per picture)
-    <root>/labels_<split>.json                    {"<file_name>": {"shape": ..., "colour": ..., ...}}
-    <root>/zero_shot/<task>/<class>/<00000>.png   the test pictures per class, + classnames.txt (prompts)
-
-`write_world(cache_dir, seed, sizes)` generates it once under `cache_dir/<key>` (key: generator version,
-seed, sizes) and reuses it afterwards.
+Each scene holds 1-3 identical objects (shape, colour, size) in one half of the picture on a patterned grey
+background, rendered with PIL without anti-aliasing and described by captions from a small grammar with
+paraphrases; every attribute is also a zero-shot class. Deterministic from a seed, written in the COCO
+caption format plus class folders. `write_world(cache_dir, seed, sizes)` generates it once under
+`cache_dir/<key>` and reuses it. The world and its files: docs/demo.md.
 """
 from __future__ import annotations
 

@@ -1,21 +1,9 @@
 """Image-caption training batches: per host, deterministic, resumable, bad examples skipped and counted.
 
-The order of an epoch e (the first stage below):
-  - a `CaptionList` source (`data.source="coco_json"`, the paper's COCO 2017 train): a full random
-    permutation of the split's examples from `np.random.default_rng([seed, e])`, the same on every host;
-    host p reads its contiguous slice of it; "random" captions are drawn from `default_rng([seed, e, 1])`
-    per image; "all" permutes the (image, caption) pairs. Nothing but paths and captions is held in memory.
-  - a TFDS builder (catalog `coco_captions` Karpathy train+restval, a prepared directory): TFRecords have no
-    random access, so this host's slice (`tfds.even_splits`) is read in a file order and through a shuffle
-    buffer (`data.shuffle_buffer`) seeded by (seed, e): an approximation of a permutation.
-Then (tf.data, all lazy):
-  -> enumerate (index within the epoch) -> skip(position) [resume: raw records, nothing decoded]
-  -> end-of-epoch sentinel -> parallel decode/resize/crop (PIL, the model's processor pixels, `prep`; with
-     `data.fast_decode` a JPEG is decoded at reduced DCT scale first, see data/decoding.py)
-  -> running counts of skipped examples (scan) -> drop skipped -> batch -> tokenize, normalize -> prefetch.
-The iterator is endless (epochs roll over, so hosts never wait on each other); a batch is always full.
-State `{"epoch", "position", "seed", ...}` is small JSON: `set_state` rebuilds epoch e and skips
-`position` raw records, so a resumed run sees exactly the batches of an uninterrupted one.
+Epoch e's order is a function of (seed, e): a full permutation for a `CaptionList` source (COCO JSON read in
+place), a seeded shuffle buffer for a TFDS builder. State `{"epoch", "position", "seed", ...}` is small JSON:
+`set_state` rebuilds epoch e and skips `position` raw records, so a resumed run sees exactly the batches of
+an uninterrupted one. The sources and the tf.data pipeline stage by stage: docs/data.md, "Training data".
 """
 from __future__ import annotations
 

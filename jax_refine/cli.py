@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 EPILOG = """configs (--config NAME[:ARG] or a file PATH.py[:ARG]; see configs/):
   clip_refine:model=vitb32,method=clip_refine,data=coco,mesh=cpu   the paper's experiments (these defaults)
-  default, demo, study, tiny_test   (ARG: a mesh preset cpu|gpu1|gpu8|tpu_pod; study also `quick`)
+  default, demo, study, tiny_test   (ARG: a mesh preset cpu|gpu1|gpu8|tpu_pod; study also `quick`, `full`)
 config overrides:
   --config.KEY=VALUE       override any config field, e.g. --config.train.batch_size=256
                            --config.mesh.shape.fsdp=8 --config.method.alpha=0.3
@@ -137,7 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default="../shared/data", help="folder holding flickr8k/, coco_mini/, cifar10/")
     s.add_argument("--config", default="study", help="study config (default: study)")
     s.add_argument("--out", default="outputs/study", help="where models, table and pictures go")
-    s.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, a few steps (minutes)")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, a few steps (minutes)")
+    size.add_argument("--full", action="store_true",
+                      help="every method: HyCD only and RaFA only in every regime, all 8 methods in the reference's "
+                           "regime (~2.5x the default's time)")
 
     m = add("demo", "The offline demo (the default of ./run.sh): generate a synthetic world of shapes with captions, "
                     "pre-train a small CLIP on it, refine it with CLIP-Refine (normalized and unnormalized features) "

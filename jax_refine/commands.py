@@ -159,7 +159,7 @@ def demo(args, overrides: list[str]) -> int:
 
 
 def study(args, overrides: list[str]) -> int:
-    config = load_config(args.config + (":quick" if args.quick else ""), overrides)
+    config = load_config(args.config + (":quick" if args.quick else ":full" if args.full else ""), overrides)
     from jax_refine import study as study_lib
 
     result = study_lib.run_study(config, args.data_dir, args.out)

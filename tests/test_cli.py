@@ -118,3 +118,21 @@ def test_a_bug_keeps_its_traceback_and_an_input_error_stays_one_line(monkeypatch
     assert cli.main(["config", "default", "--config.train.batch_size=0"]) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
         "error: config.train.batch_size=0 is invalid: must be an integer >= 1")
+
+
+def test_default_study_is_the_regime_question_and_full_adds_every_method():
+    """`./run.sh study` runs CLIP-Refine and contrastive FT in every regime (the ~30-minute default);
+    `--full` adds HyCD only and RaFA only in every regime and all 8 methods in the reference's regime."""
+    from jax_refine import cli
+    from jax_refine.config import load_config
+
+    default, full = load_config("study"), load_config("study:full")
+    assert set(default.study.ablation.regimes) == set(full.study.ablation.regimes) == {
+        "teacher", "unit", "raw", "teacher_prior"}
+    assert tuple(default.study.ablation.methods) == tuple(default.study.methods) == ("clip_refine", "contrastive")
+    assert tuple(full.study.ablation.methods) == ("clip_refine", "contrastive", "hycd", "rafa")
+    assert len(full.study.methods) == 8 and full.study.regime == default.study.regime == "teacher"
+    assert default.study.seeds == full.study.seeds == (0, 1, 2)
+    assert cli._parser().parse_args(["study", "--full"]).full
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["study", "--full", "--quick"])

@@ -112,7 +112,7 @@ def run_jax(args) -> dict:
     if args.precision != "bf16":
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.precision == "tf32" else "highest")
     from jax_refine.config_base import get_config
-    from jax_refine import sharding as shd, train
+    from jax_refine import profiling, sharding as shd, train
 
     if args.attention == "cudnn" and jax.default_backend() != "gpu":
         raise SystemExit(f"--attention cudnn needs a CUDA GPU (jax backend: {jax.default_backend()}); "
@@ -138,7 +138,7 @@ def run_jax(args) -> dict:
     t0 = time.perf_counter()
     compiled = trainer.step_fn.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
-    info = train.describe_compiled(compiled, args.batch)
+    info = profiling.describe_compiled(compiled, args.batch)
     holder = {"state": state}
 
     def step():

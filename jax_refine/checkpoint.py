@@ -45,6 +45,7 @@ from jax.experimental import multihost_utils
 
 from jax_refine import failures, hf
 from jax_refine import workdir as workdir_lib
+from jax_refine.console import log
 from jax_refine.models import registry
 from jax_refine.train_state import TrainState, path_str, split_model
 
@@ -269,7 +270,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: TrainState) -> tup
     return state, states[jax.process_index()]
 
 
-def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState, make: Any
+def restore_latest_good(directory: Path | epath.Path, abstract: TrainState, make: Any
                         ) -> tuple[ocp.CheckpointManager, int | None, TrainState | None, dict | None]:
     """Restore the newest step of ``directory`` that is intact, moving damaged newer ones aside.
 
@@ -282,7 +283,6 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
     data_state)``; step is None when there is no checkpoint. A checkpoint of another model size raises
     ModelMismatchError (no fallback); when every step is damaged, CheckpointError names them.
     """
-    directory = workdir_lib.as_path(directory)
     mngr = make(directory)
     skipped = []
     while True:
@@ -297,10 +297,10 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
             verified = check_step(directory / str(step))
             state, data_state = restore(mngr, step, abstract)
             if skipped:
-                print(f"[train] resuming from step {step} (the newest intact checkpoint)", flush=True)
-            if not verified and not workdir_lib.is_remote(directory) and jax.process_index() == 0:
-                print(f"[train] checkpoint step {step} has no {MANIFEST_FILE} (saved by an older version, or the run "
-                      "stopped between the save and its manifest): checked by its files' structure only", flush=True)
+                log.info("resuming from step %d (the newest intact checkpoint)", step)
+            if not verified and not workdir_lib.is_remote(directory):
+                log.info("checkpoint step %d has no %s (saved by an older version, or the run stopped between the "
+                         "save and its manifest): checked by its files' structure only", step, MANIFEST_FILE)
             return mngr, step, state, data_state
         except ModelMismatchError:
             mngr.close()
@@ -308,8 +308,7 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
         except Exception as e:  # noqa: BLE001 - any failure to read this step: try the one before
             reason = one_line(e, directory / str(step))
             skipped.append(f"step {step}: {reason}")
-            if jax.process_index() == 0:
-                print(f"[train] skipping damaged checkpoint step {step}: {reason}", flush=True)
+            log.info("skipping damaged checkpoint step %d: %s", step, reason)
             mngr.close()
             if jax.process_index() == 0:
                 dest = directory.parent / SKIPPED_SUBDIR / str(step)
@@ -322,12 +321,20 @@ def restore_latest_good(directory: str | Path | epath.Path, abstract: TrainState
             mngr = make(directory)
 
 
-def finished(step_dir: epath.Path) -> bool:
+def finished(step_dir: Path | epath.Path) -> bool:
     """Whether ``step_dir`` is a step Orbax finished: locally any step directory under its final name (Orbax
     renames it in when done); in a bucket (no rename there) only one holding its ``commit_success.txt``."""
     if not (step_dir / "params").is_dir():
         return False
     return not workdir_lib.is_remote(step_dir) or (step_dir / COMMIT_MARKER).is_file()
+
+
+def finished_steps(directory: Path | epath.Path) -> list[int]:
+    """The steps of a checkpoints ``directory`` that Orbax finished (``finished``), ascending; [] when the
+    directory does not exist."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and finished(d))
 
 
 def _resolve(path: str | Path | epath.Path) -> tuple[epath.Path, int]:
@@ -341,7 +348,7 @@ def _resolve(path: str | Path | epath.Path) -> tuple[epath.Path, int]:
         check_step(p)
         return p.parent, int(p.name)
     root = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
-    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and finished(d))
+    steps = finished_steps(root)
     if not steps:
         raise FileNotFoundError(f"{p}: no finished Orbax checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
     for step in reversed(steps):  # the newest intact step; damaged newer ones are named and skipped
@@ -419,9 +426,10 @@ def _is_orbax(path: Path | epath.Path) -> bool:
     return any(d.name.isdigit() and (d / "params").is_dir() for d in path.iterdir())
 
 
-def model_meta(model: nnx.Module) -> dict[str, Any]:
-    """What a checkpoint records to rebuild ``model``: its family and its transformers config dict."""
-    return {"family": model.family, "model_config": model.config.to_dict()}
+def model_meta(model: nnx.Module, *, method: str, dtype: str) -> dict[str, Any]:
+    """A step's ``meta`` item, what ``load_model`` rebuilds the model from: its family, its transformers config
+    dict, the training method's name and the compute dtype."""
+    return {"family": model.family, "model_config": model.config.to_dict(), "method": method, "dtype": dtype}
 
 
 def _load_checkpoint(workdir_or_step_dir: Path | epath.Path, dtype: Any, shardings: Any) -> nnx.Module:
@@ -482,14 +490,13 @@ def _megabytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def disk_full_error(err: BaseException, directory: str | Path | epath.Path, needed: int,
-                    kept: int | None) -> "failures.DiskFull":
+def disk_full_error(err: BaseException, directory: epath.Path, needed: int) -> "failures.DiskFull":
     """The one-line error for a run that ran out of space (``is_disk_full(err)``: a checkpoint save, or another
-    write of the run while a save fills the disk, e.g. ``metrics.jsonl``): the path, the
+    write of the run while a save fills the disk, e.g. ``metrics.jsonl``): the checkpoints ``directory``, the
     bytes one step needs (``needed``: ``state_bytes``) and the space free there, and the step that is kept
-    (``kept``, the newest finished one). The unfinished step's temporary directory is removed (ours, and it
-    holds the space the rerun needs)."""
-    directory = workdir_lib.as_path(directory)
+    (the newest finished one). The unfinished step's temporary directory is removed (ours, and it holds the
+    space the rerun needs)."""
+    kept = max(finished_steps(directory), default=None)
     step = next((m.group(1) for e in _chain(err) for m in [re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))] if m),
                 None)
     if not workdir_lib.is_remote(directory) and directory.is_dir():

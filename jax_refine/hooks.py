@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from jax_refine import checkpoint as ckpt
 from jax_refine import distributed, evaluate, failures
 from jax_refine import workdir as workdir_lib
+from jax_refine.console import log
 from jax_refine.train_state import TrainState
 
 
@@ -287,8 +288,8 @@ def metric_rows(path: Any, text: str) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if i == len(lines) - 1:
-                print(f"[train] warning: {path}: its last line is cut ({len(ln.rstrip())} characters, {e}): a "
-                      "crash mid-append; removed, the rows before it kept", flush=True)
+                log.warning("%s: its last line is cut (%d characters, %s): a crash mid-append; removed, the rows "
+                            "before it kept", path, len(ln.rstrip()), e)
                 break
             raise workdir_lib.WorkdirError(f"{path}: line {i + 1} is not a JSON row ({e}); repair or delete "
                                            "that line to resume") from None
@@ -398,10 +399,8 @@ class Evaluate:
         row = flatten_result(result)
         self.rows.append((ctx.step, row))
         self.writer.write(ctx.step, "eval", row)
-        if distributed.is_main():
-            mean = (result.get("zero_shot_mean") or {}).get("top1")
-            print(f"[train] eval at step {ctx.step}" + (f": zero-shot top-1 {mean:.2f}" if mean is not None else ""),
-                  flush=True)
+        mean = (result.get("zero_shot_mean") or {}).get("top1")
+        log.info("eval at step %d%s", ctx.step, f": zero-shot top-1 {mean:.2f}" if mean is not None else "")
 
     @staticmethod
     def _failed(ctx: StepContext, why: str) -> failures.EvaluationFailed:

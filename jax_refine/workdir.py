@@ -21,6 +21,8 @@ from typing import Any
 
 from etils import epath
 
+from jax_refine.console import log
+
 LOCK_FILE = "train.lock"
 CONFIG_FILE = "config.resolved.json"
 REMOTE_LOCK_SETTLE_S = 1.0  # seconds between writing a bucket lock object and reading it back
@@ -119,11 +121,11 @@ def _holder(path: epath.Path) -> tuple[str, int, dict]:
 
 
 def _stale(path: epath.Path, me: dict) -> bool:
-    """True if the lock at ``path`` is this process's or a dead process's on this host (message printed);
+    """True if the lock at ``path`` is this process's or a dead process's on this host (a line says so);
     raises WorkdirError naming the holder otherwise."""
     host, pid, holder = _holder(path)
     if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
-        print(f"[train] taking over the stale lock {path} of pid {pid} on {host} (that process is gone)", flush=True)
+        log.info("taking over the stale lock %s of pid %d on %s (that process is gone)", path, pid, host)
         return True
     raise WorkdirError(f"workdir {path.parent} is in use by pid {pid} on host {host} (since "
                        f"{holder.get('started', '?')}); wait for it, or delete {path} if that run is gone")
@@ -247,15 +249,15 @@ class RunRecord:
         before = (self.saved or {}).get(DATA_KEY)
         if before is None:
             if self.saved is not None:
-                print(f"[train] {self.path} records no data identity (an older version's): the data from now on is "
-                      "recorded, not compared", flush=True)
+                log.info("%s records no data identity (an older version's): the data from now on is recorded, not "
+                         "compared", self.path)
             return
         changed = data_changes(before, identity)
         if changed and not self.allow_change:
             raise WorkdirError(f"resume of {self.workdir} with other data: {_shown(changed)}; use the data it started "
                                "with, another workdir, or --allow-config-change")
         if changed:
-            print(f"[train] resuming with other data (allowed): {_shown(changed)}", flush=True)
+            log.info("resuming with other data (allowed): %s", _shown(changed))
 
     def write(self) -> epath.Path:
         """Replace ``config.resolved.json`` with this start's config, as a whole (``write_text_atomic``)."""
@@ -285,21 +287,28 @@ def check_resume(workdir: str | os.PathLike, config: Any, *, resuming: bool, all
             raise WorkdirError(f"resume of {workdir} with a changed config: {shown}; use the saved "
                                f"config ({path}), another workdir, or --allow-config-change")
         if changed:
-            print(f"[train] resuming with a changed config (allowed): {', '.join(changed)}", flush=True)
+            log.info("resuming with a changed config (allowed): %s", ", ".join(changed))
     return RunRecord(workdir, current, saved, allow_change)
 
 
 def check_workdir(value: Any, *, contents: bool = True) -> epath.Path:
     """``config.workdir`` as a path, if a run may use it: WorkdirError (one line) for an empty value (it would
-    be the current directory) and for a folder that holds files but is not a jax_refine workdir (no
-    ``config.resolved.json``; a run stopped before writing it leaves only its lock and an empty checkpoints
-    folder, which are ours; ``contents=False`` skips this look). A new or empty folder is fine."""
+    be the current directory) and, unless ``contents=False``, for a folder that is not ours (``check_ours``)."""
     if value is None or not str(value).strip():
         raise WorkdirError(f"config.workdir is empty ({value!r}): give the run its own directory "
                            "(--workdir DIR or --config.workdir=DIR)")
     path = as_path(str(value))
-    if not contents or not path.is_dir() or (path / CONFIG_FILE).exists():
-        return path
+    if contents:
+        check_ours(path)
+    return path
+
+
+def check_ours(path: epath.Path) -> None:
+    """WorkdirError (one line) for a folder that holds files but is not a jax_refine workdir (no
+    ``config.resolved.json``; a run stopped before writing it leaves only its lock and an empty checkpoints
+    folder, which are ours). A new or empty folder is fine."""
+    if not path.is_dir() or (path / CONFIG_FILE).exists():
+        return
     entries = sorted(p.name for p in path.iterdir())
     ckpts = path / "checkpoints"
     foreign = [n for n in entries if not (n == LOCK_FILE or (n == ckpts.name and not any(ckpts.iterdir())))]
@@ -307,4 +316,3 @@ def check_workdir(value: Any, *, contents: bool = True) -> epath.Path:
         shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
         raise WorkdirError(f"workdir {path} is not empty and is not a jax_refine workdir (it holds {shown}; no "
                            f"{CONFIG_FILE}): give the run a new or empty directory")
-    return path

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from train_helpers import set_dotted, synthetic_batch, tiny_config
-from jax_refine import cli, feature_stats, objectives, train
+from jax_refine import cli, feature_stats, objectives, stats_file, train
 from jax_refine.configs import default
 
 pytestmark = pytest.mark.slow  # the command and train steps on a tiny model: not in the fast tier
@@ -77,7 +77,7 @@ def test_stats_file_equals_numpy_on_the_models_features(tmp_path, coco_mini_dir,
 
 
 def _write(path, meta=None, **arrays):
-    feature_stats.write_stats(path, {k: np.asarray(v, np.float32) for k, v in arrays.items()},
+    stats_file.write_stats(path, {k: np.asarray(v, np.float32) for k, v in arrays.items()},
                               meta if meta is not None else {"regime": "raw", "feature_scale": None})
     return path
 
@@ -213,7 +213,7 @@ def test_command_refuses_an_existing_out_and_never_leaves_half_a_file(tmp_path, 
 
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(OSError, match="No space left"):
-        feature_stats.write_stats(out, {"mean": np.zeros(3), "std": np.ones(3)}, {})
+        stats_file.write_stats(out, {"mean": np.zeros(3), "std": np.ones(3)}, {})
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
 
 

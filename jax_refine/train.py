@@ -55,8 +55,8 @@ def model_preprocessing(config: Any) -> preprocess.Preprocessing:
     """The input preprocessing ``config.model`` takes (its abstract model's interface attributes; the tokenizer
     from its checkpoint directory, CLIP's packaged BPE for a random-init CLIP)."""
     family, model_config = model_config_of(config)
-    return preprocess.Preprocessing.of_model(nnx.eval_shape(lambda: family.create(model_config)),
-                                             tokenizer_source=_start_checkpoint_dir(config))
+    return registry.preprocessing(nnx.eval_shape(lambda: family.create(model_config)),
+                                  tokenizer_source=_start_checkpoint_dir(config))
 
 
 def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
@@ -64,7 +64,7 @@ def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
     logical names and ``config.mesh.rules``, and return a loader that creates/loads the start params into them.
 
     ``config.model.random_init``: a transformers config dict (its ``model_type`` picks the family, default
-    CLIP) drawn at random; else ``config.model.name_or_path``: a checkpoint of any family (``hf.load_pretrained``).
+    CLIP) drawn at random; else ``config.model.name_or_path``: a checkpoint of any family (``registry.load``).
     """
     dtype = compute_dtype(config)
     family, model_config = model_config_of(config)
@@ -86,7 +86,7 @@ def setup_model(config: Any, mesh: Mesh) -> step_lib.ModelSetup:
         by_path = {ts.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
 
         def load():
-            model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path, **opts)
+            model = registry.load(config.model.name_or_path, dtype, shardings=by_path, **opts)
             return ts.split_model(model)[1]
     return step_lib.ModelSetup(abstract_model, graphdef, rest, abstract_params, params_sh, load, dtype,
                                tuple(config.mesh.rules))
@@ -286,14 +286,14 @@ def _drop_metrics_after(path: epath.Path, step: int) -> None:
 
 
 def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None, overwrite: bool = False) -> epath.Path:
-    """``hf.save_pretrained(model, out, tokenizer_dir=, overwrite=)``; for a bucket ``out``, written to a local
+    """``registry.save(model, out, tokenizer_dir=, overwrite=)``; for a bucket ``out``, written to a local
     directory first and then uploaded file by file, ``config.json`` last (a reader that finds it finds the weights;
     same-named files are replaced). Not atomic in a bucket: a cut-short upload leaves some files, and a rerun
     replaces them. All processes call it."""
     if not workdir_lib.is_remote(out):
-        return epath.Path(hf.save_pretrained(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite))
+        return epath.Path(registry.save(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite))
     with tempfile.TemporaryDirectory(prefix="jax_refine-export-") as local:
-        staged = hf.save_pretrained(model, Path(local) / "hf", tokenizer_dir=tokenizer_dir)
+        staged = registry.save(model, Path(local) / "hf", tokenizer_dir=tokenizer_dir)
         if distributed.is_main():
             workdir_lib.upload_tree(staged, out, last=("config.json",))
     return out

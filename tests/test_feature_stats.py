@@ -13,6 +13,7 @@ import pytest
 from train_helpers import set_dotted, synthetic_batch, tiny_config
 from jax_refine import cli, feature_stats, objectives, stats_file, train
 from jax_refine.configs import default
+from jax_refine.models import registry
 
 pytestmark = pytest.mark.slow  # the command and train steps on a tiny model: not in the fast tier
 
@@ -37,7 +38,7 @@ def _model_features(config, coco_mini_dir) -> tuple[np.ndarray, np.ndarray, floa
 
     family, model_config = train.model_config_of(config)
     model = family.create(model_config, seed=int(config.seed))
-    prep = preprocess.Preprocessing.of_model(model)
+    prep = registry.preprocessing(model)
     data = retrieval.load_retrieval(_spec(coco_mini_dir), batch_size=64, prep=prep, max_examples=N_PHOTOS)
     images = [b["image"][b["mask"]] for b in data.image_batches()]
     image = np.asarray(model.encode_image(jnp.asarray(np.concatenate(images))), np.float64)

@@ -16,7 +16,8 @@ from hf_fixtures import assert_matches_torch, hf_clip_config, random_pixels
 from train_helpers import synthetic_batch, tiny_config
 from transformers import CLIPModel
 
-from jax_refine import hf, sharding as shd, train
+from jax_refine import sharding as shd, train
+from jax_refine.models import registry
 from jax_refine.models.clip.modeling import create_clip, with_options
 from jax_refine.models.clip.params import hf_state_dict
 
@@ -67,7 +68,7 @@ def test_scan_remat_matches_pytorch(tiny_hf_clip_dir):
     """Checkpoint -> scanned, rematerialised model: features equal transformers' on the same weights (within 8x
     transformers' own fp32 error),
     and the parameters save back under the same HF names."""
-    model = with_options(hf.load_pretrained(tiny_hf_clip_dir), scan_layers=True, remat="full")
+    model = with_options(registry.load(tiny_hf_clip_dir), scan_layers=True, remat="full")
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
     pixels = random_pixels(3, 32, seed=4)
     ids, mask = BATCH["input_ids"], BATCH["attention_mask"]

@@ -18,8 +18,9 @@ from transformers import CLIPModel
 
 from jax_refine import sharding as shd, train
 from jax_refine.models import registry
-from jax_refine.models.clip.modeling import create_clip, with_options
+from jax_refine.models.clip.modeling import create_clip
 from jax_refine.models.clip.params import hf_state_dict
+from jax_refine.models.layers import with_options
 
 BATCH = synthetic_batch(0, 4)
 
@@ -109,7 +110,7 @@ def test_activation_names_become_batch_constraints():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_refine.configs.default import get_config
-    from jax_refine.models.clip.modeling import ACT
+    from jax_refine.models.layers import ACT
 
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     x = jax.device_put(jnp.ones((8, 5, 12)), NamedSharding(mesh, P(None, None, "fsdp")))  # FSDP-like layout

@@ -21,7 +21,7 @@ from transformers import CLIPModel
 from jax_refine import sharding as shd, step as step_lib, train
 from jax_refine.models import registry
 from jax_refine.models.clip import modeling
-from jax_refine.models.clip.modeling import padded_length
+from jax_refine.models.layers import padded_length
 
 TOL = 1e-4  # a padding leak must move features by > 10 x this: ~1000x the fp32 rounding of these features (~1e-6)
 # captions whose longest has an odd token count (BOS + 13 words + EOS = 15), right-padded as our tokenizer pads

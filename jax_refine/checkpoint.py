@@ -391,7 +391,7 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
         raise FileNotFoundError(f"model {path}: no such training workdir or checkpoint step in the bucket")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
-    return registry.load(str(source), jnp.dtype(dtype or "float32"), shardings=shardings)
+    return registry.load(source, jnp.dtype(dtype or "float32"), shardings=shardings)
 
 
 def tokenizer_source(source: Any) -> str | None:

@@ -28,7 +28,8 @@ from transformers import CLIPConfig  # noqa: E402
 
 from benchmarks.clip_sizes import SIZE_NAMES, clip_size  # noqa: E402
 from benchmarks.train_step import TEXT_LENGTH, _batch  # noqa: E402
-from jax_refine.models.clip.modeling import create_clip, padded_length, with_options  # noqa: E402
+from jax_refine.models.clip.modeling import create_clip  # noqa: E402
+from jax_refine.models.layers import padded_length, with_options  # noqa: E402
 
 
 def features_and_grads(model, batch: dict):

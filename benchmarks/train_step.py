@@ -97,7 +97,7 @@ def _jax_matmul_peak(platform: str, precision: str) -> float:
 
 def padded_lengths(args) -> dict[str, list[int]]:
     """`{"text": [77, padded], "image": [tokens, padded]}` for the padded attention modes, else {}."""
-    from jax_refine.models.clip.modeling import PADDED_ATTENTION, padded_length
+    from jax_refine.models.layers import PADDED_ATTENTION, padded_length
 
     if args.attention not in PADDED_ATTENTION:
         return {}

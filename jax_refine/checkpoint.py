@@ -43,7 +43,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_refine import failures, hf
+from jax_refine import failures
 from jax_refine import workdir as workdir_lib
 from jax_refine.console import log
 from jax_refine.models import registry
@@ -374,7 +374,7 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
     ``source``: an in-memory ``nnx.Module`` (returned as is); a training workdir (its newest intact step), its
     ``checkpoints`` dir or one step dir, local or ``gs://bucket/...`` (the student params, built as the family
     the run recorded; in a bucket only committed steps count, as for Orbax); a local checkpoint
-    directory of any registered family (``hf.load_pretrained``; an unknown one is a one-line error naming what
+    directory of any registered family (``models.registry.load``; an unknown one is a one-line error naming what
     it holds); or a hub id ``org/name``. ``dtype``: compute dtype (default: the checkpoint's ``meta`` dtype,
     float32 for Hugging Face weights). ``shardings``: optional ``(path, logical_names) -> Sharding`` callable
     (default one device).
@@ -392,13 +392,13 @@ def load_model(source: str | Path | nnx.Module, *, dtype: Any = None, shardings:
             raise ValueError(f"model {path}: not a training workdir or checkpoint step; a model directory in a "
                              "bucket is not read in place: copy it down (gcloud storage cp -r) and pass the copy")
         if path.is_dir():
-            return hf.load_pretrained(str(path), jnp.dtype(dtype or "float32"), shardings=shardings)
+            return registry.load(path, jnp.dtype(dtype or "float32"), shardings=shardings)
         raise ValueError(f"model {source}: a file, not a model checkpoint directory or a training workdir")
     if remote:
         raise FileNotFoundError(f"model {path}: no such training workdir or checkpoint step in the bucket")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise FileNotFoundError(f"model {source}: no such directory (and not a hub id of the form org/name)")
-    return hf.load_pretrained(str(source), jnp.dtype(dtype or "float32"), shardings=shardings)
+    return registry.load(source, jnp.dtype(dtype or "float32"), shardings=shardings)
 
 
 def tokenizer_source(source: Any) -> str | None:

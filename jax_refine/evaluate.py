@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from jax_refine import checkpoint
 from jax_refine import embeddings as emb_lib
 from jax_refine import metrics, preprocess, report
+from jax_refine.models import registry
 
 log = logging.getLogger(__name__)
 
@@ -374,11 +375,11 @@ def run_suite(model: nnx.Module, eval_config: Any, *, name: str = "model", mesh:
 
     `eval_config`: the `config.eval` section (batch_size, templates, zero_shot, retrieval, max_examples,
     cache_dir, progress). `zero_shot` / `retrieval`: already-built sets instead of the config's names.
-    `prep`: how images and texts are prepared (default `Preprocessing.of_model(model)`: the model's size,
+    `prep`: how images and texts are prepared (default `registry.preprocessing(model)`: the model's size,
     mean/std, resize, text length; a SigLIP model needs `prep` with its `tokenizer_source`, or `tokenizer`).
     `tokenizer`: overrides `prep.get_tokenizer()`.
     """
-    prep = prep if prep is not None else preprocess.Preprocessing.of_model(model)
+    prep = prep if prep is not None else registry.preprocessing(model)
     if zero_shot is None:
         zero_shot = [zero_shot_task(s, eval_config) for s in eval_config.get("zero_shot", ())]
     if retrieval is None:
@@ -480,7 +481,7 @@ def preprocessing_of(model: nnx.Module, source: Any) -> preprocess.Preprocessing
     """`model`'s preprocessing with the tokenizer of `source`, the checkpoint it came from (a directory or hub
     id: SigLIP's spiece.model; CLIP's BPE from there or the packaged one; for a training workdir, its start
     checkpoint: `checkpoint.tokenizer_source`); none for an in-memory model."""
-    return preprocess.Preprocessing.of_model(model, checkpoint.tokenizer_source(source))
+    return registry.preprocessing(model, checkpoint.tokenizer_source(source))
 
 
 def config_dtype(config: Any) -> str:

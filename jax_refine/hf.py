@@ -1,4 +1,4 @@
-"""Checkpoints in and out, for every model family: resolution, weight readers, one load loop, one writer.
+"""Hugging Face checkpoint files, for every model family: resolution, weight readers, one load loop, one writer.
 
 - `resolve_checkpoint(name_or_path)`: a local directory, or a hub id fetched (and cached) through
   `huggingface_hub` (config, one weights format, tokenizer files).
@@ -9,8 +9,7 @@
   line), each tensor placed straight into its final sharding. `state_dict(model, names)` is the way back.
 - `write_checkpoint(model, out_dir, tensors, write_extras)`: config + `model.safetensors` (+ the family's
   processor and tokenizer files), replaced atomically, written by process 0.
-- `load_pretrained(path)` / `save_pretrained(model, path)`: any family, dispatched through
-  `jax_refine.models.registry` (CLIP, open_clip's format, SigLIP).
+Which family a directory holds, and loading / saving a model by family: `jax_refine.models.registry`.
 """
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ from typing import Any
 
 import huggingface_hub
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -314,20 +312,6 @@ def load_weights(module: nnx.Module, reader: Any, names: NameMap, source: Any, *
     return nnx.merge(graphdef, state)
 
 
-def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *, shardings: Any = None,
-                    **options: Any) -> nnx.Module:
-    """The model of a checkpoint of any registered family (local dir or hub id), e.g. a `CLIP` or a `SigLIP`.
-
-    `dtype`: compute dtype; `shardings` as in `load_weights`; `options`: `param_dtype`, `attention`,
-    `remat`, `scan_layers`, and the family's own (open_clip: `config`). An unknown family is a one-line error
-    naming what the directory holds (`jax_refine.models.registry.family_of`).
-    """
-    from jax_refine.models import registry  # the families import this module
-
-    directory = resolve_checkpoint(name_or_path)
-    return registry.family_of(directory).load(directory, dtype, shardings, **options)
-
-
 # ---------------------------------------------------------------------------------------- saving
 def to_host(x: jax.Array) -> np.ndarray:
     """`x` as one numpy array on this host (gathered from every process when it spans several)."""
@@ -368,13 +352,3 @@ def write_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, tensors: Cal
         safetensors.numpy.save_file(arrays, tmp / SAFETENSORS, metadata={"format": "pt"})
         write_extras(tmp)
     return out
-
-
-def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-                    overwrite: bool = True) -> Path:
-    """Write `model` in its family's Hugging Face format (`model.family`: a CLIP opens in
-    `transformers.CLIPModel.from_pretrained`, a SigLIP in `SiglipModel`) with its tokenizer files (from
-    `tokenizer_dir` when given, else the family's packaged ones, if any). See `write_checkpoint`."""
-    from jax_refine.models import registry  # the families import this module
-
-    return registry.family_named(model.family).save(model, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)

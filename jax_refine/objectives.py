@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jax_refine import losses
+from jax_refine import losses, stats_file
 
 Array = jax.Array
 
@@ -284,8 +284,6 @@ def prior_params(c: Any, dim: int | None = None) -> dict[str, Any]:
     normal prior's scalar defaults are not used for it). `dim`: the model's D; a mean or std of another
     length is a one-line error naming the key or file.
     """
-    from jax_refine import feature_stats  # numpy only
-
     check_prior(c)
     prior = c.get("prior", "normal")
     given = {k: v for k, v in dict(c.get("prior_params") or {}).items() if v is not None}
@@ -297,8 +295,8 @@ def prior_params(c: Any, dim: int | None = None) -> dict[str, Any]:
             if arrays:
                 raise ValueError(f"config.method.prior_params: give either path={params['path']!r} or mean/std "
                                  "arrays, not both")
-            stats = feature_stats.load_stats(params["path"], regime=feature_regime(c),
-                                             feature_scale=feature_scale_setting(c.get("feature_scale")))
+            stats = stats_file.load_stats(params["path"], regime=feature_regime(c),
+                                          feature_scale=feature_scale_setting(c.get("feature_scale")))
             params = {"mean": stats.mean, "std": stats.std}
             where = dict.fromkeys(where, f"config.method.prior_params.path={given['path']}")
         elif len(arrays) != 2:

@@ -1,8 +1,9 @@
 """Text and image preprocessing of every model family, shared by model users and the data pipelines.
 
 `Preprocessing` is the one description training and evaluation read (built from a model with
-`Preprocessing.of_model`, or `Preprocessing.clip()` for CLIP's defaults): image size, mean/std, resize mode
-("crop": CLIPImageProcessor; "squash": SiglipImageProcessor), tokenizer, text length and padding. CLIP's:
+`jax_refine.models.registry.preprocessing`, or `Preprocessing()` for CLIP's defaults): image size, mean/std,
+resize mode ("crop": CLIPImageProcessor; "squash": SiglipImageProcessor), tokenizer, text length and padding. The
+model families supply their settings and tokenizer; this module knows none of them. CLIP's:
 
 - Text: `transformers.CLIPTokenizer` built from the checkpoint's own `vocab.json`/`merges.txt` when a
   checkpoint directory has them, else from the files packaged in `jax_refine/assets/tokenizer/` (derived
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -122,9 +124,10 @@ def preprocess_image(image: Image.Image | np.ndarray, size: int = 224) -> np.nda
 
 def resize_squash(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
     """The whole image bicubic-resized to (size, size, 3) uint8, aspect not kept (`SiglipImageProcessor`)."""
-    from jax_refine.models.siglip import image as siglip_image  # here: that module imports this one
-
-    return siglip_image.resize(image, size)
+    img = to_rgb(image)
+    if img.size != (size, size):
+        img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+    return np.asarray(img, np.uint8)
 
 
 RESIZES = {"crop": resize_crop, "squash": resize_squash}
@@ -158,9 +161,11 @@ class Preprocessing:
     resize: "crop" (shortest side bicubic + center crop) | "squash" (bicubic to size x size);
     text_length: tokens per text; padding: "longest" (CLIP: pads masked, any pad length gives the same
     features; we pad to text_length) | "max_length" (SigLIP: pads are model input, attention mask all ones);
-    tokenizer: the model family whose tokenizer it is (`jax_refine.models.registry`: "clip" BPE, "siglip"
-    SentencePiece); tokenizer_source: the checkpoint directory (or hub id) holding the tokenizer files (None:
-    the family's packaged one, CLIP's BPE; SigLIP has none).
+    tokenizer: the name of the model family whose tokenizer it is ("clip" BPE, "siglip" SentencePiece; part of
+    embedding cache keys); tokenizer_source: the checkpoint directory (or hub id) holding the tokenizer files
+    (None: the family's packaged one, CLIP's BPE; SigLIP has none); load_tokenizer: the family's
+    `tokenizer_source -> tokenizer` reader (`jax_refine.models.interface.Family.tokenizer`; CLIP's
+    `get_tokenizer` by default).
     """
 
     image_size: int = 224
@@ -171,6 +176,8 @@ class Preprocessing:
     padding: str = "longest"
     tokenizer: str = "clip"
     tokenizer_source: str | None = None
+    load_tokenizer: Callable[[str | None], Any] = dataclasses.field(default=get_tokenizer, compare=False,
+                                                                    repr=False)
 
     def __post_init__(self):
         for name, value, allowed in (("resize", self.resize, tuple(RESIZES)), ("padding", self.padding, PADDINGS)):
@@ -186,21 +193,13 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
         if self.tokenizer_source is not None:
             object.__setattr__(self, "tokenizer_source", str(self.tokenizer_source))
-
-    @classmethod
-    def of_model(cls, model: Any, tokenizer_source: str | Path | None = None) -> "Preprocessing":
-        """The preprocessing of `model` (`jax_refine.models.interface.Model`: family, image_size, pixel_mean,
-        pixel_std, resize, text_length, text_padding; an abstract model is enough); `tokenizer_source`: the
-        checkpoint it came from (needed for SigLIP, whose tokenizer ships with the checkpoint)."""
-        return cls(image_size=int(model.image_size), mean=tuple(model.pixel_mean), std=tuple(model.pixel_std),
-                   resize=model.resize, text_length=int(model.text_length), padding=model.text_padding,
-                   tokenizer=model.family, tokenizer_source=tokenizer_source)
+        if self.tokenizer != "clip" and self.load_tokenizer is get_tokenizer:
+            raise ValueError(f"Preprocessing(tokenizer={self.tokenizer!r}) needs that family's load_tokenizer "
+                             "(jax_refine.models.registry.preprocessing(model) gives it); CLIP's is the default")
 
     def get_tokenizer(self) -> Any:
-        """The family's tokenizer (`Family.tokenizer`) read from `tokenizer_source` (None: its packaged one)."""
-        from jax_refine.models import registry  # here: the model families import this module
-
-        return registry.family_named(self.tokenizer).tokenizer(self.tokenizer_source)
+        """The family's tokenizer (`load_tokenizer`) read from `tokenizer_source` (None: its packaged one)."""
+        return self.load_tokenizer(self.tokenizer_source)
 
     def tokenize(self, texts: str | Sequence[str], tokenizer: Any = None) -> dict[str, np.ndarray]:
         """{"input_ids", "attention_mask": (N, text_length) int32} (`tokenize`: every family's HF tokenizer pads

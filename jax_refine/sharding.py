@@ -93,7 +93,7 @@ def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules:
 
 
 def sharding_fn(mesh: Mesh, rules: Rules) -> Callable[[Any, Any], NamedSharding]:
-    """The ``(path, logical_names) -> Sharding`` callable ``hf.load_pretrained(shardings=)`` takes.
+    """The ``(path, logical_names) -> Sharding`` callable ``models.registry.load(shardings=)`` takes.
 
     Divisibility is not known here, so rules must fit the model (the trainer passes explicit trees).
     """

@@ -144,7 +144,7 @@ class StartModel:
         """The input preprocessing the model takes: its abstract model's interface attributes and the tokenizer
         of its checkpoint directory."""
         abstract = nnx.eval_shape(lambda: self.family.create(self.model_config))
-        return preprocess.Preprocessing.of_model(abstract, tokenizer_source=self.directory)
+        return registry.preprocessing(abstract, tokenizer_source=self.directory)
 
 
 @dataclasses.dataclass
@@ -308,7 +308,7 @@ def setup_model(config: Any, mesh: Mesh, start: StartModel | None = None) -> ste
     logical names and ``config.mesh.rules``, and return a loader that creates/loads the start params into them.
 
     ``start`` (default: ``start_model(config)``): a random init (``config.model.random_init``, drawn with
-    ``config.seed``) or the checkpoint at ``config.model.name_or_path`` (``hf.load_pretrained``).
+    ``config.seed``) or the checkpoint at ``config.model.name_or_path`` (``registry.load``).
     """
     start = start if start is not None else start_model(config)
     dtype = compute_dtype(config)
@@ -329,7 +329,7 @@ def setup_model(config: Any, mesh: Mesh, start: StartModel | None = None) -> ste
         by_path = {ts.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
 
         def load():
-            model = hf.load_pretrained(config.model.name_or_path, dtype, shardings=by_path, **opts)
+            model = registry.load(start.directory, dtype, shardings=by_path, **opts)  # resolved once, in start_model
             return ts.split_model(model)[1]
     return step_lib.ModelSetup(abstract_model, graphdef, rest, abstract_params, params_sh, load, dtype,
                                tuple(config.mesh.rules))
@@ -423,14 +423,14 @@ def run_loop(trainer: Trainer, state: ts.TrainState, data_iter: Iterator, checkp
 
 # ------------------------------------------------------------------------------------------- the export
 def export_hf(model: nnx.Module, out: epath.Path, tokenizer_dir: Any = None, overwrite: bool = False) -> epath.Path:
-    """``hf.save_pretrained(model, out, tokenizer_dir=, overwrite=)``; for a bucket ``out``, written to a local
+    """``registry.save(model, out, tokenizer_dir=, overwrite=)``; for a bucket ``out``, written to a local
     directory first and then uploaded file by file, ``config.json`` last (a reader that finds it finds the weights;
     same-named files are replaced). Not atomic in a bucket: a cut-short upload leaves some files, and a rerun
     replaces them. All processes call it."""
     if not workdir_lib.is_remote(out):
-        return epath.Path(hf.save_pretrained(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite))
+        return epath.Path(registry.save(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite))
     with tempfile.TemporaryDirectory(prefix="jax_refine-export-") as local:
-        staged = hf.save_pretrained(model, Path(local) / "hf", tokenizer_dir=tokenizer_dir)
+        staged = registry.save(model, Path(local) / "hf", tokenizer_dir=tokenizer_dir)
         if distributed.is_main():
             workdir_lib.upload_tree(staged, out, last=("config.json",))
     return out

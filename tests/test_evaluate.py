@@ -119,9 +119,10 @@ def test_retrieval_matches_torch_clip_and_numpy(tiny_hf_clip_dir):
     from transformers import CLIPModel
 
     from hf_fixtures import assert_matches_torch, random_pixels
-    from jax_refine import hf, preprocess
+    from jax_refine import preprocess
+    from jax_refine.models import registry
 
-    model = hf.load_pretrained(str(tiny_hf_clip_dir))
+    model = registry.load(str(tiny_hf_clip_dir))
     n_img, size = 12, model.config.vision_config.image_size
     pixels = random_pixels(n_img, size, seed=3)
     words = ["cat", "dog", "ship", "truck", "bird", "frog", "horse", "deer", "plane", "car", "boat", "fish"]
@@ -153,10 +154,10 @@ def test_retrieval_matches_torch_clip_and_numpy(tiny_hf_clip_dir):
 
 def test_sharded_extraction_equals_single_device(tiny_hf_clip_dir):
     from hf_fixtures import random_pixels
-    from jax_refine import hf
+    from jax_refine.models import registry
 
     assert jax.device_count() == 8
-    model = hf.load_pretrained(str(tiny_hf_clip_dir))
+    model = registry.load(str(tiny_hf_clip_dir))
     pixels = random_pixels(21, model.config.vision_config.image_size, seed=4)  # 21: a padded last batch
     labels = np.arange(21)
     one, ex1 = emb_lib.extract(model, emb_lib.iterate_arrays({"image": pixels, "label": labels}, 6), "image",
@@ -285,19 +286,19 @@ def test_end_to_end_compare_on_cifar10(cifar_subset, tiny_hf_clip_dir, tmp_path,
 
     # A second run reads every embedding from the npz cache: extraction is never called. The cache key is
     # the parameters' fingerprint, so an already-loaded model (as the demo passes) hits it too.
-    from jax_refine import hf
+    from jax_refine.models import registry
 
     monkeypatch.setattr(emb_lib, "extract", lambda *a, **k: pytest.fail("embeddings recomputed"))
-    models = {"pretrained": hf.load_pretrained(str(tiny_hf_clip_dir)), "refined": str(other)}
+    models = {"pretrained": registry.load(str(tiny_hf_clip_dir)), "refined": str(other)}
     again = evaluate.compare(models, config, tmp_path / "r2")
     assert again["results"] == results
 
 
 def test_in_memory_zero_shot_with_template_ensemble(tiny_hf_clip_dir, tmp_path):
     from hf_fixtures import random_pixels
-    from jax_refine import hf
+    from jax_refine.models import registry
 
-    model = hf.load_pretrained(str(tiny_hf_clip_dir))
+    model = registry.load(str(tiny_hf_clip_dir))
     labels = np.arange(12) % 3
     task = evaluate.zero_shot_from_arrays("toy", random_pixels(12, model.config.vision_config.image_size), labels,
                                           ["cat", "dog", "ship"])
@@ -310,9 +311,9 @@ def test_in_memory_zero_shot_with_template_ensemble(tiny_hf_clip_dir, tmp_path):
 
 
 def test_bad_input(cifar_subset, tiny_hf_clip_dir, tmp_path):
-    from jax_refine import hf
+    from jax_refine.models import registry
 
-    model = hf.load_pretrained(str(tiny_hf_clip_dir))
+    model = registry.load(str(tiny_hf_clip_dir))
     config = _eval_config(cifar_subset, tmp_path / "cache")
     empty = evaluate.ZeroShotTask("empty", lambda size: iter(()), ["cat", "dog"])
     with pytest.raises(ValueError, match="empty"):

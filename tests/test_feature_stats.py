@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from train_helpers import set_dotted, synthetic_batch, tiny_config
-from jax_refine import cli, feature_stats, objectives, train
+from jax_refine import cli, feature_stats, objectives, stats_file, train
 from jax_refine import config_base as default  # the base config, `--config default`
+from jax_refine.models import registry
 
 pytestmark = pytest.mark.slow  # the command and train steps on a tiny model: not in the fast tier
 
@@ -37,7 +38,7 @@ def _model_features(config, coco_mini_dir) -> tuple[np.ndarray, np.ndarray, floa
 
     family, model_config = train.model_config_of(config)
     model = family.create(model_config, seed=int(config.seed))
-    prep = preprocess.Preprocessing.of_model(model)
+    prep = registry.preprocessing(model)
     data = retrieval.load_retrieval(_spec(coco_mini_dir), batch_size=64, prep=prep, max_examples=N_PHOTOS)
     images = [b["image"][b["mask"]] for b in data.image_batches()]
     image = np.asarray(model.encode_image(jnp.asarray(np.concatenate(images))), np.float64)
@@ -77,7 +78,7 @@ def test_stats_file_equals_numpy_on_the_models_features(tmp_path, coco_mini_dir,
 
 
 def _write(path, meta=None, **arrays):
-    feature_stats.write_stats(path, {k: np.asarray(v, np.float32) for k, v in arrays.items()},
+    stats_file.write_stats(path, {k: np.asarray(v, np.float32) for k, v in arrays.items()},
                               meta if meta is not None else {"regime": "raw", "feature_scale": None})
     return path
 
@@ -213,7 +214,7 @@ def test_command_refuses_an_existing_out_and_never_leaves_half_a_file(tmp_path, 
 
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(OSError, match="No space left"):
-        feature_stats.write_stats(out, {"mean": np.zeros(3), "std": np.ones(3)}, {})
+        stats_file.write_stats(out, {"mean": np.zeros(3), "std": np.ones(3)}, {})
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
 
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from jax_refine import hf
-from jax_refine.hf import load_pretrained, save_pretrained
+from jax_refine.models import registry
 from jax_refine.models.clip.modeling import create_clip
 from jax_refine.models.clip.params import config_from as clip_config_from, hf_state_dict
 
@@ -39,8 +39,8 @@ def tiny_dir(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ round trip
 def test_load_save_round_trip_opens_in_transformers(tiny_dir, tmp_path):
-    ours = load_pretrained(tiny_dir)
-    out = save_pretrained(ours, tmp_path / "export")
+    ours = registry.load(tiny_dir)
+    out = registry.save(ours, tmp_path / "export")
     assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
                                        "vocab.json"]
     reloaded, info = CLIPModel.from_pretrained(out, output_loading_info=True)
@@ -58,7 +58,7 @@ def test_load_save_round_trip_opens_in_transformers(tiny_dir, tmp_path):
 
 
 def test_tensors_bit_identical_after_load_save(tiny_dir, tmp_path):
-    save_pretrained(load_pretrained(tiny_dir), tmp_path / "export")
+    registry.save(registry.load(tiny_dir), tmp_path / "export")
     before, after = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
     assert set(before) == set(after)
     for key in before:
@@ -70,7 +70,7 @@ def test_tensors_bit_identical_after_load_save(tiny_dir, tmp_path):
 def test_random_init_exports_to_transformers(tmp_path):
     """create_clip -> save_pretrained -> torch CLIPModel computes the same features as our model."""
     ours = create_clip(hf_clip_config("tiny", eos_token_id=2), seed=5)
-    save_pretrained(ours, tmp_path)
+    registry.save(ours, tmp_path)
     ref = CLIPModel.from_pretrained(tmp_path).eval()
     assert ref.config.text_config.eos_token_id == 2
     ids, mask = _texts()
@@ -83,7 +83,7 @@ def test_pytorch_bin_loads_without_torch(tiny_dir, tmp_path, monkeypatch):
 
     bin_dir = write_torch_bin(tiny_dir, tmp_path / "bin")  # with the old position_ids buffers
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was used"))
-    from_bin = hf_state_dict(load_pretrained(bin_dir))
+    from_bin = hf_state_dict(registry.load(bin_dir))
     want = load_file(tiny_dir / "model.safetensors")
     assert set(from_bin) == set(want)
     for key in want:
@@ -100,7 +100,7 @@ def test_bf16_safetensors_checkpoint(tiny_dir, tmp_path):
     shutil.copyfile(tiny_dir / "config.json", tmp_path / "config.json")
     state = {k: v.to(torch.bfloat16) for k, v in load_torch(tiny_dir / "model.safetensors").items()}
     save_torch(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    got = hf_state_dict(load_pretrained(tmp_path))
+    got = hf_state_dict(registry.load(tmp_path))
     for key, value in state.items():
         assert got[key].dtype == np.float32
         np.testing.assert_array_equal(got[key], value.float().numpy(), err_msg=key)
@@ -116,7 +116,7 @@ def test_sharded_safetensors_index(tiny_dir, tmp_path):
         save_file({k: tensors[k] for k in part}, tmp_path / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    got = hf_state_dict(load_pretrained(tmp_path))
+    got = hf_state_dict(registry.load(tmp_path))
     assert all(np.array_equal(got[k], tensors[k]) for k in keys)
 
 
@@ -129,8 +129,8 @@ def test_sharded_load_places_each_tensor_in_its_sharding(tiny_dir):
         calls.append((path, names))
         return NamedSharding(mesh, PartitionSpec(*("fsdp" if n == "embed" else None for n in names)))
 
-    sharded = load_pretrained(tiny_dir, shardings=shardings)
-    plain = load_pretrained(tiny_dir)
+    sharded = registry.load(tiny_dir, shardings=shardings)
+    plain = registry.load(tiny_dir)
     assert ("vision/layers/0/attn/qkv", ("embed", None, "heads", None)) in calls
     qkv = sharded.vision.layers[0].attn.qkv[...]
     assert qkv.sharding.spec == PartitionSpec("fsdp", None, None, None)
@@ -139,7 +139,7 @@ def test_sharded_load_places_each_tensor_in_its_sharding(tiny_dir):
     assert token.sharding.spec == PartitionSpec(None, "fsdp")
     assert {s.data.shape for s in token.addressable_shards} == {(49408, 4)}
     assert sharded.logit_scale[...].sharding.is_fully_replicated
-    by_path = load_pretrained(tiny_dir, shardings={"text/token": NamedSharding(mesh, PartitionSpec(None, "fsdp"))})
+    by_path = registry.load(tiny_dir, shardings={"text/token": NamedSharding(mesh, PartitionSpec(None, "fsdp"))})
     assert by_path.text.token[...].sharding.spec == PartitionSpec(None, "fsdp")
     assert len(by_path.text.position[...].sharding.device_set) == 1
     for a, b in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)), jax.tree.leaves(nnx.state(plain, nnx.Param))):
@@ -166,14 +166,14 @@ def _rewrite(src, dst, edit):
 def test_missing_unexpected_and_misshaped_keys(tiny_dir, tmp_path):
     bad = _rewrite(tiny_dir, tmp_path / "missing", lambda t: t.pop("text_model.final_layer_norm.bias"))
     with pytest.raises(ValueError, match=r"1 missing keys: text_model\.final_layer_norm\.bias$"):
-        load_pretrained(bad)
+        registry.load(bad)
     bad = _rewrite(tiny_dir, tmp_path / "unexpected", lambda t: t.update({"head.weight": np.zeros(3, np.float32)}))
     with pytest.raises(ValueError, match=r"1 unexpected keys: head\.weight"):
-        load_pretrained(bad)
+        registry.load(bad)
     bad = _rewrite(tiny_dir, tmp_path / "shape",
                    lambda t: t.update({"text_projection.weight": np.zeros((24, 31), np.float32)}))
     with pytest.raises(ValueError, match=r"shape mismatches: text_projection\.weight \(24, 31\) != \(24, 32\)"):
-        load_pretrained(bad)
+        registry.load(bad)
 
     def drop_layer(t):
         for k in [k for k in t if k.startswith("vision_model.encoder.layers.1.")]:
@@ -181,7 +181,7 @@ def test_missing_unexpected_and_misshaped_keys(tiny_dir, tmp_path):
 
     bad = _rewrite(tiny_dir, tmp_path / "layer", drop_layer)
     with pytest.raises(ValueError, match=r"16 missing keys: vision_model\.encoder\.layers\.1\..*\(16 in all\)") as e:
-        load_pretrained(bad)
+        registry.load(bad)
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
 
 
@@ -193,7 +193,7 @@ def test_other_configs_are_refused(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(SiglipConfig().to_dict()))
     with pytest.raises(ValueError, match=r"ckpt: checkpoint does not match its config: \d+ missing keys: logit_bias") as e:
-        load_pretrained(tmp_path / "ckpt")
+        registry.load(tmp_path / "ckpt")
     assert "\n" not in str(e.value)
     for config in (SiglipConfig().to_dict(), BertConfig().to_dict()):
         with pytest.raises(ValueError, match=f"model_type is '{config['model_type']}', not 'clip'"):
@@ -215,21 +215,21 @@ def test_missing_files_are_named(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, no_config)
     (no_config / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"no_config/config\.json"):
-        load_pretrained(no_config)
+        registry.load(no_config)
     no_weights = tmp_path / "no_weights"
     shutil.copytree(tiny_dir, no_weights)
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"no_weights: no weights file \(model\.safetensors"):
-        load_pretrained(no_weights)
+        registry.load(no_weights)
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
-        load_pretrained(tmp_path / "does" / "not" / "exist")
+        registry.load(tmp_path / "does" / "not" / "exist")
 
 
 def test_hub_id_goes_through_huggingface_hub(monkeypatch, tmp_path, tiny_dir):
     """Offline and not cached: a clear error naming the repo; with a cached file: loads from the snapshot."""
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(FileNotFoundError, match="someone/not-a-cached-clip: .*Hugging Face hub"):
-        load_pretrained("someone/not-a-cached-clip")
+        registry.load("someone/not-a-cached-clip")
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -243,16 +243,16 @@ def test_hub_id_goes_through_huggingface_hub(monkeypatch, tmp_path, tiny_dir):
         return str(tmp_path / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    model = load_pretrained("openai/clip-tiny-test")
+    model = registry.load("openai/clip-tiny-test")
     assert asked[:2] == ["config.json", "model.safetensors"] and "pytorch_model.bin" not in asked
     assert np.array_equal(hf_state_dict(model)["logit_scale"], load_file(tiny_dir / "model.safetensors")["logit_scale"])
 
 
 # ------------------------------------------------------------------------------------ atomicity
 def test_save_is_atomic(tiny_dir, tmp_path, monkeypatch):
-    model = load_pretrained(tiny_dir)
+    model = registry.load(tiny_dir)
     out = tmp_path / "export"
-    save_pretrained(model, out)
+    registry.save(model, out)
     (out / "stale.txt").write_text("old")
     before = (out / "model.safetensors").read_bytes()
 
@@ -263,9 +263,9 @@ def test_save_is_atomic(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_pretrained(model, out)
+        registry.save(model, out)
     assert (out / "model.safetensors").read_bytes() == before and (out / "stale.txt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dir left behind
     monkeypatch.undo()
-    save_pretrained(model, out)  # a successful save replaces the directory as a whole
+    registry.save(model, out)  # a successful save replaces the directory as a whole
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").read_bytes() == before

@@ -12,7 +12,7 @@ from hf_fixtures import (assert_matches_torch, clip_tokenizer, hf_clip_config, h
                          random_pixels, random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
 
-from jax_refine.hf import load_pretrained
+from jax_refine.models import registry
 from jax_refine.models.clip.modeling import CLIP, create_clip
 from jax_refine.models.clip.params import hf_state_dict
 
@@ -38,7 +38,7 @@ def _text_batch():
 def _assert_parity(directory, pixels):
     """Load `directory` with ours and with transformers; assert image and text features (on `_text_batch`)
     agree (hf_fixtures.assert_matches_torch). Returns (ours, ref, pixels, ids, mask, reference text features)."""
-    ours = load_pretrained(directory)
+    ours = registry.load(directory)
     ref = CLIPModel.from_pretrained(directory).eval()
     ids, mask = _text_batch()
     _, rt = assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
@@ -67,7 +67,7 @@ def test_eos_modes_differ_on_rows_without_eos(tmp_path):
     ids, mask = _text_batch()
     feats = {}
     for eos in (49407, 2):
-        feats[eos] = np.asarray(load_pretrained(write_hf_clip(tmp_path / str(eos), "tiny", seed=1,
+        feats[eos] = np.asarray(registry.load(write_hf_clip(tmp_path / str(eos), "tiny", seed=1,
                                                               eos_token_id=eos)).encode_text(ids, mask))
     np.testing.assert_allclose(feats[2][:-1], feats[49407][:-1], atol=1e-6)  # real texts: same position
     assert np.abs(feats[2][-1] - feats[49407][-1]).max() > 1e-3
@@ -82,14 +82,14 @@ def test_hidden_act_is_respected(tmp_path, act):
     config = hf_clip_config("tiny", hidden_act=act)
     config.vision_config.hidden_act = act
     ref = _save_torch_clip(tmp_path, config, seed=3)
-    ours = load_pretrained(tmp_path)
+    ours = registry.load(tmp_path)
     ids, mask = _text_batch()
     pixels = random_pixels(2, 32, seed=3)
     assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
 
 
 def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):
-    ours = load_pretrained(tiny_hf_clip_dir, dtype=jnp.bfloat16)
+    ours = registry.load(tiny_hf_clip_dir, dtype=jnp.bfloat16)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(ours, nnx.Param))} == {jnp.dtype(jnp.float32)}
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
     ids, mask = _text_batch()
@@ -106,7 +106,7 @@ def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):
 
 
 def test_jit_grad_through_split_merge_matches_torch(tiny_hf_clip_dir):
-    ours = load_pretrained(tiny_hf_clip_dir)
+    ours = registry.load(tiny_hf_clip_dir)
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
     ids, mask = _text_batch()
     ids, mask = ids[:3], mask[:3]

@@ -16,9 +16,11 @@ from hf_fixtures import assert_matches_torch, hf_clip_config, random_pixels
 from train_helpers import synthetic_batch, tiny_config
 from transformers import CLIPModel
 
-from jax_refine import hf, sharding as shd, train
-from jax_refine.models.clip.modeling import create_clip, with_options
+from jax_refine import sharding as shd, train
+from jax_refine.models import registry
+from jax_refine.models.clip.modeling import create_clip
 from jax_refine.models.clip.params import hf_state_dict
+from jax_refine.models.layers import with_options
 
 BATCH = synthetic_batch(0, 4)
 
@@ -67,7 +69,7 @@ def test_scan_remat_matches_pytorch(tiny_hf_clip_dir):
     """Checkpoint -> scanned, rematerialised model: features equal transformers' on the same weights (within 8x
     transformers' own fp32 error),
     and the parameters save back under the same HF names."""
-    model = with_options(hf.load_pretrained(tiny_hf_clip_dir), scan_layers=True, remat="full")
+    model = with_options(registry.load(tiny_hf_clip_dir), scan_layers=True, remat="full")
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
     pixels = random_pixels(3, 32, seed=4)
     ids, mask = BATCH["input_ids"], BATCH["attention_mask"]
@@ -108,7 +110,7 @@ def test_activation_names_become_batch_constraints():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_refine.config_base import get_config
-    from jax_refine.models.clip.modeling import ACT
+    from jax_refine.models.layers import ACT
 
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     x = jax.device_put(jnp.ones((8, 5, 12)), NamedSharding(mesh, P(None, None, "fsdp")))  # FSDP-like layout

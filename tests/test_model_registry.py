@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,7 +20,7 @@ from hf_fixtures import clip_tokenizer, write_tiny_siglip
 from test_openclip_format import _open_clip_model, _save, _tiny_cfg
 from train_helpers import tiny_config
 
-from jax_refine import checkpoint as ckpt, cli, evaluate, hf, train
+from jax_refine import checkpoint as ckpt, cli, evaluate, train
 from jax_refine.models import registry
 from jax_refine.models.interface import Model
 
@@ -55,7 +56,7 @@ def test_interface_attributes_against_transformers_processors(family_dirs):
     want = {"clip": ("clip", "crop", "longest", clip_proc), "openclip": ("clip", "crop", "longest", clip_proc),
             "siglip": ("siglip", "squash", "max_length", siglip_proc)}
     for name, directory in family_dirs.items():
-        model = hf.load_pretrained(directory)
+        model = registry.load(directory)
         family, resize, padding, proc = want[name]
         assert isinstance(model, Model)
         assert (model.family, model.resize, model.text_padding) == (family, resize, padding)
@@ -84,7 +85,7 @@ def test_unknown_family_is_a_one_line_error(family_dirs, tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps(BertConfig(architectures=["BertModel"]).to_dict()))
     shutil.copy(family_dirs["clip"] / "model.safetensors", bert)
-    for load in (ckpt.load_model, hf.load_pretrained):
+    for load in (ckpt.load_model, registry.load):
         with pytest.raises(ValueError) as err:
             load(bert)
         message = str(err.value)
@@ -134,7 +135,7 @@ def test_one_clip_refine_run_per_family(family_dirs, coco_mini_dir, tmp_path, na
     from transformers import AutoModel
 
     directory = family_dirs[name]
-    start = hf.load_pretrained(directory)
+    start = registry.load(directory)
     config = _coco_config(tmp_path / "run", directory, coco_mini_dir, **{"train.export_hf": True})
     it = train.make_data_iterator(config, train.model_preprocessing(config))  # what train() reads, first batch
     batch, order = next(it), it.epoch_examples(0)
@@ -159,7 +160,7 @@ def test_one_clip_refine_run_per_family(family_dirs, coco_mini_dir, tmp_path, na
     assert type(restored) is type(start) and restored.family == start.family
     for a, b in zip(jax.tree.leaves(nnx.state(restored, nnx.Param).to_pure_dict()), jax.tree.leaves(after)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    assert registry.family_of(out["hf_dir"]).name == start.family
+    assert registry.family_of(Path(out["hf_dir"])).name == start.family
     _, info = AutoModel.from_pretrained(out["hf_dir"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
@@ -188,7 +189,7 @@ def test_sigmoid_baseline_trains_siglip_logit_scale_and_bias(family_dirs, coco_m
     and bias with everything else; evaluation during training and of the (export-less) workdir afterwards
     read SigLIP's tokenizer from the start checkpoint and agree."""
     directory = family_dirs["siglip"]
-    before = nnx.state(hf.load_pretrained(directory), nnx.Param).to_pure_dict()
+    before = nnx.state(registry.load(directory), nnx.Param).to_pure_dict()
     val = f"coco_json:{coco_mini_dir / 'annotations' / 'captions_val2017.json'}:{coco_mini_dir / 'val2017'}"
     config = _coco_config(tmp_path / "run", directory, coco_mini_dir, **{
         "method.name": "sigmoid", "train.export_hf": False, "eval.every_steps": 1, "eval.zero_shot": (),

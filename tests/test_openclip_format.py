@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_refine import hf
+from jax_refine.models import registry
 from jax_refine.models.openclip import config as oc_config
 from jax_refine.models.openclip import params as oc_params
 
@@ -157,7 +157,7 @@ def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
     cfg = _tiny_cfg(quick_gelu)
     ref = _open_clip_model(cfg)
     ckpt = _save(ref, cfg, tmp_path / "ckpt", fmt)
-    model = hf.load_pretrained(ckpt)  # the registry finds open_clip's format
+    model = registry.load(ckpt)  # the registry finds open_clip's format
     assert model.family == "clip"
     assert model.config.vision_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     _assert_same_features(model, ref, cfg)
@@ -206,8 +206,8 @@ def test_export_to_hf_opens_in_transformers_with_the_same_features(tmp_path):
 
     cfg = _tiny_cfg(True)
     ref = _open_clip_model(cfg, seed=3)
-    model = hf.load_pretrained(_save(ref, cfg, tmp_path / "ckpt", "bin"))
-    out = hf.save_pretrained(model, tmp_path / "hf")
+    model = registry.load(_save(ref, cfg, tmp_path / "ckpt", "bin"))
+    out = registry.save(model, tmp_path / "hf")
     exported = CLIPModel.from_pretrained(out).eval()
     pixels, ids, mask = _inputs(cfg, seed=4)
     fi, ft = _open_clip_features(ref, pixels, ids)
@@ -268,7 +268,7 @@ def test_directory_without_open_clip_weights_names_what_it_found(tmp_path):
         oc_params.open_checkpoint(tmp_path)
     message = str(err.value)
     assert "\n" not in message and oc_params.SAFETENSORS in message and oc_params.TORCH_BIN in message
-    assert "config.json, model.safetensors, notes.txt" in message and "jax_refine.hf.load_pretrained" in message
+    assert "config.json, model.safetensors, notes.txt" in message and "jax_refine.models.registry.load" in message
 
 
 def test_tensor_without_a_place_in_our_clip_is_named(tmp_path):
@@ -367,22 +367,19 @@ def test_a_squash_preprocess_cfg_is_carried_by_the_model_and_its_export(tmp_path
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from jax_refine import hf
-    from jax_refine.preprocess import Preprocessing
-
     cfg = _tiny_cfg(True)
     ckpt = _save(_open_clip_model(cfg), cfg, tmp_path / "ckpt", "safetensors")
     mean, std = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]
     layout = json.loads((ckpt / oc_config.OPEN_CLIP_CONFIG).read_text())
     layout["preprocess_cfg"] = {"mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "squash"}
     (ckpt / oc_config.OPEN_CLIP_CONFIG).write_text(json.dumps(layout))
-    model = hf.load_pretrained(ckpt)
+    model = registry.load(ckpt)
     assert (model.resize, model.pixel_mean, model.pixel_std) == ("squash", tuple(mean), tuple(std))
-    export = hf.save_pretrained(model, tmp_path / "hf")
-    again = hf.load_pretrained(export)
+    export = registry.save(model, tmp_path / "hf")
+    again = registry.load(export)
     assert (again.resize, again.pixel_mean, again.pixel_std) == ("squash", tuple(mean), tuple(std))
 
-    size, prep = model.image_size, Preprocessing.of_model(model)
+    size, prep = model.image_size, registry.preprocessing(model)
     processor = AutoImageProcessor.from_pretrained(export)
     photos = sorted((coco_mini_dir / "val2017").glob("*.jpg"))[:4]
     for photo in photos:

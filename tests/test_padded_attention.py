@@ -18,9 +18,10 @@ from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
 from train_helpers import synthetic_batch, tiny_config
 from transformers import CLIPModel
 
-from jax_refine import hf, sharding as shd, step as step_lib, train
+from jax_refine import sharding as shd, step as step_lib, train
+from jax_refine.models import registry
 from jax_refine.models.clip import modeling
-from jax_refine.models.clip.modeling import padded_length
+from jax_refine.models.layers import padded_length
 
 TOL = 1e-4  # a padding leak must move features by > 10 x this: ~1000x the fp32 rounding of these features (~1e-6)
 # captions whose longest has an odd token count (BOS + 13 words + EOS = 15), right-padded as our tokenizer pads
@@ -65,7 +66,7 @@ def test_clip_padded_features_match_transformers(tiny_hf_clip_dir, monkeypatch):
     enc = clip_tokenizer()(CAPTIONS, padding=True, return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     pixels = random_pixels(3, 32, seed=2)
-    ours = hf.load_pretrained(tiny_hf_clip_dir, attention="xla_padded")
+    ours = registry.load(tiny_hf_clip_dir, attention="xla_padded")
     vision_tokens = (32 // 8) ** 2 + 1
     assert ids.shape[1] % 2 == 1 and vision_tokens % 2 == 1  # both towers really pad
     assert 0 < mask.sum(-1).min() < ids.shape[1]  # and the captions' own padding is masked
@@ -73,7 +74,7 @@ def test_clip_padded_features_match_transformers(tiny_hf_clip_dir, monkeypatch):
     ri, _ = assert_matches_torch((fi, ft), CLIPModel.from_pretrained(tiny_hf_clip_dir).eval(), pixels, ids, mask)
 
     _unmasked_padding(monkeypatch)  # the padded image keys matter: leaving them unmasked breaks parity
-    leaky = hf.load_pretrained(tiny_hf_clip_dir, attention="xla_padded")
+    leaky = registry.load(tiny_hf_clip_dir, attention="xla_padded")
     fi_leaky = jax.jit(lambda p: leaky.encode_image(p))(pixels)
     assert np.abs(np.asarray(fi_leaky) - ri).max() > 10 * TOL
 
@@ -88,7 +89,7 @@ def test_siglip_padded_features_match_transformers(tmp_path, monkeypatch):
     mask[1, 9:], mask[2, 4:] = 0, 0
     ids[mask == 0] = 1  # right padding with the pad id
     pixels = random_pixels(3, 40, seed=5)
-    ours = hf.load_pretrained(directory, attention="xla_padded")
+    ours = registry.load(directory, attention="xla_padded")
     fi, ft = jax.jit(lambda p, i, m: ours(p, i, m))(pixels, ids.astype(np.int32), mask.astype(np.int32))
     ri, _ = assert_matches_torch((fi, ft), torch_model, pixels, ids, mask)
 
@@ -96,7 +97,7 @@ def test_siglip_padded_features_match_transformers(tmp_path, monkeypatch):
 
     _unmasked_padding(monkeypatch)
     monkeypatch.setattr(siglip_modeling, "pad_for_attention", modeling.pad_for_attention)
-    leaky = hf.load_pretrained(directory, attention="xla_padded")
+    leaky = registry.load(directory, attention="xla_padded")
     fi_leaky = jax.jit(lambda p: leaky.encode_image(p))(pixels)
     assert np.abs(np.asarray(fi_leaky) - ri).max() > 10 * TOL
 

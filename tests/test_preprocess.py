@@ -147,15 +147,17 @@ def tiny_siglip(tmp_path_factory):
 
 
 def test_clip_defaults_are_the_clip_image_processor_constants(tiny_hf_clip_dir):
-    from jax_refine import hf
+    from jax_refine.models import registry
 
-    prep = preprocess.Preprocessing.of_model(hf.load_pretrained(tiny_hf_clip_dir))
+    prep = registry.preprocessing(registry.load(tiny_hf_clip_dir))
     assert (prep.image_size, prep.resize, prep.text_length, prep.padding, prep.tokenizer) == (32, "crop", 77,
                                                                                                 "longest", "clip")
     assert np.array_equal(np.float32(prep.mean), preprocess.CLIP_MEAN)  # OpenAI's constants, float32-exact
     assert np.array_equal(np.float32(prep.std), preprocess.CLIP_STD)
     with pytest.raises(ValueError, match="Preprocessing.resize='letterbox'"):
         preprocess.Preprocessing(resize="letterbox")
+    with pytest.raises(ValueError, match="tokenizer='siglip'.*load_tokenizer"):  # would tokenize with CLIP's BPE
+        preprocess.Preprocessing(tokenizer="siglip")
 
 
 def test_siglip_pipelines_feed_siglip_processor_pixels_and_padded_ids(tiny_siglip, coco_mini_dir):
@@ -165,11 +167,11 @@ def test_siglip_pipelines_feed_siglip_processor_pixels_and_padded_ids(tiny_sigli
     import torch
     from transformers import SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
 
-    from jax_refine import hf
     from jax_refine.data import load_retrieval, sources
+    from jax_refine.models import registry
 
-    model = hf.load_pretrained(tiny_siglip)
-    prep = preprocess.Preprocessing.of_model(model, tokenizer_source=tiny_siglip)
+    model = registry.load(tiny_siglip)
+    prep = registry.preprocessing(model, tokenizer_source=tiny_siglip)
     assert (prep.image_size, prep.resize, prep.mean, prep.std, prep.text_length, prep.padding) == (
         32, "squash", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, "max_length")
     ann = coco_mini_dir / "annotations" / "captions_val2017.json"

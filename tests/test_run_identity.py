@@ -152,7 +152,8 @@ def test_prepare_data_sees_a_replaced_photo_of_the_same_size_and_photos_in_sub_f
 # ----------------------------------------------------------- 3. the evaluation cache keyed by content
 def test_eval_cache_re_embeds_swapped_class_folders_and_a_rewritten_photo(
         cifar10_dir, tiny_hf_clip_dir, tmp_path, capsys, untouched):
-    from jax_refine import evaluate, hf
+    from jax_refine import evaluate
+    from jax_refine.models import registry
     from jax_refine import config_base as default  # the base config, `--config default`
 
     folders = tmp_path / "classes"
@@ -160,7 +161,7 @@ def test_eval_cache_re_embeds_swapped_class_folders_and_a_rewritten_photo(
         (folders / name).mkdir(parents=True)
         for k in range(n):
             shutil.copy(cifar10_dir / "test" / name / f"{k:04d}.jpg", folders / name / f"{k:04d}.jpg")
-    model = hf.load_pretrained(str(tiny_hf_clip_dir))
+    model = registry.load(str(tiny_hf_clip_dir))
     config = default.get_config().eval
     config.zero_shot, config.retrieval, config.batch_size, config.progress = (f"folder:{folders}",), (), 8, False
 
@@ -222,10 +223,10 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_step(t
     assert cli.main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert f"skipping damaged checkpoint step 4: {flipped}: checksum differs" in said
-    from jax_refine import hf
+    from jax_refine.models import registry
     from jax_refine.train_state import split_model
 
-    exported = split_model(hf.load_pretrained(str(out)))[1]
+    exported = split_model(registry.load(str(out)))[1]
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(step2["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -17,7 +17,8 @@ import tolerances as tol
 from hf_fixtures import TINY_SIGLIP, assert_matches_torch, write_hf_siglip
 from jax.sharding import AxisType
 
-from jax_refine import hf, losses
+from jax_refine import losses
+from jax_refine.models import registry
 from jax_refine.models.siglip import modeling, params, tokenizer
 
 # SO400M/14's layer width (hidden 1152, 16 heads of 72, MLP 4304), one layer per tower and a 2x2 patch grid.
@@ -76,7 +77,7 @@ def _max_err(a, b):
 def test_features_match_transformers(spec, tiny, tmp_path):
     directory, torch_model = tiny if spec == "tiny" else write_hf_siglip(tmp_path, REAL_WIDTH, seed=1)
     cfg = torch_model.config
-    ours = hf.load_pretrained(directory)
+    ours = registry.load(directory)
     pixels = _pixels(3, cfg.vision_config.image_size)
     ids, mask = _ids_and_mask(3, cfg.text_config.max_position_embeddings, cfg.text_config.vocab_size)
     # within 8x the fp32 error transformers' own forward makes against its float64 copy (tests/tolerances.py)
@@ -115,7 +116,7 @@ def test_so400m_names_and_shapes_match_transformers():
 def test_sigmoid_loss_matches_siglip_model_loss(tiny):
     """Our loss on our features equals `SiglipModel(..., return_loss=True).loss` (HF's own implementation)."""
     directory, torch_model = tiny
-    ours = hf.load_pretrained(directory)
+    ours = registry.load(directory)
     pixels, (ids, _) = _pixels(4, 32, seed=3), _ids_and_mask(4, 16, 64, seed=4)
     with torch.no_grad():
         out = torch_model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
@@ -128,8 +129,8 @@ def test_sigmoid_loss_matches_siglip_model_loss(tiny):
 def test_options_and_logical_names(tiny):
     """remat / scan over layers give the same features; every parameter carries names from our vocabulary."""
     directory, _ = tiny
-    plain = hf.load_pretrained(directory)
-    scanned = hf.load_pretrained(directory, remat="full", scan_layers=True)
+    plain = registry.load(directory)
+    scanned = registry.load(directory, remat="full", scan_layers=True)
     pixels, (ids, _) = _pixels(2, 32), _ids_and_mask(2, 16, 64)
     np.testing.assert_allclose(_encode(scanned, pixels, ids), _encode(plain, pixels, ids), atol=1e-5)
     vocab = {"embed", "mlp", "heads", "vocab", "proj", "norm", "patch", "pos", None}
@@ -148,8 +149,8 @@ def test_sharded_load_uses_the_project_rules(tiny):
 
     directory, _ = tiny
     mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), tuple(get_config().mesh.rules)
-    sharded = hf.load_pretrained(directory, shardings=lambda path, names: logical_to_sharding(names, mesh, rules))
-    plain = hf.load_pretrained(directory)
+    sharded = registry.load(directory, shardings=lambda path, names: logical_to_sharding(names, mesh, rules))
+    plain = registry.load(directory)
     head_qkv = sharded.vision.head.qkv[...]
     assert head_qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
     assert head_qkv.addressable_shards[0].data.shape == (24, 3, 2, 12)
@@ -164,8 +165,8 @@ def test_save_then_transformers_from_pretrained(tiny, tmp_path):
     from transformers import SiglipImageProcessor, SiglipModel
 
     directory, torch_model = tiny
-    ours = hf.load_pretrained(directory)
-    out = hf.save_pretrained(ours, tmp_path / "export")
+    ours = registry.load(directory)
+    out = registry.save(ours, tmp_path / "export")
     reloaded = SiglipModel.from_pretrained(out).eval()
     pixels, (ids, mask) = _pixels(2, 32, seed=5), _ids_and_mask(2, 16, 64, seed=6)
     for got, want in zip(_torch_features(reloaded, pixels, ids, mask), _torch_features(torch_model, pixels, ids, mask)):
@@ -197,7 +198,7 @@ def test_checkpoint_with_missing_tensor_names_it(tiny, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
     with pytest.raises(ValueError, match=r"1 missing keys: vision_model\.head\.probe"):
-        hf.load_pretrained(tmp_path)
+        registry.load(tmp_path)
 
 
 # --------------------------------------------------------------------------------------- tokenizer
@@ -274,8 +275,8 @@ def test_bad_configs_are_one_line_errors():
 
 
 def test_save_copies_the_tokenizer(tiny, spm_dir, tmp_path):
-    ours = hf.load_pretrained(tiny[0])
-    out = hf.save_pretrained(ours, tmp_path / "export", tokenizer_dir=spm_dir)
+    ours = registry.load(tiny[0])
+    out = registry.save(ours, tmp_path / "export", tokenizer_dir=spm_dir)
     ids = tokenizer.tokenize(TEXTS, tokenizer.get_tokenizer(out), max_length=16)["input_ids"]
     np.testing.assert_array_equal(ids, _big_vision_ids(spm_dir / "spiece.model", TEXTS, 16))
 
@@ -305,7 +306,7 @@ def test_clip_refine_step_on_siglip_features(tiny):
     """HyCD + RaFA on SigLIP's features against a frozen copy: finite loss, a gradient on every parameter of
     the feature path (logit scale/bias are not in this loss), and one SGD step changes them."""
     directory, _ = tiny
-    student, teacher = hf.load_pretrained(directory), hf.load_pretrained(directory)
+    student, teacher = registry.load(directory), registry.load(directory)
     pixels, (ids, _) = _pixels(4, 32, seed=7), _ids_and_mask(4, 16, 64, seed=8)
     gi, gt = _encode(teacher, pixels, ids)
     z = losses.sample_reference(jax.random.key(0), gi.shape)

@@ -240,7 +240,7 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, prep: prepr
                         process_index: int = 0, process_count: int = 1, tokenizer=None) -> TrainIterator:
     """The training iterator for `data_config` (jax_refine/config_base.py `c.data`); see `TrainIterator`.
 
-    `prep`: the model's preprocessing (`Preprocessing.of_model`); or CLIP's at `image_size` / `max_length`
+    `prep`: the model's preprocessing (`models.registry.preprocessing`); or CLIP's at `image_size` / `max_length`
     (default 224 / 77). `tokenizer`: overrides `prep.get_tokenizer()`.
     """
     prep = preprocess.preprocessing_arg(prep, image_size, max_length)

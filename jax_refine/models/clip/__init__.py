@@ -1,5 +1,5 @@
-"""CLIP (OpenAI's and Hugging Face `CLIPModel` checkpoints): `modeling.CLIP` (the NNX module, and the blocks
-SigLIP shares) and `params` (the HF name map, load and save)."""
+"""CLIP (OpenAI's and Hugging Face `CLIPModel` checkpoints): `modeling.CLIP` (the NNX module, from the shared
+blocks of `jax_refine.models.layers`) and `params` (the HF name map, load and save)."""
 from __future__ import annotations
 
 from jax_refine.models.clip import modeling, params

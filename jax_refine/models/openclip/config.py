@@ -22,7 +22,7 @@ DEFAULT_LOGIT_SCALE = math.log(1 / 0.07)
 
 # The OpenCLIP / DFN models the reference refines: open_clip's model config (as in its packaged
 # model_configs/<name>.json) and the hub repository of the weights. The LAION ones are also published in
-# HF CLIPModel format (config.json + model.safetensors, loadable by jax_refine.hf.load_pretrained); DFN5B
+# HF CLIPModel format (config.json + model.safetensors, loadable by jax_refine.models.registry.load); DFN5B
 # only in open_clip's format.
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "ViT-H-14": {

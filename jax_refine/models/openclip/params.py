@@ -8,7 +8,7 @@ HF `CLIPModel` name(s) that `jax_refine.models.clip.params` reads; `OpenClipWeig
 serves the HF names (fused `in_proj_*` split into q/k/v, `visual.proj` / `text_projection` transposed to
 `Linear` layout). `load_openclip` hands that reader and CLIP's name map to `jax_refine.hf.load_weights` (so
 shardings, dtypes and key/shape checks are the HF path's own, and each tensor is read once, straight into
-its sharding); `jax_refine.hf.save_pretrained` exports the result as an HF `CLIPModel`.
+its sharding); `jax_refine.models.registry.save` exports the result as an HF `CLIPModel`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from jax_refine import hf
 from jax_refine.models.clip import params as clip_params
 from jax_refine.models.clip.modeling import CLIP
 from jax_refine.models.openclip import config as oc_config
+from jax_refine.preprocess import CLIP_MEAN, CLIP_STD
 
 SAFETENSORS = "open_clip_model.safetensors"
 TORCH_BIN = "open_clip_pytorch_model.bin"
@@ -164,7 +165,7 @@ def _weights_file(path: Path) -> Path:
     hint = ""
     if (path / hf.CONFIG).is_file() and any((path / n).is_file() for n in (hf.SAFETENSORS, hf.SAFETENSORS_INDEX,
                                                                           hf.TORCH_BIN)):
-        hint = "; it looks like a Hugging Face CLIPModel checkpoint: load it with jax_refine.hf.load_pretrained"
+        hint = "; it looks like a Hugging Face CLIPModel checkpoint: load it with jax_refine.models.registry.load"
     raise FileNotFoundError(f"{path}: no open_clip weights ({' or '.join(WEIGHT_FILES)}); found "
                             f"{_short(found) if found else 'an empty directory'}{hint}")
 
@@ -202,8 +203,6 @@ def preprocess_differences(preprocess_cfg: dict) -> list[str]:
     """The settings of open_clip's `preprocess_cfg` that differ from the image pipeline jax_refine uses
     (`jax_refine.preprocess`: CLIP mean/std, bicubic resize of the shortest side, center crop), as
     `key=value` strings; `[]` when the checkpoint was trained with ours (or says nothing)."""
-    from jax_refine.preprocess import CLIP_MEAN, CLIP_STD
-
     out = []
     for key, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
         theirs = preprocess_cfg.get(key)
@@ -218,8 +217,6 @@ def preprocess_differences(preprocess_cfg: dict) -> list[str]:
 def image_preprocess(preprocess_cfg: dict) -> dict:
     """Our `CLIPConfig.image_preprocess` (`{"mean", "std", "resize"}`, see `models.clip.modeling`) from open_clip's
     `preprocess_cfg`: its mean/std (OpenAI's when absent), `resize_mode` "squash" -> "squash", otherwise "crop"."""
-    from jax_refine.preprocess import CLIP_MEAN, CLIP_STD
-
     return {"mean": [float(x) for x in preprocess_cfg.get("mean", CLIP_MEAN)],
             "std": [float(x) for x in preprocess_cfg.get("std", CLIP_STD)],
             "resize": "squash" if preprocess_cfg.get("resize_mode") == "squash" else "crop"}

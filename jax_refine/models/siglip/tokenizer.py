@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_refine import hf
+
 SPIECE = "spiece.model"
 TEXT_LENGTH = 64  # SigLIP's text_config.max_position_embeddings
 HUB_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
@@ -26,8 +28,6 @@ def get_tokenizer(path: str | os.PathLike | None) -> Any:
     One-line FileNotFoundError naming the directory and the files found when there is no `spiece.model`.
     """
     from transformers import SiglipTokenizer
-
-    from jax_refine import hf
 
     if path is None:
         raise ValueError("SigLIP has no packaged tokenizer: pass the checkpoint directory that holds spiece.model")

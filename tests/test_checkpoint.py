@@ -90,9 +90,9 @@ def test_kill_9_mid_save_then_resume_equals_uninterrupted(tmp_path):
     """kill -9 while step 4's checkpoint is being written: the half-written step is never picked up, the
     restart resumes from step 2 and ends with the parameters of an uninterrupted run."""
     steps = 6
-    # both driver runs compile the same step: share it through JAX's persistent cache
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # both driver runs compile the same step: they share it through the session's JAX compilation cache
+    # (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR; the subprocesses inherit it)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     work = tmp_path / "killed"
     proc = subprocess.Popen(_driver(work, "--steps", str(steps), "--block-finalize-at", "4"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

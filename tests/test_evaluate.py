@@ -261,6 +261,7 @@ def _eval_config(subset: dict[str, Path], cache_dir: Path) -> ml_collections.Con
     return config
 
 
+@pytest.mark.slow  # the whole compare on real photos; test_retrieval_matches_torch_clip_and_numpy is the fast tier's
 def test_end_to_end_compare_on_cifar10(cifar_subset, tiny_hf_clip_dir, tmp_path, monkeypatch):
     from hf_fixtures import write_hf_clip
 
@@ -341,6 +342,7 @@ def test_bad_input(cifar_subset, tiny_hf_clip_dir, tmp_path):
         evaluate.compare([str(not_clip)], config, tmp_path / "out")
 
 
+@pytest.mark.slow  # the whole compare on a SigLIP checkpoint
 def test_compare_on_a_siglip_checkpoint_prepares_as_siglip(coco_mini_dir, tmp_path):
     """`compare` on a SigLIP checkpoint directory: real COCO photos squash-resized to [-1, 1], captions through
     the directory's SentencePiece tokenizer padded to 16 and attended to. Recall against transformers'

@@ -117,6 +117,7 @@ def _recorded_gradients(tmp_path, attention: str, batch: dict):
     return float(metrics["loss"]), jax.tree.map(np.asarray, new_state.opt_state)
 
 
+@pytest.mark.slow  # two train-step compiles
 def test_padded_train_step_gradients_equal_unpadded(tmp_path):
     batch = synthetic_batch(1, 8, length=15)  # 15 text tokens and 17 image tokens: both towers pad
     loss, grads = _recorded_gradients(tmp_path, "xla", batch)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from flax import nnx
 import tolerances as tol
+from conftest import slow
 from hf_fixtures import TINY_SIGLIP, assert_matches_torch, write_hf_siglip
 from jax.sharding import AxisType
 
@@ -72,7 +73,7 @@ def _max_err(a, b):
 
 
 # ------------------------------------------------------------------------------------ model parity
-@pytest.mark.parametrize("spec", ["tiny", "real_width"])
+@pytest.mark.parametrize("spec", ["tiny", slow("real_width")])
 def test_features_match_transformers(spec, tiny, tmp_path):
     directory, torch_model = tiny if spec == "tiny" else write_hf_siglip(tmp_path, REAL_WIDTH, seed=1)
     cfg = torch_model.config

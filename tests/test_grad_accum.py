@@ -3,7 +3,7 @@
 On a tiny CLIP (SigLIP for `sigmoid`) with scan over layers and full remat, the loss and its terms, every
 parameter's gradient and the parameters after one AdamW step with k in {2, 4} equal k = 1 on the same batch
 and key: every method preset on one device (k = 4); on 8 fake devices (data 2 x fsdp 4) one objective with
-every CLIP term at once (k = 2 and 4; a step compiles in about a CPU-minute here, so one compile covers six
+every CLIP term at once (k = 2; a step compiles in about a CPU-minute here, so one compile covers six
 terms), CLIP-Refine (logit scale frozen; k = 4) and SigLIP's sigmoid (scale and bias trained; k = 2). The k = 1 step is itself checked against
 a PyTorch transcription in test_train_step.py. A last test shows that the old split into independent
 micro-batches misses the bound by orders of magnitude.
@@ -147,7 +147,8 @@ def test_accumulated_step_equals_full_batch_one_device(tmp_path, method):
     _check(_run(tmp_path, method, ONE, ks=(1, 4)), lr=1e-3)
 
 
-@pytest.mark.parametrize("method, ks", [("all_terms", (1, 2, 4)), ("clip_refine", (1, 4)), ("sigmoid", (1, 2))])
+# k = 4 on 8 devices is CLIP-Refine's case; every term at k = 4 is checked on one device above (each k is a compile)
+@pytest.mark.parametrize("method, ks", [("all_terms", (1, 2)), ("clip_refine", (1, 4)), ("sigmoid", (1, 2))])
 def test_accumulated_step_equals_full_batch_8_devices_fsdp(tmp_path, method, ks):
     _check(_run(tmp_path, method, EIGHT, ks), lr=1e-3)
 

@@ -115,6 +115,7 @@ def _numpy_recall(img: np.ndarray, txt: np.ndarray, idx: np.ndarray, ks=(1, 5, 1
             for d, r in (("i2t", i2t_rank), ("t2i", t2i_rank))}
 
 
+@pytest.mark.slow  # a tiny CLIP in two frameworks over a retrieval set; the known-answer tests are the fast tier's
 def test_retrieval_matches_torch_clip_and_numpy(tiny_hf_clip_dir):
     from transformers import CLIPModel
 

@@ -23,8 +23,6 @@ from train_helpers import synthetic_batch, tiny_config
 
 from jax_refine import objectives, sharding as shd, step as step_lib, train
 
-pytestmark = pytest.mark.slow  # a compiled step per method and k on 1 and 8 devices: not in the fast tier
-
 BATCH = 32  # 8 devices x micro-batches of >= 8 rows at k = 4 need B / k divisible by 8
 ONE = ({"data": 1, "fsdp": 1, "tensor": 1}, 1)
 EIGHT = ({"data": 2, "fsdp": 4, "tensor": 1}, 8)  # params FSDP-sharded over 4, batch over all 8
@@ -142,17 +140,20 @@ def _check(results: dict, lr: float) -> None:
 
 
 # Each k is a compile of its own (about a CPU-minute each with scan + remat): k = 2 runs where every term is on.
+@pytest.mark.slow  # a compiled step per method and k
 @pytest.mark.parametrize("method", list(objectives.PRESETS))
 def test_accumulated_step_equals_full_batch_one_device(tmp_path, method):
     _check(_run(tmp_path, method, ONE, ks=(1, 4)), lr=1e-3)
 
 
 # k = 4 on 8 devices is CLIP-Refine's case; every term at k = 4 is checked on one device above (each k is a compile)
+@pytest.mark.slow  # a compiled step per method and k on 8 devices
 @pytest.mark.parametrize("method, ks", [("all_terms", (1, 2)), ("clip_refine", (1, 4)), ("sigmoid", (1, 2))])
 def test_accumulated_step_equals_full_batch_8_devices_fsdp(tmp_path, method, ks):
     _check(_run(tmp_path, method, EIGHT, ks), lr=1e-3)
 
 
+@pytest.mark.slow  # two compiled steps
 @pytest.mark.parametrize("method", ["hycd"])
 def test_independent_micro_batches_miss_the_bound(tmp_path, method):
     """What grad_accum=4 computed before: the mean of 4 separate batch-8 steps' gradients. For HyCD (the

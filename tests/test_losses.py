@@ -307,6 +307,7 @@ def test_sample_reference_priors():
     assert not np.allclose(a, b)
 
 
+@pytest.mark.slow  # the vs-torch tests jit and differentiate each loss in the fast tier
 def test_every_loss_under_jit_and_grad():
     """Every public function's value and gradient through jax.jit(jax.value_and_grad), in float64 (x64), against
     the float64 torch transcription to 1e-11; the logit scale's gradient too; the sampler under jit."""

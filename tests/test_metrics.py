@@ -175,6 +175,7 @@ def test_zero_shot_accuracy():
 # ---------------------------------------------------------------------------------------------
 # jit / grad / dtypes / validation
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a compile per metric; the vs-NumPy tests are the fast tier's
 def test_every_metric_jits_and_differentiates():
     x, y = _rand(11, 8, 4), _rand(12, 8, 4)
     cap = np.arange(8, dtype=np.int32)

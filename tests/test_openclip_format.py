@@ -413,6 +413,7 @@ def test_missing_or_misshaped_tensors_name_the_checkpoint(tmp_path):
         oc_params.load_openclip(ckpt, config=wider)
 
 
+@pytest.mark.slow  # a train step
 def test_one_clip_refine_step_on_open_clip_weights(tmp_path):
     """The CLIP-Refine loss (HyCD + RaFA) and its gradients on a loaded open_clip student and teacher equal
     those of open_clip's own models run in float64 with the PyTorch transcription of the equations."""

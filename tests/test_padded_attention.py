@@ -78,6 +78,7 @@ def test_clip_padded_features_match_transformers(tiny_hf_clip_dir, monkeypatch):
     assert np.abs(np.asarray(fi_leaky) - ri).max() > 10 * TOL
 
 
+@pytest.mark.slow  # the CLIP padded features are the fast tier's
 def test_siglip_padded_features_match_transformers(tmp_path, monkeypatch):
     spec = {**TINY_SIGLIP, "vision_config": {**TINY_SIGLIP["vision_config"], "image_size": 40}}  # 5 x 5 patches
     directory, torch_model = write_hf_siglip(tmp_path, spec, seed=3)

@@ -6,13 +6,26 @@ TensorFlow are imported anywhere.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One JAX persistent compilation cache for the whole session, this process and every subprocess it starts
+# (they inherit the environment): the same tiny model's train/eval steps are compiled by dozens of tests,
+# CLI subprocesses and demo stages, and a compile is most of a tiny step's cost on CPU. The cache is keyed by
+# the HLO, the devices and the flags, so a hit is the very executable a fresh compile would give. It is new
+# for each session (nothing carries over between runs) and removed at exit; set JAX_COMPILATION_CACHE_DIR
+# yourself to keep one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jax_refine_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
@@ -66,3 +79,9 @@ def tfds_online(monkeypatch):
     from jax_refine.data import sources
 
     monkeypatch.setattr(sources, "download_reachable", lambda timeout=3.0: True)
+
+
+def slow(*values, id: str | None = None):
+    """One `parametrize` case for the full suite only: `[(8, 16), slow(33, 64)]` keeps the first case in the
+    fast tier (`-m "not slow"`) and the second in `./run.sh test`. Its test id is the one the plain values give."""
+    return pytest.param(*values, marks=pytest.mark.slow, id=id)

@@ -16,8 +16,6 @@ from train_helpers import SyntheticIterator, kill_9, tiny_config, wait_until_blo
 
 from jax_refine import checkpoint as ckpt, sharding as shd, train
 
-pytestmark = pytest.mark.slow  # training runs and kill -9: not in the fast tier
-
 HERE = Path(__file__).resolve().parent
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 EIGHT = {"data": 2, "fsdp": 4, "tensor": 1}
@@ -34,6 +32,24 @@ def _assert_trees_equal(a, b, atol=0.0):
         np.testing.assert_allclose(x, y, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_saved_state_restores_exactly_into_another_mesh(tmp_path):
+    """The fast tier's round trip (no training): a fresh train state saved from one device restores bit for bit,
+    with its data-iterator state, into the FSDP shardings of 8 devices."""
+    config = tiny_config(tmp_path / "run")
+    state = train.build_trainer(config, shd.make_mesh(ONE, jax.devices()[:1]), total_steps=2).init_state()
+    saved = state.without_unsaved()
+    mngr = ckpt.make_manager(tmp_path / "ckpt", async_save=False)
+    ckpt.save(mngr, 3, saved, {"index": 3}, {"clip_config": {}, "method": "clip_refine"}, force=True)
+    eight = train.build_trainer(config, shd.make_mesh(EIGHT), total_steps=2)
+    restored, data_state = ckpt.restore(mngr, 3, eight.abstract_saved())
+    mngr.close()
+    assert data_state == {"index": 3}
+    _assert_trees_equal(restored, saved)
+    fc1 = restored.params["vision"]["layers"][0]["mlp"]["fc1"]
+    assert fc1.sharding.spec[0] == "fsdp" and len(fc1.sharding.device_set) == 8
+
+
+@pytest.mark.slow  # a training run on 8 devices
 def test_checkpoint_restores_across_meshes_and_loads_model(tmp_path):
     config = tiny_config(tmp_path / "run", **{"train.num_steps": 2})
     eight = train.train(config, data_iter=SyntheticIterator(8), mesh=shd.make_mesh(EIGHT), return_state=True)
@@ -65,6 +81,7 @@ def test_checkpoint_restores_across_meshes_and_loads_model(tmp_path):
         _assert_trees_equal(nnx.state(model, nnx.Param).to_pure_dict(), saved8.params)
 
 
+@pytest.mark.slow  # training runs
 def test_checkpoint_of_another_model_size_is_a_clear_error(tmp_path):
     config = tiny_config(tmp_path / "run", **{"train.num_steps": 2})
     mesh = shd.make_mesh(ONE, jax.devices()[:1])
@@ -86,13 +103,14 @@ def _result(stdout: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow  # training runs in subprocesses and kill -9
 def test_kill_9_mid_save_then_resume_equals_uninterrupted(tmp_path):
     """kill -9 while step 4's checkpoint is being written: the half-written step is never picked up, the
     restart resumes from step 2 and ends with the parameters of an uninterrupted run."""
     steps = 6
-    # both driver runs compile the same step: share it through JAX's persistent cache
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # both driver runs compile the same step: they share it through the session's JAX compilation cache
+    # (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR; the subprocesses inherit it)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     work = tmp_path / "killed"
     proc = subprocess.Popen(_driver(work, "--steps", str(steps), "--block-finalize-at", "4"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, slow
 from jax_refine import cli, commands
 from jax_refine.config import ConfigError, apply_overrides, load_config
 
@@ -77,11 +77,11 @@ def test_unknown_mesh_preset():
 
 @pytest.mark.parametrize("spec, message", [
     ("nope", "unknown config 'nope' (shipped configs: clip_refine, default, demo, study, tiny_test; "),
-    ("clip_refine:model=vitb33", "config clip_refine: model='vitb33' is not one of vitb32, vitb16, vitl14"),
-    ("clip_refine:method=clip-refine", "config clip_refine: method='clip-refine' is not one of clip_refine, "),
-    ("clip_refine:modle=vitb32", "config clip_refine: unknown argument 'modle=vitb32'; expected KEY=VALUE with KEY "
+    slow("clip_refine:model=vitb33", "config clip_refine: model='vitb33' is not one of vitb32, vitb16, vitl14"),
+    slow("clip_refine:method=clip-refine", "config clip_refine: method='clip-refine' is not one of clip_refine, "),
+    slow("clip_refine:modle=vitb32", "config clip_refine: unknown argument 'modle=vitb32'; expected KEY=VALUE with KEY "
                                  "one of model, method, data, mesh"),
-    ("clip_refine_vitb32_coco:tpu", "config clip_refine: mesh='tpu' is not one of default, cpu, gpu1, gpu8, tpu_pod"),
+    slow("clip_refine_vitb32_coco:tpu", "config clip_refine: mesh='tpu' is not one of default, cpu, gpu1, gpu8, tpu_pod"),
 ])
 def test_bad_config_names_and_arguments_are_one_line(spec, message):
     out = run_cli("config", spec)

@@ -86,6 +86,7 @@ def _rows_vs_originals(it, records, size, steps=2):
     return np.stack(errors)
 
 
+@pytest.mark.slow  # trains (prepare-data + two short training runs)
 def test_training_with_fast_decode_and_from_a_pre_resized_prepared_set(coco_mini_dir, tmp_path):
     from jax_refine.data.sources import read_captions
 

@@ -22,6 +22,11 @@ pytestmark = pytest.mark.slow  # the demo pipeline end to end: not in the fast t
 
 CUT_DOWN = ["--config.train.num_steps=2", "--config.train.batch_size=32", "--config.eval.max_examples=120",
             "--config.checkpoint.async_save=False"]
+# A smaller CLIP than the demo's (1 layer per tower, width 64, not 3 and 128): the pipeline, the evaluation and
+# the repeat are the same, and each stage's step compile (most of the test's time on CPU) shrinks with the layers.
+SMALL_MODEL = [f"--config.model.random_init.{tower}_config.{key}={value}" for tower in ("vision", "text")
+               for key, value in (("num_hidden_layers", 1), ("hidden_size", 64), ("intermediate_size", 128))
+               ] + ["--config.model.random_init.projection_dim=64"]
 
 
 def _torch_gap(hf_dir: Path, world: Path) -> tuple[float, float]:
@@ -52,7 +57,7 @@ def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
     world = [f"--config.world.cache_dir={tmp_path / 'world'}", "--config.world.pretrain=64",
              "--config.world.refine=64", "--config.world.test=120",
              '--config.world.zero_shot_tasks=("shape", "colour")']  # 2 of the 6 tasks, to keep it short
-    config = load_config("demo", CUT_DOWN + world)
+    config = load_config("demo", CUT_DOWN + SMALL_MODEL + world)
     first = demo.run_demo(config, tmp_path / "a")
     second = demo.run_demo(config, tmp_path / "b")
 

@@ -115,6 +115,7 @@ def _numpy_recall(img: np.ndarray, txt: np.ndarray, idx: np.ndarray, ks=(1, 5, 1
             for d, r in (("i2t", i2t_rank), ("t2i", t2i_rank))}
 
 
+@pytest.mark.slow  # a tiny CLIP in two frameworks over a retrieval set; the known-answer tests are the fast tier's
 def test_retrieval_matches_torch_clip_and_numpy(tiny_hf_clip_dir):
     from transformers import CLIPModel
 
@@ -262,6 +263,7 @@ def _eval_config(subset: dict[str, Path], cache_dir: Path) -> ml_collections.Con
     return config
 
 
+@pytest.mark.slow  # the whole compare on real photos; test_retrieval_matches_torch_clip_and_numpy is the fast tier's
 def test_end_to_end_compare_on_cifar10(cifar_subset, tiny_hf_clip_dir, tmp_path, monkeypatch):
     from hf_fixtures import write_hf_clip
 
@@ -342,6 +344,7 @@ def test_bad_input(cifar_subset, tiny_hf_clip_dir, tmp_path):
         evaluate.compare([str(not_clip)], config, tmp_path / "out")
 
 
+@pytest.mark.slow  # the whole compare on a SigLIP checkpoint
 def test_compare_on_a_siglip_checkpoint_prepares_as_siglip(coco_mini_dir, tmp_path):
     """`compare` on a SigLIP checkpoint directory: real COCO photos squash-resized to [-1, 1], captions through
     the directory's SentencePiece tokenizer padded to 16 and attended to. Recall against transformers'

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torch_reference_losses as ref
+from conftest import slow
 from train_helpers import set_dotted, synthetic_batch, tiny_config
 from jax_refine import losses, objectives
 from jax_refine import config_base as default  # the base config, `--config default`
@@ -144,7 +145,7 @@ def test_identities_of_the_scale_regime(c):
     assert scaled == pytest.approx(emulated, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["clip_refine", "logit_distill", "feature_distill", "self_kd"])
+@pytest.mark.parametrize("name", ["clip_refine", slow("logit_distill"), slow("feature_distill"), slow("self_kd")])
 def test_gradients_match_a_float64_torch_transcription(name):
     """d/d(fi, ft, logit_scale) of the objective with feature_scale=c vs torch autograd through c * normalize(f)."""
     fi, ft, gi, gt, z = _features(seed=4)

@@ -40,8 +40,9 @@ def _result(stdout: str) -> dict:
 def test_gs_workdir_killed_damaged_resumed_and_exported_lands_in_the_bucket(tmp_path):
     root = tmp_path / "bucket"
     run = root / "test-bucket" / "run"
+    # the runs share their compiled step through the session's JAX compilation cache (tests/conftest.py)
     env = {**os.environ, ENV: str(root), "PYTHONPATH": str(HERE.parent),
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 

@@ -3,7 +3,7 @@
 On a tiny CLIP (SigLIP for `sigmoid`) with scan over layers and full remat, the loss and its terms, every
 parameter's gradient and the parameters after one AdamW step with k in {2, 4} equal k = 1 on the same batch
 and key: every method preset on one device (k = 4); on 8 fake devices (data 2 x fsdp 4) one objective with
-every CLIP term at once (k = 2 and 4; a step compiles in about a CPU-minute here, so one compile covers six
+every CLIP term at once (k = 2; a step compiles in about a CPU-minute here, so one compile covers six
 terms), CLIP-Refine (logit scale frozen; k = 4) and SigLIP's sigmoid (scale and bias trained; k = 2). The k = 1 step is itself checked against
 a PyTorch transcription in test_train_step.py. A last test shows that the old split into independent
 micro-batches misses the bound by orders of magnitude.
@@ -22,8 +22,6 @@ from hf_fixtures import TINY_SIGLIP
 from train_helpers import synthetic_batch, tiny_config
 
 from jax_refine import objectives, sharding as shd, step as step_lib, train
-
-pytestmark = pytest.mark.slow  # a compiled step per method and k on 1 and 8 devices: not in the fast tier
 
 BATCH = 32  # 8 devices x micro-batches of >= 8 rows at k = 4 need B / k divisible by 8
 ONE = ({"data": 1, "fsdp": 1, "tensor": 1}, 1)
@@ -142,16 +140,20 @@ def _check(results: dict, lr: float) -> None:
 
 
 # Each k is a compile of its own (about a CPU-minute each with scan + remat): k = 2 runs where every term is on.
+@pytest.mark.slow  # a compiled step per method and k
 @pytest.mark.parametrize("method", list(objectives.PRESETS))
 def test_accumulated_step_equals_full_batch_one_device(tmp_path, method):
     _check(_run(tmp_path, method, ONE, ks=(1, 4)), lr=1e-3)
 
 
-@pytest.mark.parametrize("method, ks", [("all_terms", (1, 2, 4)), ("clip_refine", (1, 4)), ("sigmoid", (1, 2))])
+# k = 4 on 8 devices is CLIP-Refine's case; every term at k = 4 is checked on one device above (each k is a compile)
+@pytest.mark.slow  # a compiled step per method and k on 8 devices
+@pytest.mark.parametrize("method, ks", [("all_terms", (1, 2)), ("clip_refine", (1, 4)), ("sigmoid", (1, 2))])
 def test_accumulated_step_equals_full_batch_8_devices_fsdp(tmp_path, method, ks):
     _check(_run(tmp_path, method, EIGHT, ks), lr=1e-3)
 
 
+@pytest.mark.slow  # two compiled steps
 @pytest.mark.parametrize("method", ["hycd"])
 def test_independent_micro_batches_miss_the_bound(tmp_path, method):
     """What grad_accum=4 computed before: the mean of 4 separate batch-8 steps' gradients. For HyCD (the

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from jax.sharding import AxisType
 
 import tolerances as tol
+from conftest import slow
 import torch_reference_losses as ref
 from jax_refine import losses as L
 
-SHAPES = [(2, 3), (8, 16), (33, 64)]
+# the fast tier checks every loss at (8, 16); the smallest and the odd-sized batch run in the full suite
+SHAPES = [slow(2, 3), (8, 16), slow(33, 64)]
 
 
 def _feats(seed: int, b: int, d: int, n: int = 4, scale: float = 0.4) -> list[np.ndarray]:
@@ -81,7 +83,8 @@ def _cases(normalize: bool):
 CASE_NAMES = list(_cases(False))
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+# the fast tier: normalized features (unnormalized ones go through test_objectives.py's fast cases too)
+@pytest.mark.parametrize("normalize", [slow(False), True])
 @pytest.mark.parametrize("b,d", SHAPES)
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_value_and_grad_match_torch(name, b, d, normalize):
@@ -132,13 +135,16 @@ SHARDED = {
     "m2_mix": (L.m2_mix_loss, lambda a: (a["fi"], a["ft"], jnp.float32(20.0), jax.random.key(3)), {}),
 }
 
+# fast tier: CLIP-Refine (HyCD + RaFA: batch-coupled (B, B) logits and a per-example term) on data x fsdp; the
+# other losses, and the 8-way data mesh, in the full suite
+FAST_SHARDED = ("clip_refine",)
 
 def _scalar(out):
     return out[0] + sum(out[1].values()) if isinstance(out, tuple) else out
 
 
-@pytest.mark.parametrize("mesh_shape,names", [((4, 2), ("data", "fsdp")), ((8,), ("data",))])
-@pytest.mark.parametrize("name", list(SHARDED))
+@pytest.mark.parametrize("mesh_shape,names", [((4, 2), ("data", "fsdp")), slow((8,), ("data",))])
+@pytest.mark.parametrize("name", [n if n in FAST_SHARDED else slow(n) for n in SHARDED])
 def test_sharded_matches_single_device(name, mesh_shape, names):
     fn, args_of, kw = SHARDED[name]
     fi, ft, gi, gt, z = _feats(5, 16, 8, n=5)
@@ -265,7 +271,7 @@ def test_m2_mix_ratio_follows_key():
 # ------------------------------------------------------------------------------------------------
 # dtypes, jit/grad of every public function
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("name", [n if n == "clip_refine" else slow(n) for n in CASE_NAMES])
 def test_bf16_inputs_give_fp32(name):
     jfn = _cases(False)[name][0]
     fi, ft, gi, gt, z = _feats(16, 8, 16, n=5)
@@ -301,6 +307,7 @@ def test_sample_reference_priors():
     assert not np.allclose(a, b)
 
 
+@pytest.mark.slow  # the vs-torch tests jit and differentiate each loss in the fast tier
 def test_every_loss_under_jit_and_grad():
     """Every public function's value and gradient through jax.jit(jax.value_and_grad), in float64 (x64), against
     the float64 torch transcription to 1e-11; the logit scale's gradient too; the sampler under jit."""

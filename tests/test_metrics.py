@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tolerances as tol
+from conftest import slow
 from jax_refine import metrics as M
 
 
@@ -89,7 +90,7 @@ def test_alignment():
     assert abs(float(M.alignment(x, -x)) - 4.0) <= 1e-5  # antipodal pairs: ||2x||^2 = 4
 
 
-@pytest.mark.parametrize("n,chunk", [(2, 1024), (17, 4), (17, 5), (40, 1024), (40, 7)])
+@pytest.mark.parametrize("n,chunk", [slow(2, 1024), slow(17, 4), (17, 5), slow(40, 1024), slow(40, 7)])
 def test_uniformity_vs_numpy(n, chunk):
     x = _rand(5 + n, n, 6)
     tol.assert_fp32_close(float(M.uniformity(x, chunk_size=chunk)), np_uniformity(x),
@@ -128,7 +129,7 @@ def test_recall_hand_made():
     assert float(r["i2t_R@3"]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8, 1024])
+@pytest.mark.parametrize("chunk", [slow(1), 3, slow(8), slow(1024)])
 def test_recall_vs_numpy_several_captions(chunk):
     n, per, d = 13, 5, 8
     rng = np.random.default_rng(6)
@@ -174,6 +175,7 @@ def test_zero_shot_accuracy():
 # ---------------------------------------------------------------------------------------------
 # jit / grad / dtypes / validation
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a compile per metric; the vs-NumPy tests are the fast tier's
 def test_every_metric_jits_and_differentiates():
     x, y = _rand(11, 8, 4), _rand(12, 8, 4)
     cap = np.arange(8, dtype=np.int32)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from flax import nnx
 import tolerances as tol
+from conftest import slow
 from hf_fixtures import (assert_matches_torch, clip_tokenizer, hf_clip_config, hf_reference_features,
                          random_pixels, random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
@@ -51,7 +52,7 @@ def _save_torch_clip(out_dir, config: CLIPConfig, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("eos_token_id", [49407, 2])
+@pytest.mark.parametrize("eos_token_id", [49407, slow(2)])
 def test_tiny_parity_both_eos_modes(tmp_path, eos_token_id):
     directory = write_hf_clip(tmp_path, "tiny", seed=1, eos_token_id=eos_token_id)
     ours, ref, pixels, ids, mask, rt = _assert_parity(directory, random_pixels(3, 32, seed=1))
@@ -73,11 +74,12 @@ def test_eos_modes_differ_on_rows_without_eos(tmp_path):
     assert np.abs(feats[2][-1] - feats[49407][-1]).max() > 1e-3
 
 
+@pytest.mark.slow  # a real-width ViT-B/32 in two frameworks; the tiny parity covers the code in the fast tier
 def test_vit_b32_width_parity(tmp_path):
     _assert_parity(write_hf_clip(tmp_path, "vit_b32", seed=2), random_pixels(2, 224, seed=2))
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("act", ["gelu", slow("gelu_new")])
 def test_hidden_act_is_respected(tmp_path, act):
     config = hf_clip_config("tiny", hidden_act=act)
     config.vision_config.hidden_act = act
@@ -88,6 +90,7 @@ def test_hidden_act_is_respected(tmp_path, act):
     assert_matches_torch((ours.encode_image(pixels), ours.encode_text(ids, mask)), ref, pixels, ids, mask)
 
 
+@pytest.mark.slow  # bf16 compute: the full suite (fp32 parity is the fast tier's check)
 def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):
     ours = registry.load(tiny_hf_clip_dir, dtype=jnp.bfloat16)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(ours, nnx.Param))} == {jnp.dtype(jnp.float32)}
@@ -105,6 +108,7 @@ def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):
         assert cos.min() > 0.999, cos
 
 
+@pytest.mark.slow  # gradients through two frameworks; the tiny feature parity is the fast tier's
 def test_jit_grad_through_split_merge_matches_torch(tiny_hf_clip_dir):
     ours = registry.load(tiny_hf_clip_dir)
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
@@ -162,7 +166,7 @@ def _size_config(name: str) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=proj)
 
 
-@pytest.mark.parametrize("name", ["B/32", "B/16", "L/14", "L/14-336"])
+@pytest.mark.parametrize("name", ["B/32", slow("B/16"), slow("L/14"), slow("L/14-336")])
 def test_every_clip_size_matches_hf_layout(name):
     """Abstract init of the full-size models: every HF tensor exists with HF's shape (torch meta model)."""
     from jax_refine.models.clip import params as clip_params

@@ -50,6 +50,8 @@ def plain():
     return model, _features_and_grads(model)
 
 
+# the full suite; the fast tier has scan + remat against PyTorch (test_scan_remat_matches_pytorch)
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{"remat": "full"}, {"remat": "save_dots"}, {"scan_layers": True}])
 def test_options_keep_features_and_gradients(plain, options):
     model, ((fi, ft), grads, prims) = plain
@@ -77,6 +79,7 @@ def test_scan_remat_matches_pytorch(tiny_hf_clip_dir):
     assert set(hf_state_dict(model)) == {k for k in ref.state_dict() if not k.endswith("position_ids")}
 
 
+@pytest.mark.slow  # two train-step compiles
 def test_scanned_train_step_same_update(tmp_path):
     """One CLIP-Refine step (lr 1e-3) with scan + remat gives the plain step's loss and new parameters."""
     out = {}

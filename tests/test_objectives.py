@@ -11,6 +11,7 @@ import torch
 
 import tolerances as tol
 import torch_reference_losses as ref
+from conftest import slow
 from train_helpers import set_dotted
 from jax_refine import config_base as default  # the base config, `--config default`
 from jax_refine import objectives
@@ -93,8 +94,9 @@ def _close(name, feats, c=None, torch_kw=None, dtype=jnp.float32):
 METHODS = list(ref.METHOD_WEIGHTS)
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("norm", [1.0, 10.0, 14.0])
+# fast tier: norm 10 for CLIP-Refine (HyCD + RaFA), contrastive (the logit scale) and M2-Mix (normalized, a key)
+@pytest.mark.parametrize("name", [n if n in ("clip_refine", "contrastive", "m2_mix") else slow(n) for n in METHODS])
+@pytest.mark.parametrize("norm", [slow(1.0), 10.0, slow(14.0)])
 def test_whole_objective_matches_torch_fp32(name, norm):
     """Default weights, alpha and normalization of each method; features of norm 1, 10 and 14 (HyCD logits ~45
     and ~90; contrastive logits x100: ~5e3-1e4 on unnormalized features, as the reference computes them)."""
@@ -102,7 +104,7 @@ def test_whole_objective_matches_torch_fp32(name, norm):
     _close(name, feats)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [n if n == "clip_refine" else slow(n) for n in METHODS])
 def test_whole_objective_bf16_inputs(name):
     """bf16 features in: the value is computed in fp32 on the bf16-rounded values (the fp32 bounds); the
     gradient w.r.t. bf16 features is itself bf16 (8 significant bits: one bf16 rounding, 2^-8 of its norm, more)."""
@@ -114,9 +116,9 @@ def test_whole_objective_bf16_inputs(name):
 @pytest.mark.parametrize("name, overrides, torch_kw", [
     ("clip_refine", {"weights.rafa": 0.3, "weights.contrastive": 0.5},
      dict(weights={"rafa": 0.3, "contrastive": 0.5})),
-    ("self_kd", {"weights.kd": 2.0, "alpha": 0.25}, dict(weights={"kd": 2.0}, alpha=0.25)),
-    ("contrastive", {"weights.feature": 0.7, "normalize": True}, dict(weights={"feature": 0.7}, normalize=True)),
-    ("m2_mix", {"weights.m2": 0.5, "weights.logit": 0.1}, dict(weights={"m2": 0.5, "logit": 0.1})),
+    slow("self_kd", {"weights.kd": 2.0, "alpha": 0.25}, dict(weights={"kd": 2.0}, alpha=0.25)),
+    slow("contrastive", {"weights.feature": 0.7, "normalize": True}, dict(weights={"feature": 0.7}, normalize=True)),
+    slow("m2_mix", {"weights.m2": 0.5, "weights.logit": 0.1}, dict(weights={"m2": 0.5, "logit": 0.1})),
 ])
 def test_weights_from_config_override_the_preset(name, overrides, torch_kw):
     feats = _realistic(norm=3.0, seed=5)
@@ -161,7 +163,7 @@ def test_bad_method_config_is_one_line_error(overrides, message):
 SIGLIP_LOG_SCALE, SIGLIP_BIAS = float(np.log(112.0)), -16.5
 
 
-@pytest.mark.parametrize("norm", [1.0, 10.0])
+@pytest.mark.parametrize("norm", [slow(1.0), 10.0])
 @pytest.mark.parametrize("weights", [{"sigmoid": 1.0}, {"sigmoid": 0.5, "kd": 1.0, "rafa": 1.0}])
 def test_sigmoid_term_matches_torch_float64_through_the_objective(norm, weights):
     """The `sigmoid` term (alone: the `sigmoid` preset; and next to HyCD + RaFA) through `total_loss`: value and

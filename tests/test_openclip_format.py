@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import slow
 from jax_refine.models import registry
 from jax_refine.models.openclip import config as oc_config
 from jax_refine.models.openclip import params as oc_params
@@ -152,7 +153,7 @@ def _assert_same_features(model, ref, cfg: dict, **inputs) -> None:
     assert _max_err(model.encode_text(ids.astype(np.int32), mask), ft) <= TOL
 
 
-@pytest.mark.parametrize("quick_gelu,fmt", [(True, "safetensors"), (False, "safetensors"), (False, "bin")])
+@pytest.mark.parametrize("quick_gelu,fmt", [(True, "safetensors"), slow(False, "safetensors"), slow(False, "bin")])
 def test_features_match_open_clip(tmp_path, quick_gelu, fmt):
     cfg = _tiny_cfg(quick_gelu)
     ref = _open_clip_model(cfg)
@@ -192,6 +193,7 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
     _assert_same_features(model, ref, cfg)
 
 
+@pytest.mark.slow  # real-width layers in two frameworks
 def test_real_width_layer_matches_open_clip(tmp_path):
     """Width 1280 / head_width 80 (ViT-H's and DFN's vision layer), width 1024 / 16 heads text layer."""
     ref = _open_clip_model(REAL_WIDTH_CFG)
@@ -293,8 +295,8 @@ def _count_ours(clip_config) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-@pytest.mark.parametrize("name,billions", [("ViT-H-14", 0.99), ("ViT-bigG-14", 2.54),
-                                           ("ViT-H-14-378-quickgelu", 0.99)])
+@pytest.mark.parametrize("name,billions", [("ViT-H-14", 0.99), slow("ViT-bigG-14", 2.54),
+                                           slow("ViT-H-14-378-quickgelu", 0.99)])
 def test_known_configs_match_open_clip_and_transformers_shapes(name, billions):
     """Our shipped copy equals open_clip's packaged model config; the CLIPConfig made from it gives the
     parameter count of open_clip's model and of transformers' CLIPModel (both built on the meta device)."""
@@ -318,6 +320,7 @@ def test_known_configs_match_open_clip_and_transformers_shapes(name, billions):
     assert clip_config.vision_config.hidden_act == ("quick_gelu" if "quickgelu" in name else "gelu")
 
 
+@pytest.mark.slow  # an 8-device sharded load; test_hf.py's sharded load is in the fast tier
 def test_loads_straight_into_shardings(tmp_path):
     """`shardings` goes through to the HF loader: each tensor lands in its FSDP sharding over 8 devices."""
     import jax
@@ -407,6 +410,7 @@ def test_missing_or_misshaped_tensors_name_the_checkpoint(tmp_path):
         oc_params.load_openclip(ckpt, config=wider)
 
 
+@pytest.mark.slow  # a train step
 def test_one_clip_refine_step_on_open_clip_weights(tmp_path):
     """The CLIP-Refine loss (HyCD + RaFA) and its gradients on a loaded open_clip student and teacher equal
     those of open_clip's own models run in float64 with the PyTorch transcription of the equations."""

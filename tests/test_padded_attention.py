@@ -79,6 +79,7 @@ def test_clip_padded_features_match_transformers(tiny_hf_clip_dir, monkeypatch):
     assert np.abs(np.asarray(fi_leaky) - ri).max() > 10 * TOL
 
 
+@pytest.mark.slow  # the CLIP padded features are the fast tier's
 def test_siglip_padded_features_match_transformers(tmp_path, monkeypatch):
     spec = {**TINY_SIGLIP, "vision_config": {**TINY_SIGLIP["vision_config"], "image_size": 40}}  # 5 x 5 patches
     directory, torch_model = write_hf_siglip(tmp_path, spec, seed=3)
@@ -118,6 +119,7 @@ def _recorded_gradients(tmp_path, attention: str, batch: dict):
     return float(metrics["loss"]), jax.tree.map(np.asarray, new_state.opt_state)
 
 
+@pytest.mark.slow  # two train-step compiles
 def test_padded_train_step_gradients_equal_unpadded(tmp_path):
     batch = synthetic_batch(1, 8, length=15)  # 15 text tokens and 17 image tokens: both towers pad
     loss, grads = _recorded_gradients(tmp_path, "xla", batch)

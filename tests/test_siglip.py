@@ -14,6 +14,7 @@ import pytest
 import torch
 from flax import nnx
 import tolerances as tol
+from conftest import slow
 from hf_fixtures import TINY_SIGLIP, assert_matches_torch, write_hf_siglip
 from jax.sharding import AxisType
 
@@ -73,7 +74,7 @@ def _max_err(a, b):
 
 
 # ------------------------------------------------------------------------------------ model parity
-@pytest.mark.parametrize("spec", ["tiny", "real_width"])
+@pytest.mark.parametrize("spec", ["tiny", slow("real_width")])
 def test_features_match_transformers(spec, tiny, tmp_path):
     directory, torch_model = tiny if spec == "tiny" else write_hf_siglip(tmp_path, REAL_WIDTH, seed=1)
     cfg = torch_model.config
@@ -126,6 +127,7 @@ def test_sigmoid_loss_matches_siglip_model_loss(tiny):
     assert abs(float(got) - float(out.loss)) <= 1e-5 * max(1.0, abs(float(out.loss)))
 
 
+@pytest.mark.slow  # model options; test_model_options.py's scan + remat check is the fast tier's
 def test_options_and_logical_names(tiny):
     """remat / scan over layers give the same features; every parameter carries names from our vocabulary."""
     directory, _ = tiny
@@ -141,6 +143,7 @@ def test_options_and_logical_names(tiny):
     assert plain.pixel_mean == plain.pixel_std == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.slow  # an 8-device sharded load; test_hf.py's is the fast tier's
 def test_sharded_load_uses_the_project_rules(tiny):
     """Each tensor goes straight into the sharding its logical names give under jax_refine.config_base rules
     on a (data 2, fsdp 2, tensor 2) mesh; features and the exported tensors equal the one-device load."""
@@ -302,6 +305,7 @@ def test_image_preprocessing_matches_siglip_image_processor(coco_mini_dir):
 
 
 # ------------------------------------------------------------------------- one CLIP-Refine step
+@pytest.mark.slow  # a train step
 def test_clip_refine_step_on_siglip_features(tiny):
     """HyCD + RaFA on SigLIP's features against a frozen copy: finite loss, a gradient on every parameter of
     the feature path (logit scale/bias are not in this loss), and one SGD step changes them."""
@@ -399,6 +403,7 @@ def _shapes_in(jaxpr) -> set[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.slow  # chunked and 8-device compiles; the sigmoid loss against transformers stays fast
 def test_sigmoid_loss_chunked_and_sharded_equal_plain():
     """Text blocks of 4 on one device, and the batch split over 8 fake devices (with and without text
     blocks): same value and gradients as the plain loss; no (B, B) logits array in the chunked programs."""

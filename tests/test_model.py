@@ -8,8 +8,8 @@ import pytest
 import torch
 from flax import nnx
 import tolerances as tol
-from hf_fixtures import (assert_matches_torch, clip_tokenizer, hf_clip_config, hf_reference_features,
-                         random_pixels, random_torch_clip, write_hf_clip)
+from hf_fixtures import (assert_matches_torch, assert_same_forward, clip_tokenizer, hf_clip_config,
+                         hf_reference_features, random_pixels, random_torch_clip, write_hf_clip)
 from transformers import CLIPConfig, CLIPModel
 
 from jax_refine.hf import load_pretrained
@@ -65,11 +65,13 @@ def test_tiny_parity_both_eos_modes(tmp_path, eos_token_id):
 def test_eos_modes_differ_on_rows_without_eos(tmp_path):
     """The synthetic no-EOS row pools at argmax(ids) in legacy mode and at position 0 otherwise."""
     ids, mask = _text_batch()
-    feats = {}
+    feats, dirs = {}, {}
     for eos in (49407, 2):
-        feats[eos] = np.asarray(load_pretrained(write_hf_clip(tmp_path / str(eos), "tiny", seed=1,
-                                                              eos_token_id=eos)).encode_text(ids, mask))
-    np.testing.assert_allclose(feats[2][:-1], feats[49407][:-1], atol=1e-6)  # real texts: same position
+        dirs[eos] = write_hf_clip(tmp_path / str(eos), "tiny", seed=1, eos_token_id=eos)
+        feats[eos] = np.asarray(load_pretrained(dirs[eos]).encode_text(ids, mask))
+    # real texts pool the same position: two fp32 forwards of the same features (hf_fixtures.assert_same_forward)
+    assert_same_forward((None, feats[2][:-1]), (None, feats[49407][:-1]),
+                        CLIPModel.from_pretrained(dirs[49407]).eval(), None, ids[:-1], mask[:-1])
     assert np.abs(feats[2][-1] - feats[49407][-1]).max() > 1e-3
 
 
@@ -94,15 +96,13 @@ def test_bf16_compute_close_to_fp32(tiny_hf_clip_dir):
     ref = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
     ids, mask = _text_batch()
     pixels = random_pixels(2, 32, seed=4)
-    ri, rt = hf_reference_features(ref, pixels, ids, mask)
+    call = lambda m, dtype: hf_reference_features(m, pixels, ids, mask, dtype)  # noqa: E731
+    ri, rt = call(ref, np.float32)
     fi, ft = ours(pixels, ids, mask)
     assert fi.dtype == jnp.bfloat16 and ft.dtype == jnp.bfloat16
-    for got, want in ((fi, ri), (ft, rt)):
-        got = np.asarray(got, np.float32)
-        err = np.abs(got - want).max() / np.abs(want).max()
-        assert err < 3e-2, err
-        cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
-        assert cos.min() > 0.999, cos
+    # within (U_BF16 / U32) x the network's fp32 error measured on transformers' forward (first order in u)
+    for got, want, e, what in zip((fi, ft), (ri, rt), tol.torch_fp32_errors(ref, call), ("image", "text")):
+        tol.assert_bf16_parity(np.asarray(got, np.float32), want, e, f"bf16 {what} features")
 
 
 def test_jit_grad_through_split_merge_matches_torch(tiny_hf_clip_dir):

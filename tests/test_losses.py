@@ -132,7 +132,8 @@ SHARDED_BOUNDS = {
     "hycd": lambda a: tol.hycd(a["fi"], a["ft"], a["gi"], a["gt"], 0.3, 2.0),
     "self_kd": lambda a: tol.hycd(a["fi"], a["ft"], a["gi"], a["gt"], 0.0),
     # loss hycd + 0.5 rafa, plus the aux terms hycd and rafa
-    "clip_refine": lambda a: tol.hycd(a["fi"], a["ft"], a["gi"], a["gt"]) * 2 + tol.rafa(a["fi"], a["ft"], a["z"]) * 1.5,
+    "clip_refine": lambda a: (tol.hycd(a["fi"], a["ft"], a["gi"], a["gt"]) * 2
+                              + tol.rafa(a["fi"], a["ft"], a["z"]) * 1.5),
     "contrastive": lambda a: tol.contrastive(a["fi"], a["ft"], 3.0, True),
     "feature_distill": lambda a: tol.feature_distill(a["fi"], a["ft"], a["gi"], a["gt"]),
     "logit_distill": lambda a: tol.logit_distill(a["fi"], a["ft"], a["gi"], a["gt"]),

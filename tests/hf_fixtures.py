@@ -125,6 +125,19 @@ def assert_matches_torch(got, torch_model, pixels_nhwc=None, input_ids=None, att
     return want
 
 
+def assert_same_forward(got, want, torch_model, pixels_nhwc=None, input_ids=None, attention_mask=None) -> None:
+    """Two fp32 forwards of ours, (image, text) features `got` and `want` (either None) in different layouts
+    (sharding, scan, remat, batching), within tolerances.PARITY_FACTOR x the fp32 error of the same network on the
+    same inputs, measured on `torch_model`'s forward (transformers CLIPModel / SiglipModel of the same weights)
+    against its float64 copy: each forward is within that order of the exact features."""
+    import tolerances as tol
+
+    call = lambda m, dtype: hf_reference_features(m, pixels_nhwc, input_ids, attention_mask, dtype)  # noqa: E731
+    for g, w, e, what in zip(got, want, tol.torch_fp32_errors(torch_model, call), ("image", "text")):
+        if g is not None:
+            tol.assert_parity(np.asarray(g), np.asarray(w), e, f"{what} features")
+
+
 # --- SigLIP: random transformers SiglipModel checkpoints (tests/test_siglip.py, tests/test_model_registry.py) ---
 TINY_SIGLIP = dict(
     text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

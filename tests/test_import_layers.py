@@ -8,7 +8,6 @@ import ast
 import textwrap
 from pathlib import Path
 
-import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "jax_refine"
 CONFIGS_DIR = PACKAGE_DIR.parent / "configs"  # the shipped configs: the top layer, loaded by path (config.py)

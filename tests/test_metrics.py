@@ -54,12 +54,15 @@ def np_topk(logits, labels, k):
 # ---------------------------------------------------------------------------------------------
 def test_gap_known_answers():
     x = _rand(0, 10, 6)
-    assert float(M.modality_gap(x, x)) <= 1e-6
-    assert float(M.modality_gap(x, 3.0 * x)) <= 1e-6  # scale-free: normalized first
+    x64 = x.astype(np.float64)
+    e_gap, _ = tol.centroid_gap(x64, x64)  # derived fp32 bounds (tests/tolerances.py)
+    tol.assert_fp32_close(float(M.modality_gap(x, x)), 0.0, e_gap, "gap(x, x)")
+    tol.assert_fp32_close(float(M.modality_gap(x, 3.0 * x)), 0.0, e_gap, "gap(x, 3x)")  # scale-free: normalized
     e = np.zeros((5, 6), np.float32)
     e[:, 2] = 1.0
-    assert abs(float(M.modality_gap(e, -e[:3])) - 2.0) <= 1e-6
-    assert abs(float(M.modality_gap_mse(e, -e)) - 4.0 / 6) <= 1e-6  # (1 - (-1))^2 in one of 6 dims
+    e_gap, e_mse = tol.centroid_gap(e.astype(np.float64), -e.astype(np.float64))
+    tol.assert_fp32_close(float(M.modality_gap(e, -e[:3])), 2.0, e_gap, "antipodal gap")
+    tol.assert_fp32_close(float(M.modality_gap_mse(e, -e)), 4.0 / 6, e_mse, "antipodal gap mse")  # 2^2 in 1 of 6 dims
     assert float(M.modality_gap_mse(x, x)) == 0.0
 
 
@@ -86,8 +89,10 @@ def test_alignment():
     raw = np.mean(np.sum((x64 - y64) ** 2, 1))
     tol.assert_fp32_close(float(M.alignment(x, y, normalize=False)), raw,
                           tol.pair_distances(x64, y64, False).mean() + tol.sum_error(12, raw), "raw alignment")
-    assert float(M.alignment(x, 2 * x)) <= 1e-6
-    assert abs(float(M.alignment(x, -x)) - 4.0) <= 1e-5  # antipodal pairs: ||2x||^2 = 4
+    # known answers within the same derived bound: the pairs' squared distances and the row mean's rounding
+    tol.assert_fp32_close(float(M.alignment(x, 2 * x)), 0.0, tol.pair_distances(u, u).mean(), "alignment(x, 2x)")
+    tol.assert_fp32_close(float(M.alignment(x, -x)), 4.0, tol.pair_distances(u, -u).mean() + tol.sum_error(12, 4.0),
+                          "alignment(x, -x)")  # antipodal pairs: ||2x||^2 = 4
 
 
 @pytest.mark.parametrize("n,chunk", [slow(2, 1024), slow(17, 4), (17, 5), slow(40, 1024), slow(40, 7)])
@@ -102,7 +107,7 @@ def test_uniformity_vs_numpy(n, chunk):
 def test_uniformity_known_answers_and_all():
     # two antipodal points: one pair at squared distance 4 -> log exp(-8) = -8
     e = np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32)
-    np.testing.assert_allclose(float(M.uniformity(e)), -8.0, rtol=1e-6)
+    tol.assert_fp32_close(float(M.uniformity(e)), -8.0, tol.uniformity(e.astype(np.float64)), "uniformity")
     x, y = _rand(30, 9, 4), _rand(31, 7, 4)
     u = M.uniformity_all(x, y)
     tol.assert_fp32_close(float(u["image"]), np_uniformity(x), tol.uniformity(x.astype(np.float64)), "image")
@@ -141,8 +146,8 @@ def test_recall_vs_numpy_several_captions(chunk):
     got = jax.jit(lambda a, b, c: M.recall_at_k(a, b, c, ks, chunk_size=chunk))(img, txt, cap)
     want = np_recall(img, txt, cap, ks)
     assert set(got) == set(want)
-    for k in want:
-        np.testing.assert_allclose(float(got[k]), want[k], atol=1e-6, err_msg=k)
+    for k in want:  # hits / n: an exact count, one fp32 division (half an ulp of a value <= 1)
+        np.testing.assert_allclose(float(got[k]), want[k], rtol=0, atol=tol.U32, err_msg=k)
     assert 0.0 < want["t2i_R@1"] < 1.0 and 0.0 < want["i2t_R@1"] < 1.0  # a non-trivial case
 
 
@@ -151,12 +156,17 @@ def test_recall_vs_numpy_several_captions(chunk):
 # ---------------------------------------------------------------------------------------------
 def test_zero_shot_logits_and_ensemble():
     img, cls = _rand(7, 6, 5), _rand(8, 4, 5)
-    want = _unit(img.astype(np.float64)) @ _unit(cls.astype(np.float64)).T
-    np.testing.assert_allclose(M.zero_shot_logits(img, cls), want, rtol=1e-5, atol=1e-6)
+    u, c = _unit(img.astype(np.float64)), _unit(cls.astype(np.float64))
+    # cosines of fp32-normalized rows: each a D-term dot product of normalized vectors (tests/tolerances.py)
+    np.testing.assert_allclose(M.zero_shot_logits(img, cls), u @ c.T, rtol=0, atol=tol.logit_error(u, c, 1.0, True))
     prompts = _rand(9, 4, 3, 5)  # (C, P, D)
-    ens = _unit(_unit(prompts.astype(np.float64)).mean(1))
-    np.testing.assert_allclose(M.zero_shot_logits(img, prompts), _unit(img.astype(np.float64)) @ ens.T,
-                               rtol=1e-5, atol=1e-6)
+    mean = _unit(prompts.astype(np.float64)).mean(1)
+    ens = _unit(mean)
+    # the ensemble's entries: P normalized prompts' entries, their P-term mean, renormalized: errors grow by
+    # 1 / |mean|; each logit then moves by at most sqrt(D) x that per entry (|u| = 1), plus its own dot product
+    e_ens = (2 * tol.unit_entry_error(5) + tol.sum_error(3, 1.0)) / np.linalg.norm(mean, axis=1).min()
+    np.testing.assert_allclose(M.zero_shot_logits(img, prompts), u @ ens.T, rtol=0,
+                               atol=tol.logit_error(u, ens, 1.0, True) + np.sqrt(5) * e_ens)
 
 
 def test_zero_shot_accuracy():
@@ -168,8 +178,8 @@ def test_zero_shot_accuracy():
     assert float(acc["top5"]) == pytest.approx(1.0)  # k >= C
     big, lab = _rand(10, 50, 20), np.random.default_rng(0).integers(0, 20, 50).astype(np.int32)
     acc = jax.jit(M.zero_shot_accuracy)(big, lab)
-    for k in (1, 5):
-        np.testing.assert_allclose(float(acc[f"top{k}"]), np_topk(big, lab, k), atol=1e-6)
+    for k in (1, 5):  # hits / n: an exact count, one fp32 division (half an ulp of a value <= 1)
+        np.testing.assert_allclose(float(acc[f"top{k}"]), np_topk(big, lab, k), rtol=0, atol=tol.U32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 import tolerances as tol
 from conftest import slow
-from hf_fixtures import TINY_SIGLIP, assert_matches_torch, write_hf_siglip
+from hf_fixtures import TINY_SIGLIP, assert_matches_torch, assert_same_forward, write_hf_siglip
 from jax.sharding import AxisType
 
 from jax_refine import losses
@@ -124,7 +124,15 @@ def test_sigmoid_loss_matches_siglip_model_loss(tiny):
                           return_loss=True)
     fi, ft = _encode(ours, pixels, ids)
     got = losses.sigmoid_loss(fi, ft, jnp.exp(ours.logit_scale[...]), ours.logit_bias[...])
-    assert abs(float(got) - float(out.loss)) <= 1e-5 * max(1.0, abs(float(out.loss)))
+
+    def torch_loss(model, dtype):
+        with torch.no_grad():
+            px = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype))
+            return [model(input_ids=torch.tensor(ids), pixel_values=px, return_loss=True).loss.numpy()]
+
+    # within PARITY_FACTOR x the fp32 error of transformers' loss against its float64 copy (features and loss)
+    (error,) = tol.torch_fp32_errors(torch_model, torch_loss)
+    tol.assert_parity(np.float64(got), out.loss.numpy(), error, "sigmoid loss")
 
 
 @pytest.mark.slow  # model options; test_model_options.py's scan + remat check is the fast tier's
@@ -134,7 +142,7 @@ def test_options_and_logical_names(tiny):
     plain = registry.load(directory)
     scanned = registry.load(directory, remat="full", scan_layers=True)
     pixels, (ids, _) = _pixels(2, 32), _ids_and_mask(2, 16, 64)
-    np.testing.assert_allclose(_encode(scanned, pixels, ids), _encode(plain, pixels, ids), atol=1e-5)
+    assert_same_forward(_encode(scanned, pixels, ids), _encode(plain, pixels, ids), tiny[1], pixels, ids)
     vocab = {"embed", "mlp", "heads", "vocab", "proj", "norm", "patch", "pos", None}
     for path, var in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
@@ -159,7 +167,7 @@ def test_sharded_load_uses_the_project_rules(tiny):
     assert head_qkv.addressable_shards[0].data.shape == (24, 3, 2, 12)
     assert sharded.text.head[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     pixels, (ids, _) = _pixels(2, 32), _ids_and_mask(2, 16, 64)
-    np.testing.assert_allclose(_encode(sharded, pixels, ids), _encode(plain, pixels, ids), atol=1e-5)
+    assert_same_forward(_encode(sharded, pixels, ids), _encode(plain, pixels, ids), tiny[1], pixels, ids)
     got, want = params.hf_state_dict(sharded), params.hf_state_dict(plain)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
 
@@ -301,7 +309,7 @@ def test_image_preprocessing_matches_siglip_image_processor(coco_mini_dir):
         want = processor(images=im, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
         got = preprocess_image(im, 64)
         assert got.shape == (64, 64, 3) and got.dtype == np.float32
-        assert _max_err(got, want) <= 1e-6
+        assert _max_err(got, want) <= tol.pixel_error(0.5, 0.5)  # same uint8 resize; fp32 (x / 255 - 0.5) / 0.5
 
 
 # ------------------------------------------------------------------------- one CLIP-Refine step
@@ -365,10 +373,13 @@ def _feats(b, d, seed=0):
 def test_sigmoid_loss_matches_references(b, d, t, bias):
     fi, ft = _feats(b, d)
     got = float(jax.jit(losses.sigmoid_loss)(fi, ft, t, bias))
-    assert abs(got - _torch_sigmoid_loss(fi, ft, t, bias)) <= 1e-5 * max(1.0, abs(got))
-    assert abs(got - _numpy_sigmoid_loss(fi, ft, t, bias)) <= 1e-5 * max(1.0, abs(got))
+    f64 = (fi.astype(np.float64), ft.astype(np.float64))
+    bound = tol.sigmoid(*f64, t, bias).value  # derived fp32 bound (tests/tolerances.py)
+    tol.assert_fp32_close(got, _torch_sigmoid_loss(fi, ft, t, bias), bound, "sigmoid vs torch")
+    tol.assert_fp32_close(got, _numpy_sigmoid_loss(fi, ft, t, bias), bound, "sigmoid vs numpy")
     raw = float(losses.sigmoid_loss(fi, ft, t, bias, normalize=False))
-    assert abs(raw - _torch_sigmoid_loss(fi, ft, t, bias, normalize=False)) <= 1e-5 * max(1.0, abs(raw))
+    tol.assert_fp32_close(raw, _torch_sigmoid_loss(fi, ft, t, bias, normalize=False),
+                          tol.sigmoid(*f64, t, bias, normalize=False).value, "raw sigmoid vs torch")
 
 
 def _grads(fn, fi, ft, t, b):
@@ -415,10 +426,13 @@ def test_sigmoid_loss_chunked_and_sharded_equal_plain():
     chunked = lambda *a: losses.sigmoid_loss(*a, text_chunk=4)
     sharded = losses.sharded(losses.sigmoid_loss, mesh)
     sharded_chunked = lambda *a: losses.sharded(losses.sigmoid_loss, mesh)(*a, text_chunk=8)
+    # two fp32 evaluations in different summation orders: each within the derived bound of the exact value
+    bound = tol.sigmoid(fi.astype(np.float64), ft.astype(np.float64), 10.0, -10.0) * 2
+    grad_bounds = (bound.g_fi, bound.g_ft, bound.g_s / 10.0, bound.g_b)  # d/dt = (d/d log t) / t
     for fn in (chunked, sharded, sharded_chunked):
-        assert abs(float(jax.jit(fn)(fi, ft, 10.0, -10.0)) - plain) <= 1e-5 * plain
-        for g, want in zip(_grads(fn, fi, ft, 10.0, -10.0), plain_grads):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4, atol=1e-6)
+        tol.assert_fp32_close(float(jax.jit(fn)(fi, ft, 10.0, -10.0)), plain, bound.value, "sigmoid value")
+        for g, want, e, what in zip(_grads(fn, fi, ft, 10.0, -10.0), plain_grads, grad_bounds, ("fi", "ft", "t", "b")):
+            tol.assert_fp32_close(np.asarray(g), np.asarray(want), e, f"sigmoid grad {what}")
     assert (b, b) in _shapes_in(jax.make_jaxpr(losses.sigmoid_loss)(fi, ft, 10.0, -10.0).jaxpr)
     for fn in (chunked, sharded, sharded_chunked):
         shapes = _shapes_in(jax.make_jaxpr(fn)(fi, ft, 10.0, -10.0).jaxpr)

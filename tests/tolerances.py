@@ -226,25 +226,29 @@ def m2_mix(fi, ft, scale: float, lam: float) -> Bounds:
     return _through_normalize(total, fi, ft, (2 * g, 2 * g))
 
 
-def sigmoid(fi, ft, scale: float, bias: float) -> Bounds:
-    """SigLIP's -1/B sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)) on unit vectors (jax_refine.losses.sigmoid_loss):
-    each term moves by w_ij = sigmoid(-z l) times its logit's error, its derivatives by w (1 - w) times it."""
-    u, v = _unit(fi), _unit(ft)
+def sigmoid(fi, ft, scale: float, bias: float, normalize: bool = True) -> Bounds:
+    """SigLIP's -1/B sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)) on unit vectors (jax_refine.losses.sigmoid_loss;
+    `normalize=False`: on the raw features): each term moves by w_ij = sigmoid(-z l) times its logit's error, its
+    derivatives by w (1 - w) times it."""
+    u, v = (_unit(fi), _unit(ft)) if normalize else (fi, ft)
     b = len(u)
     z = 2 * np.eye(b) - 1
     cos = u @ v.T
     logits = scale * cos + bias
     w = 1 / (1 + np.exp(z * logits))  # sigmoid(-z l): |d term / d logit|
-    e = logit_error(u, v, scale, True) + 8 * U32 * abs(bias)
+    e = logit_error(u, v, scale, normalize) + 8 * U32 * abs(bias)
     dw = w * (1 - w) * e
     value = np.sum(w * e + sum_error(b * b, np.abs(np.logaddexp(0, -z * logits)))) / b
     g_s = np.sum(dw * scale * np.abs(cos) + w * e + sum_error(b * b, w * scale * np.abs(cos))) / b
     g_b = np.sum(dw + sum_error(b * b, w)) / b
-    rows = scale / b * (dw.sum(1) + sum_error(b, w.sum(1)))  # grad x_i = t/B sum_j -z w y_j, |y_j| = 1
-    cols = scale / b * (dw.sum(0) + sum_error(b, w.sum(0)))
+    un, vn = np.linalg.norm(u, axis=1), np.linalg.norm(v, axis=1)  # 1 on unit vectors
+    rows = scale / b * ((dw + sum_error(b, w)) @ vn)  # grad x_i = t/B sum_j -z w y_j
+    cols = scale / b * ((dw + sum_error(b, w)).T @ un)
+    out = Bounds(float(value), float(np.linalg.norm(rows)), float(np.linalg.norm(cols)), float(g_s), float(g_b))
+    if not normalize:
+        return out
     grads = [scale / b * np.linalg.norm(w.sum(a)) for a in (1, 0)]
-    return _through_normalize(Bounds(float(value), float(np.linalg.norm(rows)), float(np.linalg.norm(cols)),
-                                     float(g_s), float(g_b)), fi, ft, tuple(grads))
+    return _through_normalize(out, fi, ft, tuple(grads))
 
 
 def slerp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -315,6 +319,28 @@ def objective(weights: dict[str, float], fi, ft, gi, gt, z, log_scale: float, la
         if w:
             total = total + terms[t]() * w
     return total
+
+
+def pixel_error(mean, std) -> float:
+    """Largest difference of two fp32 evaluations of (x / 255 - mean) / std from the same uint8 x (ours and an
+    image processor's, in any order of operations): per side at most 3 roundings of values <= 1 + |mean| (the
+    1/255 scale, its product, the subtraction), carried through 1 / std, and 1 of the result."""
+    top = (1 + float(np.max(np.abs(mean)))) / float(np.min(std))
+    return 2 * 4 * U32 * top
+
+
+BF16_OVER_FP32 = U_BF16 / U32  # first-order rounding errors are linear in the unit roundoff
+
+
+def assert_bf16_parity(got: np.ndarray, want: np.ndarray, torch_error: float, what: str) -> float:
+    """Our bfloat16 forward (max abs) within BF16_OVER_FP32 x the fp32 error of the same network (measured with
+    `torch_fp32_errors`) of the fp32 reference `want`: to first order a forward's rounding error is its condition
+    times the unit roundoff, and a bf16 forward rounds (at most) every operation the fp32 one does at U_BF16;
+    the second-order terms are negligible while that error is a small fraction of the output."""
+    err = float(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max())
+    bound = BF16_OVER_FP32 * torch_error + torch_error  # plus the fp32 reference's own error
+    assert bound <= 0.1 * float(np.abs(want).max()), f"{what}: bf16 bound {bound:.3e} is not first order"
+    return _record(err, bound, what, f"torch fp32 error {torch_error:.3e}")
 
 
 PARITY_FACTOR = 8.0  # two fp32 forwards in different summation orders: each ~ the measured error, 4x margin each

@@ -89,6 +89,8 @@ def _losses(workdir) -> list[float]:
     return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # two training runs (32 s); the fast tier's 8-device checks: sharded losses, a state restored into
+# 8-device FSDP (test_checkpoint), the sharded weight load (test_hf)
 def test_sharded_8_devices_match_1_device(tmp_path):
     """data=2 x fsdp=4 (params FSDP-sharded, batch over both axes) vs one device: same losses for 5 steps."""
     results = {}

@@ -31,7 +31,9 @@ case "${1:-demo}" in
     shift || true
     setup requirements-test.txt
     cd "$ROOT"
-    exec "$VENV/bin/python" -m pytest -q "$@" tests
+    # two workers, one test file each at a time (module fixtures stay in one process); pytest alone keeps
+    # ~1 of 2 cores busy. JAX_REFINE_TEST_WORKERS=0 runs in one process; a later -n in ARGS wins.
+    exec "$VENV/bin/python" -m pytest -q -n "${JAX_REFINE_TEST_WORKERS:-2}" --dist loadfile "$@" tests
     ;;
   *)
     setup requirements.txt

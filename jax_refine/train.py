@@ -206,12 +206,6 @@ def start_model(config: Any) -> StartModel:
     return StartModel(family, family.config_from(directory), directory)
 
 
-def model_config_of(config: Any) -> tuple[Family, Any]:
-    """The family and transformers config of ``config.model`` (``start_model``)."""
-    start = start_model(config)
-    return start.family, start.model_config
-
-
 def model_preprocessing(config: Any) -> preprocess.Preprocessing:
     """The input preprocessing ``config.model`` takes (``start_model(config).preprocessing()``)."""
     return start_model(config).preprocessing()

@@ -36,7 +36,8 @@ def _model_features(config, coco_mini_dir) -> tuple[np.ndarray, np.ndarray, floa
     from jax_refine import preprocess
     from jax_refine.data import retrieval
 
-    family, model_config = train.model_config_of(config)
+    start = train.start_model(config)
+    family, model_config = start.family, start.model_config
     model = family.create(model_config, seed=int(config.seed))
     prep = registry.preprocessing(model)
     data = retrieval.load_retrieval(_spec(coco_mini_dir), batch_size=64, prep=prep, max_examples=N_PHOTOS)

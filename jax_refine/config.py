@@ -233,6 +233,7 @@ VALUE_CHECKS = (
     ("train.grad_accum", _int_at_least(1), "an integer >= 1"),
     ("train.clip_norm", lambda v: v is None or v > 0, "None or > 0"),
     ("train.divergence_factor", lambda v: v >= 0, ">= 0 (0: stop on non-finite values only)"),
+    ("train.divergence_grad_norm_factor", lambda v: v >= 0, ">= 0 (0: stop on a non-finite gradient norm only)"),
     ("train.divergence_window", _int_at_least(1), "an integer >= 1"),
     ("method.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("method.temperature", lambda v: v > 0, "> 0"),

@@ -134,9 +134,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.clip_norm = ml_collections.config_dict.placeholder(float)
     c.train.freeze = ()  # regexes (re.search) over param paths like "vision/layers/0/attn/qkv", e.g. ("^vision/",)
     c.train.export_hf = True  # write the refined model in HF format to workdir/hf at the end
-    # Divergence guard: stop (before saving) at a non-finite loss or gradient norm, or one above divergence_factor
-    # x the median of its last divergence_window steps (0: non-finite only); the error names the step to resume from
+    # Divergence guard: stop (before saving) at a non-finite loss or gradient norm, or a loss above divergence_factor
+    # x the median of its last divergence_window steps, or a gradient norm above divergence_grad_norm_factor x its
+    # own (0: non-finite only); the error names the step to resume from. The gradient norm's factor is far larger:
+    # under Adam a lone gradient spike at a normal loss is harmless (the demo's pre-training has 101x ones)
     c.train.divergence_factor = 100.0
+    c.train.divergence_grad_norm_factor = 1e4
     c.train.divergence_window = 20
 
     # --- optimizer -----------------------------------------------------------------------------

@@ -83,6 +83,8 @@ DIVERGED_SUBDIR = "checkpoints.diverged"  # steps whose weights gave a diverged 
 # Below these a median counts as zero (a distillation that starts at its teacher has loss and gradient ~0):
 # the threshold is factor * max(median, floor), so merely leaving zero is not taken for a blow-up.
 GUARD_FLOORS = {"loss": 1e-3, "grad_norm": 1e-3}
+# The config key holding each value's factor (0: that value stops only when it is not finite).
+GUARD_FACTOR_KEYS = {"loss": "train.divergence_factor", "grad_norm": "train.divergence_grad_norm_factor"}
 
 
 def _shell_flag(key: str, value: float) -> str:
@@ -90,8 +92,14 @@ def _shell_flag(key: str, value: float) -> str:
 
 
 class DivergenceGuard:
-    """Stops training at the first step whose loss or gradient norm is not finite, or is more than ``factor``
-    times the median of its own last ``window`` values (``factor`` 0: only non-finite values stop).
+    """Stops training at the first step whose loss or gradient norm is not finite, or is more than its factor
+    times the median of its own last ``window`` values (a factor of 0: only non-finite values of it stop).
+
+    The loss is what diverges; its factor (``train.divergence_factor``, 100) is the real test. The gradient
+    norm has its own, much larger factor (``train.divergence_grad_norm_factor``, 1e4): under Adam a one-step
+    gradient spike at a normal loss moves no weight further than any other step (the update is divided by the
+    running second moment), and the demo's pre-training measured such spikes of 101x its median at a normal loss;
+    a blow-up (lr 1e3: gradient norm ~1e17) is orders of magnitude past either.
 
     Step k's metrics are computed at the weights of step k-1: when step k diverges, the checkpoints of steps
     >= k-1 hold weights that gave the blow-up. They are moved to ``<workdir>/checkpoints.diverged/<step>``
@@ -99,8 +107,9 @@ class DivergenceGuard:
     and how (a lower ``optimizer.lr`` with ``--allow-config-change``).
     """
 
-    def __init__(self, factor: float, window: int, lr: float | None = None):
-        self.factor, self.lr = float(factor), lr
+    def __init__(self, factor: float, window: int, lr: float | None = None, grad_norm_factor: float = 1e4):
+        self.factors = {"loss": float(factor), "grad_norm": float(grad_norm_factor)}
+        self.lr = lr
         self.history = {name: collections.deque(maxlen=max(1, int(window))) for name in GUARD_FLOORS}
 
     def reason(self, step: int, values: Mapping[str, float]) -> str | None:
@@ -111,13 +120,13 @@ class DivergenceGuard:
                 continue
             if not math.isfinite(value):
                 return f"non-finite {name} ({value}) at step {step}"
-            past = self.history[name]
-            if self.factor > 0 and past:
+            past, factor = self.history[name], self.factors[name]
+            if factor > 0 and past:
                 median = statistics.median(abs(x) for x in past)
                 ref = max(median, floor)
-                if abs(value) > self.factor * ref:
+                if abs(value) > factor * ref:
                     return (f"exploding {name} ({value:.3g}, {abs(value) / ref:.3g}x the median {median:.3g} of the "
-                            f"last {len(past)} steps; train.divergence_factor={self.factor:g}) at step {step}")
+                            f"last {len(past)} steps; {GUARD_FACTOR_KEYS[name]}={factor:g}) at step {step}")
         for name in GUARD_FLOORS:
             if name in values:
                 self.history[name].append(values[name])

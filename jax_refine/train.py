@@ -92,7 +92,8 @@ def _run(config: Any, workdir: epath.Path, data_iter: Any, mesh: Mesh | None, re
                                         trainer.mesh, writer, prep=inputs.prep, tasks=inputs.eval_tasks))
     hook_list.append(hooks.FlushMetrics(writer, int(config.checkpoint.every_steps)))
     guard = hooks.DivergenceGuard(float(config.train.get("divergence_factor", 0.0) or 0.0),
-                                  int(config.train.get("divergence_window", 1) or 1), lr=float(config.optimizer.lr))
+                                  int(config.train.get("divergence_window", 1) or 1), lr=float(config.optimizer.lr),
+                                  grad_norm_factor=float(config.train.get("divergence_grad_norm_factor", 0.0) or 0.0))
     ckpt.quiet_disk_full_logs()
     failed = False
     try:

@@ -79,11 +79,18 @@ def test_demo_runs_end_to_end_and_repeats_exactly(tmp_path):
             assert zs["n"] == 120
         (rt,) = r["retrieval"].values()
         assert rt["n_images"] == 120 and rt["n_captions"] == 600
+    torch_gaps = {}
     for r in first["results"]:  # the gap each row shows is the one transformers computes from the export
         stage = config.demo.stages[names.index(r["model"])]
         spec = next(k for k in r["features"] if k.startswith("coco_json:"))
         gap, bound = _torch_gap(tmp_path / "a" / stage / "hf", Path(first["world"]))
         tol.assert_fp32_close(r["features"][spec]["modality_gap"], gap, bound, f"{r['model']} gap")
+        torch_gaps[r["model"]] = (gap, bound)
+    # the demo's point, in transformers' numbers: two CLIP-Refine steps close the gap by more than both gaps'
+    # fp32 bounds (RaFA pulls image and text features towards the same random draws), contrastive FT does not
+    (base, base_bound), (refined, refined_bound) = torch_gaps["pre-trained"], torch_gaps["CLIP-Refine"]
+    assert refined < base - (base_bound + refined_bound), torch_gaps
+    assert torch_gaps["contrastive FT"][0] > refined + base_bound + refined_bound, torch_gaps
     # same seed -> the same table, to the last digit
     assert json.loads((tmp_path / "a" / "report" / "report.json").read_text())["results"] == \
         json.loads((tmp_path / "b" / "report" / "report.json").read_text())["results"]

@@ -190,22 +190,31 @@ def test_guard_without_an_earlier_checkpoint_says_so_and_never_step_none(tmp_pat
                         "start again")
 
 
-def test_lr_1e3_stops_before_saving_and_names_a_step_that_really_resumes(coco_json, tmp_path, capsys, untouched):
+@pytest.mark.parametrize("lr, lower, features, reason", [
+    # the trial's lr: step 6's loss is NaN
+    ("1e3", "100", [], "error: non-finite loss (nan) at step 6"),
+    # raw features at lr 10: step 6's loss is finite and ~1e5x its median (the ratio test, train.divergence_factor)
+    ("10", "1", ["--config.method.normalize=False"], "error: exploding loss ("),
+], ids=["lr_1e3_nan", "lr_10_raw_finite"])
+def test_divergence_stops_before_saving_and_names_a_step_that_really_resumes(coco_json, tmp_path, capsys, untouched,
+                                                                             lr, lower, features, reason):
     work = tmp_path / "run"
     base = ["train", "--config", "tiny_test", "--workdir", str(work), *data_flags(coco_json, tmp_path),
             "--config.data.shuffle_buffer=16", "--config.checkpoint.every_steps=1", "--config.checkpoint.max_to_keep=5",
-            "--config.checkpoint.async_save=False"]
+            "--config.checkpoint.async_save=False", *features]
     assert cli.main(base + ["--config.train.num_steps=4"]) == 0
     capsys.readouterr()
-    rc = cli.main(base + ["--config.train.num_steps=8", "--config.optimizer.lr=1e3", "--allow-config-change"])
+    rc = cli.main(base + ["--config.train.num_steps=8", f"--config.optimizer.lr={lr}", "--allow-config-change"])
     captured = capsys.readouterr()
     lines = error_lines(captured.err)
     assert rc == 1 and "Traceback" not in captured.err and len(lines) == 1, captured.err[-3000:]
-    # step 5's loss (at step 4's weights) is sane; step 5's update with lr 1e3 blows step 6 up
+    # step 5's loss (at step 4's weights) is sane; step 5's update at this lr blows step 6 up
+    assert lines[0].startswith(reason), lines
     assert " at step 6; training stopped, the last good checkpoint is step 4 in " in lines[0], lines
+    now = f"{float(lr):.3g}"
     assert (f"(step 5 moved to {work / 'checkpoints.diverged'}: its weights gave this loss); to resume from it, rerun "
-            "the same train command with --allow-config-change and a lower learning rate --config.optimizer.lr=100 "
-            "(now 1e+03)") in lines[0], lines
+            f"the same train command with --allow-config-change and a lower learning rate --config.optimizer.lr={lower} "
+            f"(now {now})") in lines[0], lines
     assert sorted(int(d.name) for d in (work / "checkpoints").iterdir()) == [1, 2, 3, 4]  # 6 never saved
     rows = strict_rows(work / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # the diverged step 6 is not logged

@@ -33,6 +33,11 @@ case "${1:-demo}" in
     cd "$ROOT"
     # two workers, one test file each at a time (module fixtures stay in one process); pytest alone keeps
     # ~1 of 2 cores busy. JAX_REFINE_TEST_WORKERS=0 runs in one process; a later -n in ARGS wins.
+    # the whole tests/ folder unless ARGS name test files or folders themselves (tests/x.py, tests/x.py::name)
+    for arg in "$@"; do
+      case "$arg" in tests|tests/*|*.py|*.py::*) exec "$VENV/bin/python" -m pytest -q \
+          -n "${JAX_REFINE_TEST_WORKERS:-2}" --dist loadfile "$@" ;; esac
+    done
     exec "$VENV/bin/python" -m pytest -q -n "${JAX_REFINE_TEST_WORKERS:-2}" --dist loadfile "$@" tests
     ;;
   *)

@@ -34,11 +34,18 @@ case "${1:-demo}" in
     # two workers, one test file each at a time (module fixtures stay in one process); pytest alone keeps
     # ~1 of 2 cores busy. JAX_REFINE_TEST_WORKERS=0 runs in one process; a later -n in ARGS wins.
     # the whole tests/ folder unless ARGS name test files or folders themselves (tests/x.py, tests/x.py::name)
+    folder=tests
     for arg in "$@"; do
-      case "$arg" in tests|tests/*|*.py|*.py::*) exec "$VENV/bin/python" -m pytest -q \
-          -n "${JAX_REFINE_TEST_WORKERS:-2}" --dist loadfile "$@" ;; esac
+      case "$arg" in tests|tests/*|*.py|*.py::*)
+        folder=
+        # pytest-xdist drops pytest's own "file or directory not found" line: say it here, once
+        if [ ! -e "${arg%%::*}" ]; then
+          echo "error: test file or folder not found: ${arg%%::*} (paths are relative to $ROOT)" >&2
+          exit 2
+        fi ;;
+      esac
     done
-    exec "$VENV/bin/python" -m pytest -q -n "${JAX_REFINE_TEST_WORKERS:-2}" --dist loadfile "$@" tests
+    exec "$VENV/bin/python" -m pytest -q -n "${JAX_REFINE_TEST_WORKERS:-2}" --dist loadfile "$@" ${folder:+"$folder"}
     ;;
   *)
     setup requirements.txt

@@ -471,14 +471,21 @@ def test_sigterm_saves_and_exits_143(coco_json, tmp_path, capsys, untouched):
 
 
 # ---------------------------------------------------------------- 10. run.sh keeps the caller's cwd
-def test_run_sh_resolves_relative_paths_from_the_callers_directory(coco_json, tmp_path, untouched):
-    venv = tmp_path / "venv"  # a stand-in for run.sh's venv: this interpreter, marked as installed
+def _stand_in_venv(tmp_path: Path) -> Path:
+    """A stand-in for run.sh's venv: this interpreter, marked as installed for both requirements files."""
+    venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (venv / "bin" / "python").chmod(0o755)
     digest = subprocess.run(["bash", "-c", "cat requirements*.txt | sha256sum | cut -c1-16"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.strip()
-    (venv / f".installed-{digest}-requirements.txt").touch()
+    for name in ("requirements.txt", "requirements-test.txt"):
+        (venv / f".installed-{digest}-{name}").touch()
+    return venv
+
+
+def test_run_sh_resolves_relative_paths_from_the_callers_directory(coco_json, tmp_path, untouched):
+    venv = _stand_in_venv(tmp_path)
     caller = tmp_path / "caller"
     copy_set(coco_json, caller)
     out = subprocess.run([str(REPO_ROOT / "run.sh"), "prepare-data", "--annotations", "captions_val2017.json",
@@ -487,3 +494,13 @@ def test_run_sh_resolves_relative_paths_from_the_callers_directory(coco_json, tm
     assert out.returncode == 0, out.stderr[-2000:]
     (prepared,) = (caller / "tfds" / "coco_captions_json").glob("captions_val2017-*/1.0.0")
     assert f"prepared {prepared}" in out.stdout and "--config.data.split=train" in out.stdout
+
+
+def test_run_sh_test_names_a_missing_test_file_in_one_line(tmp_path, untouched):
+    # pytest-xdist swallows pytest's own "file or directory not found" (only "no tests ran", exit 5)
+    venv = _stand_in_venv(tmp_path)
+    for arg in ("tests/test_nope.py", "tests/test_nope.py::test_x"):
+        out = subprocess.run([str(REPO_ROOT / "run.sh"), "test", arg], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "JAX_REFINE_VENV": str(venv)})
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+            f"error: test file or folder not found: tests/test_nope.py (paths are relative to {REPO_ROOT})"], out

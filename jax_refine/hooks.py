@@ -99,7 +99,7 @@ class DivergenceGuard:
     norm has its own, much larger factor (``train.divergence_grad_norm_factor``, 1e4): under Adam a one-step
     gradient spike at a normal loss moves no weight further than any other step (the update is divided by the
     running second moment), and the demo's pre-training measured such spikes of 101x its median at a normal loss;
-    a blow-up (lr 1e3: gradient norm ~1e17) is orders of magnitude past either.
+    a blow-up (the fault trial's lr 1e3 run: gradient norm 3e17) is orders of magnitude past either.
 
     Step k's metrics are computed at the weights of step k-1: when step k diverges, the checkpoints of steps
     >= k-1 hold weights that gave the blow-up. They are moved to ``<workdir>/checkpoints.diverged/<step>``

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from train_helpers import xla_flags
 
 pytestmark = pytest.mark.slow  # the commands in subprocesses: not in the fast tier
 
 
 def run_cli(*args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     out = subprocess.run([sys.executable, "-m", "jax_refine", *args], cwd=cwd, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, f"{args[0]} failed:\n{out.stderr[-3000:]}"

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import CIFAR10_DIR, REPO_ROOT, require_shared_data
 from test_faults import coco_json, trained, untouched  # noqa: F401 (fixtures)
-from train_helpers import SyntheticIterator, tiny_config
+from train_helpers import SyntheticIterator, tiny_config, xla_flags
 
 from jax_refine import checkpoint as ckpt, cli, failures, hooks, objectives, train
 from jax_refine.config import ConfigError, apply_overrides, load_config, load_config_file
@@ -139,7 +139,7 @@ def test_an_evaluation_failing_mid_run_ends_the_process_in_one_line_after_saving
     argv = ["train", "--config", "tiny_test", "--workdir", str(work), *data_flags(coco_json, tmp_path),
             "--config.data.shuffle_buffer=16", "--config.train.num_steps=6", "--config.checkpoint.every_steps=100",
             "--config.eval.every_steps=2", f"--config.eval.zero_shot=('folder:{folder}',)", "--config.eval.retrieval=()"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     # was: the error line, then asleep forever with tf.data threads alive; the timeout is the hang detector
     proc = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=500)
     lines = error_lines(proc.stderr)
@@ -341,7 +341,7 @@ def test_a_second_ctrl_c_stops_at_once(coco_json, tmp_path, untouched):
     argv = ["train", "--config", "tiny_test", "--workdir", str(work), *data_flags(coco_json, tmp_path),
             "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000",
             "--config.data.shuffle_buffer=16"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400

@@ -30,9 +30,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--export", action="store_true", help="TensorBoard on and the HF export at the end")
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here), str(here.parent)]
+    from train_helpers import xla_flags
+
+    os.environ["XLA_FLAGS"] = xla_flags(args.devices)
 
     import jax
     from etils import epath

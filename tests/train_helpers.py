@@ -10,6 +10,14 @@ import numpy as np
 EOS, BOS = 49407, 49406
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess on ``devices`` fake CPU devices: the suite's own flags (conftest's, e.g. its
+    compile level) with the device count replaced."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def set_dotted(config, overrides: dict):
     """Set ``{"a.b.c": value}`` entries on a ConfigDict in place (test set-up, no validation); returns it."""
     for key, value in overrides.items():

@@ -11,15 +11,17 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# XLA's CPU backend (LLVM) at -O0 for the whole session, subprocesses included: most of the suite's CPU time is
+# 8 fake devices, and XLA's CPU backend (LLVM) at -O0, for the session and its subprocesses: most of the CPU time is
 # compiling tiny train steps that then run for a fraction of a second, and -O0 halves a compile (a scanned,
 # rematted tiny CLIP step: 6.2 s -> 3.1 s, its run 0.12 s -> 0.17 s). The HLO and XLA's own passes are the
 # same; only LLVM's machine-code optimisation is skipped, so results differ at most by float rounding, which
-# every tolerance here is derived to cover. Set the flag yourself in XLA_FLAGS (e.g. =2, XLA's default) to test
-# the optimised code instead.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# every tolerance here is derived to cover. Set the level yourself in XLA_FLAGS (2 is XLA's default) to test the
+# optimised code instead (docs/testing.md).
+_flags = os.environ.get("XLA_FLAGS", "")
+for _name, _value in (("xla_force_host_platform_device_count", 8), ("xla_backend_optimization_level", 0)):
+    if _name not in _flags:  # a level or device count you set yourself wins
+        _flags += f" --{_name}={_value}"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -72,7 +72,6 @@ def test_prepare_train_export_evaluate(tmp_path, caption_set):
     assert exported.keys() == at_end.keys()
     assert all(np.array_equal(exported[k], at_end[k]) for k in exported)
 
-    import torch
     from transformers import CLIPModel
 
     torch_model = CLIPModel.from_pretrained(tmp_path / "exported").eval()
